@@ -1,1 +1,67 @@
-"""tend."""
+"""tend: run asyncio network services the way a production Unix service should run.
+
+The public API is what ``__all__`` lists. Names are imported on first use, so that
+``tend --help`` and plugin listing do not pay for asyncio and the network code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from tend.endpoints import EndpointSyntaxError, parse_endpoint
+    from tend.errors import StartupError, TendError, UsageError
+    from tend.net import StreamServer, TCPServer, UNIXServer, reset
+    from tend.plugins import Flag, Option, ServiceMaker
+    from tend.service import Application, MultiService, Service, walk
+
+_HOMES = {
+    "Application": "tend.service",
+    "MultiService": "tend.service",
+    "Service": "tend.service",
+    "walk": "tend.service",
+    "StreamServer": "tend.net",
+    "TCPServer": "tend.net",
+    "UNIXServer": "tend.net",
+    "reset": "tend.net",
+    "EndpointSyntaxError": "tend.endpoints",
+    "parse_endpoint": "tend.endpoints",
+    "Flag": "tend.plugins",
+    "Option": "tend.plugins",
+    "ServiceMaker": "tend.plugins",
+    "StartupError": "tend.errors",
+    "TendError": "tend.errors",
+    "UsageError": "tend.errors",
+}
+
+__all__ = [
+    "Application",
+    "EndpointSyntaxError",
+    "Flag",
+    "MultiService",
+    "Option",
+    "Service",
+    "ServiceMaker",
+    "StartupError",
+    "StreamServer",
+    "TCPServer",
+    "TendError",
+    "UNIXServer",
+    "UsageError",
+    "__version__",
+    "parse_endpoint",
+    "reset",
+    "walk",
+]
+
+
+def __getattr__(name: str) -> object:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'tend' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,284 @@
+"""Endpoint descriptions, and the listening sockets they describe.
+
+A description is twistd's strports syntax: a kind, then colon-separated fields, the
+first positional and the rest ``key=value``; a backslash escapes a colon, so an IPv6
+address reads ``tcp:8000:interface=\\:\\:1``. A bare number means TCP on the default
+interface. This module parses descriptions and binds sockets; it knows nothing of
+services or event loops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from tend.errors import StartupError, TendError
+
+# asyncio's default of 100 overflows when a few hundred clients connect at once, and
+# every client whose SYN is dropped waits a full second to retransmit it. The kernel
+# caps the value at net.core.somaxconn anyway, so ask for plenty.
+DEFAULT_BACKLOG = 1024
+
+
+class EndpointSyntaxError(TendError, ValueError):
+    """An endpoint description that cannot be parsed."""
+
+
+class ListenError(StartupError):
+    """A listening socket that could not be opened."""
+
+
+@dataclass(frozen=True, slots=True)
+class TCPEndpoint:
+    """Listen on *port* of *interface* ("" means every IPv4 interface)."""
+
+    port: int
+    interface: str = ""
+    backlog: int = DEFAULT_BACKLOG
+    reuse_port: bool = False
+
+    def __str__(self) -> str:
+        host = f"[{self.interface}]" if ":" in self.interface else self.interface
+        return f"{host or '0.0.0.0'}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UNIXEndpoint:
+    """Listen on the UNIX socket at *path*, with file mode *mode* if given."""
+
+    path: str
+    mode: int | None = None
+    backlog: int = DEFAULT_BACKLOG
+
+    def __str__(self) -> str:
+        return self.path
+
+
+Endpoint = TCPEndpoint | UNIXEndpoint
+
+
+def split_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """Split a description into its positional fields and its ``key=value`` fields."""
+    fields: list[str] = []
+    current: list[str] = []
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            current.append(next(characters, "\\"))
+        elif character == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(character)
+    fields.append("".join(current))
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    for field in fields:
+        key, equals, value = field.partition("=")
+        if equals:
+            keywords[key] = value
+        elif keywords:
+            raise EndpointSyntaxError(
+                f"invalid endpoint {description!r}: {field!r} comes after a key=value field"
+            )
+        else:
+            positional.append(field)
+    return positional, keywords
+
+
+def parse_endpoint(description: str, default_interface: str = "") -> Endpoint:
+    """Turn *description* into an endpoint; a bare port listens on *default_interface*."""
+    text = description.strip()
+    if text.isdigit():
+        return TCPEndpoint(_parse_port(text, description), default_interface)
+    positional, keywords = split_description(text)
+    kind = positional[0].lower()
+    arguments = positional[1:]
+    if kind == "tcp":
+        return _parse_tcp(description, arguments, keywords, default_interface)
+    if kind == "unix":
+        return _parse_unix(description, arguments, keywords)
+    if kind in ("tls", "ssl"):
+        raise EndpointSyntaxError(
+            f"invalid endpoint {description!r}: TLS endpoints are not supported yet"
+        )
+    raise EndpointSyntaxError(
+        f"invalid endpoint {description!r}: unknown kind {kind!r}; "
+        "expected a port number, tcp:PORT or unix:PATH"
+    )
+
+
+def _parse_tcp(
+    description: str, arguments: list[str], keywords: dict[str, str], default_interface: str
+) -> TCPEndpoint:
+    _expect_keys(description, keywords, {"port", "interface", "backlog", "reusePort"})
+    if len(arguments) > 1 or (arguments and "port" in keywords):
+        raise EndpointSyntaxError(f"invalid endpoint {description!r}: too many fields")
+    port_text = arguments[0] if arguments else keywords.get("port")
+    if port_text is None:
+        raise EndpointSyntaxError(f"invalid endpoint {description!r}: no port given")
+    return TCPEndpoint(
+        port=_parse_port(port_text, description),
+        interface=keywords.get("interface", default_interface),
+        backlog=_parse_backlog(keywords, description),
+        reuse_port=_parse_bool(keywords.get("reusePort", "no"), "reusePort", description),
+    )
+
+
+def _parse_unix(description: str, arguments: list[str], keywords: dict[str, str]) -> UNIXEndpoint:
+    _expect_keys(description, keywords, {"address", "mode", "backlog"})
+    path = arguments[0] if arguments else keywords.get("address", "")
+    if len(arguments) > 1 or not path:
+        raise EndpointSyntaxError(f"invalid endpoint {description!r}: expected unix:PATH")
+    mode = None
+    if "mode" in keywords:
+        try:
+            mode = int(keywords["mode"], 8)
+        except ValueError:
+            raise EndpointSyntaxError(
+                f"invalid endpoint {description!r}: mode must be octal, like 0660"
+            ) from None
+    return UNIXEndpoint(path, mode, _parse_backlog(keywords, description))
+
+
+def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) -> None:
+    unknown = sorted(set(keywords) - allowed)
+    if unknown:
+        raise EndpointSyntaxError(
+            f"invalid endpoint {description!r}: unknown option {unknown[0]!r}; "
+            f"expected one of {', '.join(sorted(allowed))}"
+        )
+
+
+def _parse_port(text: str, description: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise EndpointSyntaxError(
+            f"invalid endpoint {description!r}: port must be a number from 0 to 65535"
+        )
+    return int(text)
+
+
+def _parse_backlog(keywords: dict[str, str], description: str) -> int:
+    text = keywords.get("backlog", str(DEFAULT_BACKLOG))
+    if not text.isdigit() or int(text) < 1:
+        raise EndpointSyntaxError(
+            f"invalid endpoint {description!r}: backlog must be a positive number"
+        )
+    return int(text)
+
+
+def _parse_bool(text: str, key: str, description: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise EndpointSyntaxError(f"invalid endpoint {description!r}: {key} must be yes or no")
+
+
+def listen(endpoint: Endpoint) -> list[socket.socket]:
+    """Bind and listen on *endpoint*, returning non-blocking listening sockets.
+
+    A host name such as ``localhost`` may stand for several addresses (127.0.0.1 and
+    ::1); each gets a socket, all on the same port, so every client finds the server.
+    """
+    if isinstance(endpoint, UNIXEndpoint):
+        return [_listen_unix(endpoint)]
+    return _listen_tcp(endpoint)
+
+
+def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
+    host = endpoint.interface or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(
+            host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ListenError(f"cannot listen on {endpoint}: {error.strerror}") from None
+    addresses = list(dict.fromkeys((info[0], info[4][0]) for info in infos))
+    sockets: list[socket.socket] = []
+    port = endpoint.port
+    try:
+        for family, address in addresses:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if endpoint.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # Each address gets its own socket; don't let :: swallow 0.0.0.0.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as error:
+                shown = f"[{address}]" if family == socket.AF_INET6 else address
+                raise ListenError(f"cannot listen on {shown}:{port}: {_reason(error)}") from None
+            # Port 0 picks a free port for the first address; the others must match it.
+            port = sock.getsockname()[1]
+            sock.listen(endpoint.backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listen_unix(endpoint: UNIXEndpoint) -> socket.socket:
+    _remove_stale_unix_socket(endpoint.path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(endpoint.path)
+    except OSError as error:
+        sock.close()
+        raise ListenError(f"cannot listen on {endpoint.path}: {_reason(error)}") from None
+    try:
+        if endpoint.mode is not None:
+            os.chmod(endpoint.path, endpoint.mode)
+        sock.listen(endpoint.backlog)
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise ListenError(f"cannot listen on {endpoint.path}: {_reason(error)}") from None
+    return sock
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """Remove a socket file left by a server that died, but never a live one."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # bind will fail with "address already in use"; say nothing more.
+    except OSError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def _reason(error: OSError) -> str:
+    """Describe an OS error in lower case, as the rest of a one-line message reads."""
+    if error.errno is None:
+        return str(error)
+    text = os.strerror(error.errno)
+    if error.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+        text = text[0].lower() + text[1:]
+    return text
+
+
+def describe_socket(sock: socket.socket) -> str:
+    """Name the address a listening socket is bound to: ``127.0.0.1:10000`` or a path."""
+    address = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return str(address)
+    if sock.family == socket.AF_INET6:
+        return f"[{address[0]}]:{address[1]}"
+    return f"{address[0]}:{address[1]}"

@@ -1,0 +1,264 @@
+"""Plugins: ServiceMaker, Option, Flag, and finding the plugins installed.
+
+A plugin is a module-level ServiceMaker instance, found two ways: the entry-point group
+``tend.plugins`` (for installed packages) and any ``*.py`` file in a ``tend_plugins/``
+folder on ``sys.path`` (drop a file in, no ``__init__.py`` needed, as twistd's
+``twisted/plugins/``). Modules are imported only when a plugin is asked for or listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
+
+from tend.errors import UsageError
+from tend.service import Service
+
+ENTRY_POINT_GROUP = "tend.plugins"
+PLUGIN_FOLDER = "tend_plugins"
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """An option that takes a value (twistd: an ``optParameters`` row).
+
+    *type* converts the text; it raises ``ValueError`` or
+    ``argparse.ArgumentTypeError`` to reject it, which tend reports as a usage error
+    naming the option. A *required* option has no default.
+    """
+
+    long: str
+    short: str | None = None
+    default: object = None
+    help: str = ""
+    type: Callable[[str], object] = str
+    required: bool = False
+
+    @property
+    def key(self) -> str:
+        """The name the option arrives under in ``make_service``'s mapping."""
+        return self.long.replace("-", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """An on/off switch, off unless given (twistd: an ``optFlags`` row)."""
+
+    long: str
+    short: str | None = None
+    help: str = ""
+
+    @property
+    def key(self) -> str:
+        """The name the flag arrives under in ``make_service``'s mapping."""
+        return self.long.replace("-", "_")
+
+
+class ServiceMaker:
+    """Makes the service a plugin runs (twistd: IServiceMaker + IPlugin).
+
+    Subclass it, set ``name``, ``description`` and ``options``, implement
+    :meth:`make_service`, and leave an instance at module level.
+    """
+
+    name: str = ""
+    description: str = ""
+    options: Sequence[Option | Flag] = ()
+
+    def make_service(self, options: Mapping[str, object]) -> Service:
+        """Build the service to run from the parsed *options* (twistd: makeService)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define make_service")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    def parser(self, prog: str) -> argparse.ArgumentParser:
+        """An argument parser for this plugin's options."""
+        parser = argparse.ArgumentParser(
+            prog=prog,
+            description=self.description,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        for option in self.options:
+            names = [f"--{option.long}"]
+            if option.short:
+                names.insert(0, f"-{option.short}")
+            if isinstance(option, Flag):
+                parser.add_argument(*names, dest=option.key, action="store_true", help=option.help)
+            else:
+                parser.add_argument(
+                    *names,
+                    dest=option.key,
+                    metavar=option.long.upper().replace("-", "_"),
+                    default=None if option.required else option.default,
+                    required=option.required,
+                    type=_argparse_type(option),
+                    help=option.help or " ",
+                )
+        return parser
+
+    def parse_options(self, arguments: Sequence[str], prog: str) -> dict[str, object]:
+        """Parse *arguments* into the mapping ``make_service`` receives.
+
+        Defaults go through the option's *type* too, so a default written as text (as
+        twistd's were) arrives converted.
+        """
+        parsed = vars(self.parser(prog).parse_args(list(arguments)))
+        for option in self.options:
+            value = parsed.get(option.key)
+            if isinstance(option, Option) and isinstance(value, str) and value is option.default:
+                parsed[option.key] = option.type(value)
+        return parsed
+
+
+def _argparse_type(option: Option) -> Callable[[str], object]:
+    convert = option.type
+
+    def checked(text: str) -> object:
+        try:
+            return convert(text)
+        except argparse.ArgumentTypeError:
+            raise
+        except (ValueError, TypeError) as error:
+            raise argparse.ArgumentTypeError(str(error) or f"invalid value {text!r}") from None
+
+    checked.__name__ = getattr(convert, "__name__", "value")
+    return checked
+
+
+class PluginLoadError(Exception):
+    """A plugin module that failed to import; kept so the others still list and run."""
+
+    def __init__(self, origin: str, error: BaseException) -> None:
+        super().__init__(f"{origin}: {type(error).__name__}: {error}")
+        self.origin = origin
+        self.error = error
+
+
+@dataclass(slots=True)
+class PluginIndex:
+    """The plugins found, by name, and the modules that failed to load."""
+
+    makers: dict[str, ServiceMaker]
+    failures: list[PluginLoadError]
+
+
+def _entry_points() -> list[EntryPoint]:
+    return list(entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _plugin_files() -> Iterator[str]:
+    seen: set[str] = set()
+    for entry in sys.path:
+        folder = os.path.join(entry or os.curdir, PLUGIN_FOLDER)
+        real = os.path.realpath(folder)
+        if real in seen or not os.path.isdir(folder):
+            continue
+        seen.add(real)
+        for filename in sorted(os.listdir(folder)):
+            if filename.endswith(".py") and not filename.startswith("_"):
+                yield os.path.join(folder, filename)
+
+
+def _import_file(path: str) -> ModuleType:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    module_name = f"{PLUGIN_FOLDER}.{stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def _makers_in(module: ModuleType) -> Iterator[ServiceMaker]:
+    for value in vars(module).values():
+        if isinstance(value, ServiceMaker):
+            yield value
+
+
+def _load_entry_point(entry: EntryPoint, index: PluginIndex) -> None:
+    try:
+        value = entry.load()
+    except Exception as error:
+        index.failures.append(PluginLoadError(f"entry point {entry.name!r}", error))
+        return
+    if isinstance(value, ServiceMaker):
+        index.makers.setdefault(value.name or entry.name, value)
+    else:
+        index.failures.append(
+            PluginLoadError(
+                f"entry point {entry.name!r}",
+                TypeError(f"{entry.value} is not a tend.ServiceMaker instance"),
+            )
+        )
+
+
+def _load_file(path: str, index: PluginIndex) -> None:
+    try:
+        module = _import_file(path)
+    except Exception as error:
+        index.failures.append(PluginLoadError(path, error))
+        return
+    for maker in _makers_in(module):
+        index.makers.setdefault(maker.name, maker)
+
+
+def find_plugins() -> PluginIndex:
+    """Load every plugin, entry points first; a broken module is recorded, not raised."""
+    index = PluginIndex({}, [])
+    for entry in _entry_points():
+        _load_entry_point(entry, index)
+    for path in _plugin_files():
+        _load_file(path, index)
+    return index
+
+
+def find_plugin(name: str) -> ServiceMaker:
+    """Find the plugin called *name*, importing as little as possible.
+
+    Raises:
+        UsageError: no plugin has that name; the message names close matches, and any
+            plugin module that failed to load, since it may be the one meant.
+    """
+    index = PluginIndex({}, [])
+    for entry in _entry_points():
+        if entry.name == name:
+            _load_entry_point(entry, index)
+            if name in index.makers:
+                return index.makers[name]
+    index = find_plugins()
+    if name in index.makers:
+        return index.makers[name]
+    raise UsageError(unknown_plugin_message(name, index))
+
+
+def unknown_plugin_message(name: str, index: PluginIndex) -> str:
+    """Say that *name* is not a plugin, suggesting close matches."""
+    import difflib
+
+    message = f"unknown plugin {name!r}"
+    matches = difflib.get_close_matches(name, list(index.makers), n=3)
+    if matches:
+        message += "; did you mean " + " or ".join(repr(match) for match in matches) + "?"
+    else:
+        message += "; run 'tend' to list the plugins"
+    for failure in index.failures:
+        message += f" (a plugin failed to load: {failure})"
+    return message
+
+
+def plugin_options(maker: ServiceMaker) -> Mapping[str, Option | Flag]:
+    """The plugin's options keyed by their long names, as deployment files spell them."""
+    return {option.long: option for option in maker.options}

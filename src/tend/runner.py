@@ -1,0 +1,299 @@
+"""The lifecycle of one run, from open logs to the last line of the shutdown narrative.
+
+open logs -> build the tree -> detach -> pidfile -> privileged start -> drop privileges
+-> start -> report ready -> wait for a signal -> stop (bounded) -> remove pidfile.
+
+This is the only module that installs signal handlers and runs an event loop. It raises
+TendError for anything the user should read; it never prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tend import __version__, daemon
+from tend.errors import StartupError, TendError
+from tend.logs import LogConfig, LogSink, open_log
+from tend.net import StreamServer
+from tend.service import Application, Service, walk
+
+log = logging.getLogger(__name__)
+
+LOOPS = ("asyncio", "uvloop")
+
+# How long stop_service may overrun the drain deadline before tend gives up on it.
+STOP_OVERRUN = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOptions:
+    """How to run: the runner options of the command line or a deployment file's [tend]."""
+
+    nodaemon: bool = False
+    pidfile: str | None = "tend.pid"
+    log: LogConfig = field(default_factory=LogConfig)
+    uid: int | str | None = None
+    gid: int | str | None = None
+    umask: int | None = None
+    rundir: str = "."
+    chroot: str | None = None
+    loop: str = "asyncio"
+    shutdown_timeout: float = 10.0
+
+
+BuildTree = Callable[[], Application]
+
+
+class Runner:
+    """Runs one service tree through the lifecycle, as twistd's ApplicationRunner does."""
+
+    def __init__(self, options: RunnerOptions, build_tree: BuildTree) -> None:
+        self.options = options
+        self.build_tree = build_tree
+        self.sink: LogSink | None = None
+        self.pidfile: daemon.Pidfile | None = None
+        self._ready_pipe: int | None = None  # the daemon's end: tells the launcher
+        self._launcher_pipe: int | None = None  # the launcher's end
+        self._stop_requested: asyncio.Event | None = None
+        self._signals: list[str] = []
+
+    # -- the whole run -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until stopped; return the exit status. Raises TendError before ready."""
+        options = self.options
+        loop_factory = _loop_factory(options.loop)
+        if not options.nodaemon:
+            if options.log.logfile in (None, "-") and not options.log.syslog:
+                raise StartupError(
+                    "cannot log to standard output when detached: it is /dev/null; "
+                    "give --logfile PATH or --nodaemon"
+                )
+            # Before the log file exists, so a detached daemon's log is private by default.
+            os.umask(0o077 if options.umask is None else options.umask)
+        elif options.umask is not None:
+            os.umask(options.umask)
+        self.sink = open_log(options.log)
+        self.sink.install()
+        try:
+            log.info(
+                "tend %s (%s %s) starting up.",
+                __version__,
+                sys.executable,
+                sys.version.split()[0],
+            )
+            application = self.build_tree()
+            identity = daemon.resolve_identity(
+                options.uid if options.uid is not None else application.uid,
+                options.gid if options.gid is not None else application.gid,
+            )
+            daemon.check_can_switch(identity)
+            if not options.nodaemon and self._detach():
+                return self._wait_for_daemon()
+            return self._run_here(application, identity, loop_factory)
+        except TendError as error:
+            if self._launcher_pipe is None:  # the daemon has already logged its own failure
+                log.error("tend: %s", error)
+            self._report_failure(str(error))
+            raise
+        except BaseException:
+            if self._launcher_pipe is None:
+                log.exception("tend stopped on an unexpected error")
+            raise
+        finally:
+            if self.pidfile is not None:
+                self.pidfile.release()
+            self.sink.close()
+
+    def _detach(self) -> bool:
+        """Fork the daemon; True in the launcher, which waits to hear that it is ready."""
+        assert self.sink is not None
+        self.sink.flush()
+        read_end, write_end = os.pipe()
+        if daemon.detach() is not None:
+            os.close(write_end)
+            self._launcher_pipe = read_end
+            return True
+        os.close(read_end)
+        self._ready_pipe = write_end
+        return False
+
+    def _wait_for_daemon(self) -> int:
+        """In the launcher: return 0 once the daemon is ready, or raise what it reported."""
+        assert self._launcher_pipe is not None
+        chunks = []
+        while chunk := os.read(self._launcher_pipe, 4096):
+            chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+                break
+        os.close(self._launcher_pipe)
+        report = b"".join(chunks).decode(errors="replace").strip()
+        if report.startswith("READY"):
+            return 0
+        if report.startswith("ERROR "):
+            raise StartupError(report.removeprefix("ERROR "))
+        where = self.sink.description if self.sink is not None else "the log"
+        raise StartupError(f"the daemon exited before it was ready; see {where}")
+
+    def _run_here(
+        self,
+        application: Application,
+        identity: daemon.Identity,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    ) -> int:
+        options = self.options
+        if not options.nodaemon:
+            daemon.redirect_standard_streams()
+        daemon.enter_rundir(options.rundir, options.chroot)
+        if options.pidfile:
+            self.pidfile = daemon.Pidfile(options.pidfile)
+            self.pidfile.acquire()
+        try:
+            application.privileged_start_service()
+            daemon.drop_privileges(identity)
+        except BaseException:
+            _close_listeners(application)
+            raise
+        with asyncio.Runner(loop_factory=loop_factory) as loop_runner:
+            status = loop_runner.run(self._serve(application))
+        log.info("Server Shut Down.")
+        return status
+
+    # -- inside the event loop -----------------------------------------------------------
+
+    async def _serve(self, application: Application) -> int:
+        loop = asyncio.get_running_loop()
+        log.info("event loop class: %s.", _qualified_name(type(loop)))
+        self._stop_requested = asyncio.Event()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, self._on_stop_signal, signal_number)
+        loop.add_signal_handler(signal.SIGUSR1, self._on_reopen_signal)
+        try:
+            await self._start(application)
+            self._report_ready()
+            await self._stop_requested.wait()
+            return await self._stop(application)
+        finally:
+            for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                loop.remove_signal_handler(signal_number)
+            log.info("Main loop terminated.")
+
+    async def _start(self, application: Application) -> None:
+        try:
+            await application.start_service()
+        except TendError:
+            _close_listeners(application)
+            raise
+        except Exception as error:
+            log.exception("a service failed to start")
+            _close_listeners(application)
+            raise StartupError(
+                f"a service failed to start: {type(error).__name__}: {error} "
+                "(the traceback is in the log)"
+            ) from None
+
+    def _on_stop_signal(self, signal_number: int) -> None:
+        # A handler only records and wakes; the main coroutine does the work.
+        assert self._stop_requested is not None
+        self._signals.append(signal.Signals(signal_number).name)
+        self._stop_requested.set()
+        if len(self._signals) > 1 and self._second_signal is not None:
+            self._second_signal.set()
+
+    _second_signal: asyncio.Event | None = None
+
+    def _on_reopen_signal(self) -> None:
+        log.info("Received SIGUSR1, reopening the log.")
+        if self.sink is not None:
+            self.sink.reopen()
+
+    async def _stop(self, application: Application) -> int:
+        loop = asyncio.get_running_loop()
+        log.info("Received %s, shutting down.", self._signals[0])
+        self._second_signal = asyncio.Event()
+        if len(self._signals) > 1:
+            self._second_signal.set()
+        servers = [s for s in walk(application) if isinstance(s, StreamServer)]
+        deadline = loop.time() + self.options.shutdown_timeout
+        for server in servers:
+            server.stop_listening()
+            server.drain_deadline = deadline
+        stopping = asyncio.create_task(application.stop_service())
+        second = asyncio.create_task(self._second_signal.wait())
+        done, _ = await asyncio.wait(
+            {stopping, second},
+            timeout=self.options.shutdown_timeout + STOP_OVERRUN,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        second.cancel()
+        status = 0
+        if stopping not in done:
+            if second in done:
+                log.warning("Received %s again, stopping at once.", self._signals[-1])
+            else:
+                log.error(
+                    "services did not stop within %.1f s; stopping at once.",
+                    self.options.shutdown_timeout + STOP_OVERRUN,
+                )
+            stopping.cancel()
+            with contextlib.suppress(BaseException):
+                await stopping
+            for server in servers:
+                server.reset_all()
+            return 1
+        if (error := stopping.exception()) is not None:
+            log.error("error while stopping the services", exc_info=error)
+            status = 1
+        if any(server.aborted_connections for server in servers):
+            status = 1
+        return status
+
+    # -- telling whoever started us ------------------------------------------------------
+
+    def _report_ready(self) -> None:
+        if self._ready_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._ready_pipe, f"READY {os.getpid()}\n".encode())
+                os.close(self._ready_pipe)
+            self._ready_pipe = None
+
+    def _report_failure(self, message: str) -> None:
+        if self._ready_pipe is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._ready_pipe, f"ERROR {message}\n".encode())
+                os.close(self._ready_pipe)
+            self._ready_pipe = None
+
+
+def _close_listeners(application: Service) -> None:
+    for service in walk(application):
+        if isinstance(service, StreamServer):
+            service.close_listeners()
+
+
+def _qualified_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop constructor for ``--loop NAME``; checked before anything starts."""
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise StartupError(
+                "cannot use the uvloop event loop: uvloop is not installed; "
+                "install it with: pip install 'tend[uvloop]'"
+            ) from None
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return factory
+    raise StartupError(f"unknown event loop {name!r}; expected one of {', '.join(LOOPS)}")

@@ -1,0 +1,150 @@
+"""Fixtures: real `tend` processes, real sockets on 127.0.0.1, waits with deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+TEND = [sys.executable, "-m", "tend"]
+POEM = Path(__file__).resolve().parent.parent / "src" / "tend" / "poetry" / "poems" / "ecstasy.txt"
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> object:
+    """Poll *predicate* until it returns something true; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(interval)
+
+
+def fetch(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
+    """Connect, read to end-of-file, return what arrived."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if *pid* names a process that is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Tend:
+    """A `tend` subprocess whose output goes to files that the test can read as it runs."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None) -> None:
+        self.cwd = cwd
+        self.stdout_path = cwd / f"stdout.{id(self)}"
+        self.stderr_path = cwd / f"stderr.{id(self)}"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen(
+                [*TEND, *args], cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_for_output(
+        self, pattern: str, timeout: float = 10.0, source: str = "stdout"
+    ) -> re.Match[str]:
+        """Wait for *pattern* to appear in the process's output (or a file path)."""
+
+        def look() -> re.Match[str] | None:
+            text = getattr(self, source) if source in ("stdout", "stderr") else _read(source)
+            match = re.search(pattern, text, re.MULTILINE)
+            if match is None and self.process.poll() is not None:
+                text = getattr(self, source) if source in ("stdout", "stderr") else _read(source)
+                match = re.search(pattern, text, re.MULTILINE)
+                if match is None:
+                    raise AssertionError(
+                        f"tend exited ({self.process.returncode}) before printing {pattern!r}\n"
+                        f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+                    )
+            return match
+
+        match = wait_until(look, timeout)
+        assert isinstance(match, re.Match)
+        return match
+
+    def wait_for_port(self, timeout: float = 10.0, source: str = "stdout") -> int:
+        """Wait for the listener's start line and return the port it bound."""
+        return int(self.wait_for_output(r"starting on (\d+)", timeout, source).group(1))
+
+    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the process and wait for its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal_number)
+        return self.process.wait(timeout)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+@pytest.fixture
+def run_tend(tmp_path: Path) -> Iterator[Callable[..., Tend]]:
+    """Start `tend` with the given arguments in *tmp_path*; kill what is left at the end."""
+    started: list[Tend] = []
+
+    def start(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Tend:
+        environment = dict(os.environ if env is None else env)
+        environment.setdefault("PYTHONUNBUFFERED", "1")
+        handle = Tend(list(args), cwd or tmp_path, environment)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.kill()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[int]]:
+    """Pids of detached daemons a test started; each still alive at the end is killed."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -7,7 +7,6 @@ knows nothing of services or event loops; the runner decides when each step happ
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import grp
 import logging
@@ -120,8 +119,7 @@ class Pidfile:
         except OSError as error:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
-            reason = "it is a directory" if error.errno == errno.EISDIR else error.strerror
-            raise PidfileError(f"cannot write pidfile {self.path}: {reason}") from None
+            raise PidfileError(f"cannot write pidfile {self.path}: {error.strerror}") from None
         stat = os.fstat(fd)
         self._inode = (stat.st_dev, stat.st_ino)
 
@@ -165,8 +163,8 @@ def read_pidfile(path: str) -> PidfileState | None:
     try:
         try:
             content = _read_fd(fd).strip()
-        except IsADirectoryError:
-            raise PidfileError(f"cannot read pidfile {path}: it is a directory") from None
+        except OSError as error:
+            raise PidfileError(f"cannot read pidfile {path}: {error.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             locked = False

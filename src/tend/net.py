@@ -172,15 +172,18 @@ class StreamServer(Service):
 
     def close_listeners(self) -> None:
         """Close the listening sockets quietly (after a failed start, or on stop)."""
+        # Read the paths first: asyncio's Server.close closes the sockets themselves.
+        paths = [sock.getsockname() for sock in self._sockets if sock.family == socket.AF_UNIX]
         for server in self._servers:
             server.close()
         self._servers.clear()
         for sock in self._sockets:
-            if sock.family == socket.AF_UNIX:
-                with contextlib.suppress(OSError):
-                    os.unlink(sock.getsockname())
             sock.close()
         self._sockets.clear()
+        for path in paths:
+            if isinstance(path, str) and path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
     async def stop_service(self) -> None:
         """Close the listeners, drain open connections until the deadline, reset the rest."""

@@ -80,6 +80,13 @@ class Runner:
             os.umask(0o077 if options.umask is None else options.umask)
         elif options.umask is not None:
             os.umask(options.umask)
+        if options.pidfile:
+            # Refuse early, before writing to a log that the running server owns.
+            state = daemon.read_pidfile(options.pidfile)
+            if state is not None and state.locked:
+                raise daemon.PidfileLockedError(
+                    f"Another tend server is running, PID {state.pid} (pidfile {state.path})"
+                )
         self.sink = open_log(options.log)
         self.sink.install()
         try:

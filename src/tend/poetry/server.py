@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import cast
 
 from tend import Service, StartupError
 
@@ -58,7 +59,8 @@ class PoetryProtocol(asyncio.Protocol):
         self.service = service
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.WriteTransport)
+        # uvloop's transports implement WriteTransport without subclassing it.
+        transport = cast(asyncio.WriteTransport, transport)
         poem = self.service.poem
         log.info(
             "sending %d bytes of poetry to %s",

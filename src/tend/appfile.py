@@ -49,7 +49,8 @@ def load_application(path: str) -> Application:
     except Exception as error:
         log.exception("error while running app file %s", path)
         raise AppFileError(
-            f"{path}: {type(error).__name__}: {error} (the traceback is in the log)"
+            f"{path}: {type(error).__name__}: {' '.join(str(error).split())} "
+            "(the traceback is in the log)"
         ) from None
     if "application" not in module.__dict__:
         raise AppFileError(

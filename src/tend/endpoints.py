@@ -155,7 +155,7 @@ def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) 
 
 
 def _parse_port(text: str, description: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise EndpointSyntaxError(
             f"invalid endpoint {description!r}: port must be a number from 0 to 65535"
         )
@@ -164,7 +164,7 @@ def _parse_port(text: str, description: str) -> int:
 
 def _parse_backlog(keywords: dict[str, str], description: str) -> int:
     text = keywords.get("backlog", str(DEFAULT_BACKLOG))
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise EndpointSyntaxError(
             f"invalid endpoint {description!r}: backlog must be a positive number"
         )

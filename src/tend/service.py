@@ -164,6 +164,9 @@ class MultiService(Service):
     async def stop_service(self) -> None:
         """Stop every running child in reverse order; one failing does not stop the rest."""
         await super().stop_service()
+        # Let late starts and stops finish first, so no child is left running or half-stopped.
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await _stop_all(child for child in reversed(self._children) if child.running)
 
 

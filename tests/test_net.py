@@ -1,0 +1,514 @@
+"""Tests for tend.net: listening services that serve, drain and reset real connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tend.endpoints import ListenError, TCPEndpoint
+from tend.net import StreamServer, TCPServer, UNIXServer, reset
+
+LOCAL = "tcp:0:interface=127.0.0.1"
+
+Serve = Callable[[StreamServer], Awaitable[StreamServer]]
+
+
+class Greeter(asyncio.Protocol):
+    """Says hello and closes cleanly."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(b"hello\n")
+        transport.close()
+
+
+class Holder(asyncio.Protocol):
+    """Holds the connection open until the client sends ``bye``, then answers ``done``."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received = b""
+        self.lost = False
+        self.lost_with: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+        if self.received.endswith(b"bye") and self.transport is not None:
+            self.transport.write(b"done")
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_with = exc
+
+
+class Echo(asyncio.Protocol):
+    """Echoes what arrives; answers the client's end-of-file with ``eof`` and closes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        assert self.transport is not None
+        self.transport.write(b"eof")
+        self.transport.close()
+        return True
+
+
+class BufferedEcho(asyncio.BufferedProtocol):
+    """Echoes through a buffer it lends to the transport; closes on end-of-file."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray(256)
+        self.buffers_lent = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        self.buffers_lent += 1
+        return memoryview(self.buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self.transport is not None
+        self.transport.write(bytes(self.buffer[:nbytes]))
+
+    def eof_received(self) -> bool:
+        return False
+
+
+class Resetter(asyncio.Protocol):
+    """Cuts the connection with tend.reset as soon as anything arrives."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        reset(self.transport)
+
+
+class Flooder(asyncio.Protocol):
+    """Writes until told to pause; once resumed, writes ``END`` and closes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.paused = 0
+        self.resumed = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        chunk = b"x" * 65536
+        for _ in range(1024):
+            if self.paused:
+                break
+            transport.write(chunk)
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+        assert self.transport is not None
+        self.transport.write(b"END")
+        self.transport.close()
+
+
+def recording(
+    cls: Callable[[], asyncio.BaseProtocol],
+) -> tuple[list[Any], Callable[[], asyncio.BaseProtocol]]:
+    """A factory making *cls* instances, and the list each one is appended to."""
+    made: list[Any] = []
+
+    def make() -> asyncio.BaseProtocol:
+        protocol = cls()
+        made.append(protocol)
+        return protocol
+
+    return made, make
+
+
+async def wait_until(predicate: Callable[[], object], seconds: float = 5.0) -> None:
+    """Let the loop run until *predicate* is true; fail after *seconds*."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.005)
+
+
+async def connect(port: int | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to *port* (a server's bound port) on 127.0.0.1."""
+    assert port is not None, "the server is not bound"
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    """Close a client stream, whatever state the server left it in."""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def refused(port: int | None) -> bool:
+    """True if a connection to *port* on 127.0.0.1 is refused."""
+    try:
+        _, writer = await connect(port)
+    except ConnectionRefusedError:
+        return True
+    await close(writer)
+    return False
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path, for UNIX sockets (their paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="tend-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Start a server as the runner does; every server still running is stopped at the end."""
+    started: list[StreamServer] = []
+
+    async def serve_(server: StreamServer) -> StreamServer:
+        started.append(server)
+        server.privileged_start_service()
+        await server.start_service()
+        return server
+
+    yield serve_
+    for server in started:
+        if server.running:
+            server.grace_period = 0
+            await server.stop_service()
+        server.close_listeners()
+
+
+async def test_serves_a_protocol_on_tcp(serve: Serve) -> None:
+    """A StreamServer on tcp:0 of 127.0.0.1 serves its protocol to a real client."""
+    server = await serve(StreamServer(LOCAL, Greeter))
+
+    reader, writer = await connect(server.port)
+    assert await reader.read() == b"hello\n"
+    await close(writer)
+
+
+async def test_tcp_server_serves_like_twistds(serve: Serve) -> None:
+    """TCPServer(port, factory, interface=) serves just as the equivalent StreamServer."""
+    server = await serve(TCPServer(0, Greeter, interface="127.0.0.1"))
+
+    assert server.endpoint == TCPEndpoint(0, "127.0.0.1")
+    reader, writer = await connect(server.port)
+    assert await reader.read() == b"hello\n"
+    await close(writer)
+
+
+async def test_reports_addresses_and_port_once_bound() -> None:
+    """`addresses` and `port` are empty before the bind and name the real port after it."""
+    server = StreamServer(LOCAL, Greeter)
+    assert server.addresses == []
+    assert server.port is None
+
+    server.privileged_start_service()
+    try:
+        assert server.port is not None
+        assert server.port != 0
+        assert server.addresses == [f"127.0.0.1:{server.port}"]
+    finally:
+        server.close_listeners()
+    assert server.addresses == []
+
+
+async def test_start_binds_when_privileged_start_was_skipped(serve: Serve) -> None:
+    """start_service alone binds the sockets when no privileged start came first."""
+    server = StreamServer(LOCAL, Greeter)
+    await server.start_service()
+    try:
+        assert server.running
+        reader, writer = await connect(server.port)
+        assert await reader.read() == b"hello\n"
+        await close(writer)
+    finally:
+        await server.stop_service()
+
+
+async def test_busy_port_fails_the_privileged_start() -> None:
+    """Binding a port another server holds fails in the privileged phase with a ListenError."""
+    first = StreamServer(LOCAL, Greeter)
+    first.privileged_start_service()
+    try:
+        second = StreamServer(f"tcp:{first.port}:interface=127.0.0.1", Greeter)
+        with pytest.raises(ListenError, match="address already in use"):
+            second.privileged_start_service()
+        assert second.addresses == []
+    finally:
+        first.close_listeners()
+
+
+async def test_logs_starting_and_closed_lines(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server logs `<Factory> starting on PORT` on start and `(TCP Port N Closed)` on stop."""
+    caplog.set_level(logging.INFO, logger="tend.net")
+    server = await serve(StreamServer(LOCAL, Greeter))
+    port = server.port
+
+    await server.stop_service()
+
+    messages = [r.getMessage() for r in caplog.records if r.name == "tend.net"]
+    assert messages == [f"Greeter starting on {port}", f"(TCP Port {port} Closed)"]
+
+
+async def test_stop_refuses_new_connections(serve: Serve) -> None:
+    """Once stopped, the server's port refuses connections."""
+    server = await serve(StreamServer(LOCAL, Greeter))
+    port = server.port
+
+    await server.stop_service()
+
+    assert not server.running
+    assert server.addresses == []
+    assert await refused(port)
+
+
+async def test_stop_returns_at_once_when_no_connection_is_open(
+    serve: Serve,
+) -> None:
+    """A stop with nothing to drain does not wait for the grace period."""
+    server = await serve(StreamServer(LOCAL, Greeter))
+    server.grace_period = 60
+
+    async with asyncio.timeout(5):
+        await server.stop_service()
+
+
+async def test_stop_lets_an_open_connection_finish(serve: Serve) -> None:
+    """A stop closes the listener at once but lets an open connection finish in the grace."""
+    made, factory = recording(Holder)
+    server = await serve(StreamServer(LOCAL, factory))
+    server.grace_period = 30
+    port = server.port
+    reader, writer = await connect(port)
+    await wait_until(lambda: server.connection_count == 1)
+
+    stopping = asyncio.create_task(server.stop_service())
+    await wait_until(lambda: not server.addresses)
+    assert await refused(port)
+    assert not stopping.done()
+
+    writer.write(b"bye")
+    assert await reader.read() == b"done"
+    await close(writer)
+    async with asyncio.timeout(5):
+        await stopping
+    assert server.aborted_connections == 0
+    assert server.connection_count == 0
+    assert made[0].lost_with is None
+
+
+async def test_drain_deadline_resets_a_connection_still_open(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection open when the grace period ends is reset, and counted as aborted."""
+    made, factory = recording(Holder)
+    server = await serve(StreamServer(LOCAL, factory))
+    server.grace_period = 0.2
+    port = server.port
+    reader, writer = await connect(port)
+    await wait_until(lambda: server.connection_count == 1)
+
+    async with asyncio.timeout(10):
+        await server.stop_service()
+
+    with pytest.raises(ConnectionResetError):
+        await reader.read()
+    await close(writer)
+    assert server.aborted_connections == 1
+    assert server.connection_count == 0
+    assert made[0].lost, "the protocol should learn of the reset before stop returns"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert (
+        warnings[0]
+        .getMessage()
+        .startswith(f"aborted 1 connection(s) on TCP Port {port} still open after ")
+    )
+
+
+async def test_runner_drain_deadline_wins_over_grace_period(
+    serve: Serve,
+) -> None:
+    """A drain_deadline set by the runner ends the drain even when the grace period is long."""
+    _, factory = recording(Holder)
+    server = await serve(StreamServer(LOCAL, factory))
+    server.grace_period = 600
+    readers = []
+    writers = []
+    for _ in range(2):
+        reader, writer = await connect(server.port)
+        readers.append(reader)
+        writers.append(writer)
+    await wait_until(lambda: server.connection_count == 2)
+
+    server.drain_deadline = asyncio.get_running_loop().time() + 0.2
+    async with asyncio.timeout(10):
+        await server.stop_service()
+
+    for reader, writer in zip(readers, writers, strict=True):
+        with pytest.raises(ConnectionResetError):
+            await reader.read()
+        await close(writer)
+    assert server.aborted_connections == 2
+
+
+async def test_reset_cuts_a_connection_with_rst(serve: Serve) -> None:
+    """tend.reset ends a TCP connection so the client sees a reset, not end-of-file."""
+    server = await serve(StreamServer(LOCAL, Resetter))
+    reader, writer = await connect(server.port)
+
+    writer.write(b"anything")
+    with pytest.raises(ConnectionResetError):
+        await reader.read()
+    await close(writer)
+
+
+async def test_counts_open_connections(serve: Serve) -> None:
+    """connection_count follows connections as they open and close."""
+    server = await serve(StreamServer(LOCAL, Holder))
+    clients = [await connect(server.port) for _ in range(3)]
+    await wait_until(lambda: server.connection_count == 3)
+
+    for reader, writer in clients:
+        writer.write(b"bye")
+        assert await reader.read() == b"done"
+        await close(writer)
+
+    await wait_until(lambda: server.connection_count == 0)
+
+
+async def test_protocol_receives_end_of_file(serve: Serve) -> None:
+    """A client's end-of-file reaches the protocol, which may still answer before closing."""
+    server = await serve(StreamServer(LOCAL, Echo))
+    reader, writer = await connect(server.port)
+
+    writer.write(b"ping")
+    writer.write_eof()
+
+    assert await reader.read() == b"pingeof"
+    await close(writer)
+
+
+async def test_serves_a_buffered_protocol(serve: Serve) -> None:
+    """A BufferedProtocol is served through its own buffers."""
+    made, factory = recording(BufferedEcho)
+    server = await serve(StreamServer(LOCAL, factory))
+    reader, writer = await connect(server.port)
+
+    writer.write(b"through a lent buffer")
+    writer.write_eof()
+
+    assert await reader.read() == b"through a lent buffer"
+    await close(writer)
+    assert made[0].buffers_lent >= 1
+
+
+async def test_protocol_is_told_to_pause_and_resume_writing(
+    serve: Serve,
+) -> None:
+    """A protocol writing faster than the client reads is paused, then resumed."""
+    made, factory = recording(Flooder)
+    server = await serve(StreamServer(LOCAL, factory))
+    reader, writer = await connect(server.port)
+    await wait_until(lambda: made and made[0].paused)
+
+    data = await reader.read()
+
+    assert data.endswith(b"END")
+    assert made[0].paused == 1
+    assert made[0].resumed == 1
+    await close(writer)
+
+
+async def test_stopped_server_can_start_again(serve: Serve) -> None:
+    """A server that was stopped binds and serves again when started again."""
+    server = await serve(StreamServer(LOCAL, Greeter))
+    await server.stop_service()
+
+    server.privileged_start_service()
+    await server.start_service()
+
+    reader, writer = await connect(server.port)
+    assert await reader.read() == b"hello\n"
+    await close(writer)
+
+
+async def test_unix_server_serves_and_removes_its_socket_on_stop(
+    serve: Serve, short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A UNIXServer serves on its socket file, logs its path, and removes the file on stop."""
+    caplog.set_level(logging.INFO, logger="tend.net")
+    path = short_dir / "greeter.sock"
+    server = await serve(UNIXServer(str(path), Greeter))
+    assert server.addresses == [str(path)]
+    assert server.port is None
+
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    assert await reader.read() == b"hello\n"
+    await close(writer)
+    await server.stop_service()
+
+    assert not path.exists()
+    messages = [r.getMessage() for r in caplog.records if r.name == "tend.net"]
+    assert messages == [f"Greeter starting on {path}", f"(UNIX Port {path} Closed)"]
+
+
+async def test_unix_server_applies_its_mode(serve: Serve, short_dir: Path) -> None:
+    """UNIXServer(path, factory, mode=) gives the socket file that mode."""
+    path = short_dir / "greeter.sock"
+    await serve(UNIXServer(str(path), Greeter, mode=0o600))
+
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_unix_server_drains_by_abort(serve: Serve, short_dir: Path) -> None:
+    """A UNIX connection still open at the drain deadline is aborted and counted."""
+    path = short_dir / "holder.sock"
+    made, factory = recording(Holder)
+    server = await serve(UNIXServer(str(path), factory))
+    server.grace_period = 0.2
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    await wait_until(lambda: server.connection_count == 1)
+
+    async with asyncio.timeout(10):
+        await server.stop_service()
+
+    assert server.aborted_connections == 1
+    assert made[0].lost
+    with contextlib.suppress(ConnectionResetError):
+        await reader.read()
+    await close(writer)

@@ -1,0 +1,366 @@
+"""The benchmark's tools count what they see: bench/loadgen, the C and bare servers, run.py.
+
+Nothing here checks a speed: only that fetches, short or long poems, resets and
+refusals are each counted once and in the right column, and that every bounded run
+stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+LOADGEN = BENCH / "build" / "loadgen"
+EPOLL_SERVER = BENCH / "build" / "epoll_server"
+BARE_SERVER = BENCH / "bare_server.py"
+POEM = b"".join(
+    b"line %03d of a poem that is long enough to span a few reads\n" % i for i in range(50)
+)
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="session")
+def binaries() -> None:
+    """Build loadgen and epoll_server with the bench Makefile (once per session)."""
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler (cc) to build bench/loadgen")
+    if shutil.which("make") is None:
+        pytest.skip("needs make to build bench/loadgen")
+    built = subprocess.run(
+        ["make", "-C", str(BENCH), "build/loadgen", "build/epoll_server"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+
+
+@pytest.fixture
+def poem_file(tmp_path: Path) -> Path:
+    path = tmp_path / "poem.txt"
+    path.write_bytes(POEM)
+    return path
+
+
+def read_port(proc: subprocess.Popen[bytes]) -> int:
+    """The port a server prints as its first line (it prints nothing else)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip().isdigit(), f"no port printed (exit status {proc.poll()})"
+    return int(line)
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then its exit status (killed after a deadline, so a test never hangs)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+@pytest.fixture
+def epoll_server(binaries: None, poem_file: Path) -> Iterator[int]:
+    """The C epoll server serving POEM; yields its port, checks it stops on SIGTERM."""
+    with subprocess.Popen([str(EPOLL_SERVER), "0", str(poem_file)], stdout=subprocess.PIPE) as proc:
+        try:
+            port = read_port(proc)
+            yield port
+        finally:
+            status = stop_server(proc)
+    assert status == 0
+
+
+def run_loadgen(*args: object) -> dict[str, object]:
+    """Run loadgen to completion; its result line, parsed."""
+    done = subprocess.run(
+        [str(LOADGEN), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] = json.loads(done.stdout.splitlines()[-1])
+    assert result["type"] == "result"
+    return result
+
+
+async def run_loadgen_async(*args: object) -> dict[str, object]:
+    """The same from a test whose event loop also runs the server under test."""
+    proc = await asyncio.create_subprocess_exec(
+        str(LOADGEN),
+        *map(str, args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    result: dict[str, object] = json.loads(out.decode().splitlines()[-1])
+    return result
+
+
+def outcomes(result: dict[str, object]) -> int:
+    """Every started connection ends in exactly one of these."""
+    counts = [result[k] for k in ("fetches", "mismatches", "errors", "abandoned")]
+    return sum(int(str(c)) for c in counts)
+
+
+class ScriptedPoetry(asyncio.Protocol):
+    """Serves connection number N as its script says: bytes then close, or a reset."""
+
+    def __init__(self, server: ScriptedServer) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        number = self.server.connections
+        self.server.connections += 1
+        payload, reset = self.server.script(number)
+        transport.write(payload)
+        if reset:
+            # SO_LINGER 0: close with a reset, as tend cuts a connection short.
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.server.resets += 1
+            transport.abort()
+        elif payload != POEM:
+            self.server.wrong += 1
+            transport.close()
+        else:
+            transport.close()
+
+
+class ScriptedServer:
+    """Counts what it served, so the test can compare with what loadgen counted."""
+
+    def __init__(self, script: Callable[[int], tuple[bytes, bool]]) -> None:
+        self.script = script
+        self.connections = 0
+        self.wrong = 0
+        self.resets = 0
+
+
+@contextlib.asynccontextmanager
+async def scripted_server(
+    script: Callable[[int], tuple[bytes, bool]],
+) -> AsyncIterator[tuple[ScriptedServer, int]]:
+    served = ScriptedServer(script)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: ScriptedPoetry(served), "127.0.0.1", 0)
+    try:
+        yield served, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_bounded_run_completes_exactly_n_fetches(epoll_server: int) -> None:
+    """-n 500 starts 500 connections and stops when all 500 have been fetched."""
+    result = run_loadgen("-n", 500, "-c", 20, "-b", len(POEM), "127.0.0.1", epoll_server)
+    assert result["started"] == 500
+    assert result["fetches"] == 500
+    assert (result["mismatches"], result["errors"], result["abandoned"]) == (0, 0, 0)
+    assert result["bytes"] == 500 * len(POEM)
+
+
+def test_bounded_run_smaller_than_concurrency(epoll_server: int) -> None:
+    """-n below -c still starts only n connections."""
+    result = run_loadgen("-n", 7, "-c", 50, "-b", len(POEM), "127.0.0.1", epoll_server)
+    assert (result["started"], result["fetches"]) == (7, 7)
+
+
+def test_timed_run_stops_by_itself(epoll_server: int) -> None:
+    """-d stops the run after that long, and every started connection is accounted for."""
+    result = run_loadgen("-d", 0.3, "-c", 10, "-b", len(POEM), "127.0.0.1", epoll_server)
+    assert float(str(result["elapsed_s"])) >= 0.3
+    assert int(str(result["fetches"])) > 0
+    assert (result["mismatches"], result["errors"]) == (0, 0)
+    assert outcomes(result) == result["started"]
+
+
+def test_wrong_expected_size_makes_every_fetch_a_mismatch(epoll_server: int) -> None:
+    """-b is what a fetch is checked against."""
+    result = run_loadgen("-n", 20, "-c", 5, "-b", len(POEM) - 1, "127.0.0.1", epoll_server)
+    assert (result["fetches"], result["mismatches"]) == (0, 20)
+
+
+async def test_counts_short_and_long_poems_as_mismatches(binaries: None) -> None:
+    """A poem with fewer or more bytes than -b is a mismatch, not a fetch or an error."""
+
+    def script(number: int) -> tuple[bytes, bool]:
+        if number % 3 == 1:
+            return POEM[:-100], False
+        if number % 5 == 2:
+            return POEM + b"an extra line\n", False
+        return POEM, False
+
+    async with scripted_server(script) as (served, port):
+        result = await run_loadgen_async("-n", 60, "-c", 4, "-b", len(POEM), "127.0.0.1", port)
+    assert served.connections == 60
+    assert served.wrong > 0
+    assert result["mismatches"] == served.wrong
+    assert result["fetches"] == 60 - served.wrong
+    assert result["errors"] == 0
+
+
+async def test_counts_resets_as_errors(binaries: None) -> None:
+    """A connection cut with a reset is an error, even after part of the poem arrived."""
+
+    def script(number: int) -> tuple[bytes, bool]:
+        return (POEM[:500], True) if number % 2 else (POEM, False)
+
+    async with scripted_server(script) as (served, port):
+        result = await run_loadgen_async("-n", 20, "-c", 2, "-b", len(POEM), "127.0.0.1", port)
+    assert served.resets == 10
+    assert result["errors"] == 10
+    assert result["error_kinds"] == {"refused": 0, "reset": 10, "timeout": 0, "other": 0}
+    assert (result["fetches"], result["mismatches"]) == (10, 0)
+
+
+def test_counts_refused_connections_as_errors(binaries: None) -> None:
+    """Connecting to a port nobody listens on is an error of kind 'refused'."""
+    with socket.socket() as bound:  # bound, never listening: refuses, and stays ours
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        result = run_loadgen("-n", 5, "-c", 2, "-b", len(POEM), "127.0.0.1", port)
+    assert (result["fetches"], result["errors"]) == (0, 5)
+    assert result["error_kinds"] == {"refused": 5, "reset": 0, "timeout": 0, "other": 0}
+    assert result["first_error"] == "Connection refused"
+
+
+def test_usage_error_exits_2(binaries: None) -> None:
+    """Bad arguments print the usage and exit 2 without running."""
+    done = subprocess.run(
+        [str(LOADGEN), "-c", "zero", "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+    assert done.stdout == ""
+
+
+async def test_hold_mode_keeps_connections_open_until_stopped(binaries: None) -> None:
+    """-H opens -c connections, keeps them while the server trickles, reports on SIGTERM."""
+    transports: list[asyncio.Transport] = []
+
+    class Trickle(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transports.append(transport)
+            transport.write(b"x")  # one byte now, the rest never
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(Trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        str(LOADGEN),
+        *("-H", "-c", "20", "-d", "60", "-p", "20", "-i", "10", "127.0.0.1", str(port)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                progress = json.loads(await proc.stdout.readline())
+                assert progress["type"] == "progress"
+                if progress["receiving"] == 20:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for transport in transports:
+            transport.close()
+        server.close()
+        await server.wait_closed()
+    result = json.loads(out.decode().splitlines()[-1])
+    assert proc.returncode == 0
+    assert result["mode"] == "hold"
+    assert len(transports) == 20
+    assert (result["connected"], result["max_receiving"], result["abandoned"]) == (20, 20, 20)
+    assert (result["fetches"], result["errors"]) == (0, 0)
+
+
+def test_hold_mode_reads_slowly_to_the_end(epoll_server: int) -> None:
+    """In -H mode a poem read a few bytes at a time is still a fetch, and is replaced."""
+    result = run_loadgen(
+        "-H", "-n", 6, "-c", 2, "-r", 512, "-i", 1, "-b", len(POEM), "127.0.0.1", epoll_server
+    )
+    assert (result["started"], result["fetches"], result["mismatches"]) == (6, 6, 0)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_bare_server_logs_a_line_per_connection(
+    binaries: None, poem_file: Path, tmp_path: Path, loop: str
+) -> None:
+    """bench/bare_server.py serves the poem and, with --log, logs once per connection."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    log = tmp_path / "bare.log"
+    argv = [sys.executable, str(BARE_SERVER), "--poem", str(poem_file), "--loop", loop]
+    with subprocess.Popen([*argv, "--log", str(log)], stdout=subprocess.PIPE) as proc:
+        try:
+            port = read_port(proc)
+            result = run_loadgen("-n", 50, "-c", 5, "-b", len(POEM), "127.0.0.1", port)
+        finally:
+            status = stop_server(proc)
+    assert status == 0
+    assert (result["fetches"], result["mismatches"], result["errors"]) == (50, 0, 0)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 50
+    assert lines[0].startswith(f"sending {len(POEM)} bytes of poetry to ")
+
+
+def test_run_py_smoke(binaries: None, tmp_path: Path) -> None:
+    """bench/run.py measures two servers end to end and writes its tables and JSON."""
+    output = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "run.py"),
+            *("--only", "epoll-c,bare-asyncio", "--rounds", "1", "--duration", "0.3"),
+            *("--warmup", "0", "--sweep", "1", "--sweep-duration", "0.2", "--starts", "1"),
+            *("--no-cli", "--no-hold", "--output", str(output)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads(output.read_text())
+    for name in ("epoll-c", "bare-asyncio"):
+        summary = results["servers"][name]["summary"]
+        assert summary["errors"] == 0
+        assert summary["cpu_us_per_fetch"]["n"] == 1
+        assert summary["exec_to_first_fetch_ms"]["n"] == 2
+    assert "| epoll-c |" in done.stdout
+    assert "| bare-asyncio |" in done.stdout

@@ -63,6 +63,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(
+            f"invalid worker count {text!r}: expected a number >= 1, or auto"
+        )
+    return int(text)
+
+
 def runner_parser() -> argparse.ArgumentParser:
     """The parser for the runner's own options (those before the plugin name)."""
     parser = argparse.ArgumentParser(
@@ -134,6 +144,12 @@ def runner_parser() -> argparse.ArgumentParser:
         type=_seconds,
         metavar="SECONDS",
         help="how long connections may finish after SIGTERM (default: 10)",
+    )
+    add(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="worker processes serving the same sockets; auto = one per CPU (default: 1)",
     )
     add(
         "--version",
@@ -257,6 +273,7 @@ def runner_options(parsed: argparse.Namespace, settings: Mapping[str, object]) -
         chroot=path("chroot"),
         loop=str(pick("loop", "asyncio")),
         shutdown_timeout=float(str(pick("shutdown_timeout", 10.0))),
+        workers=_workers(str(pick("workers", 1))),
     )
 
 

@@ -135,6 +135,14 @@ class Pidfile:
             self._inode = None
         self._close_fds()
 
+    def forget(self) -> None:
+        """In a forked child: close this copy of the lock without removing the file.
+
+        The lock belongs to the open file, which the parent still holds.
+        """
+        self._inode = None
+        self._close_fds()
+
     def _close_fds(self) -> None:
         for fd in self._fds:
             with contextlib.suppress(OSError):
@@ -235,6 +243,16 @@ class Identity:
     uid: int | None
     gid: int | None
     user_name: str | None
+
+    def __str__(self) -> str:
+        user = self.user_name or (str(self.uid) if self.uid is not None else "")
+        group = ""
+        if self.gid is not None:
+            try:
+                group = grp.getgrgid(self.gid).gr_name
+            except KeyError:
+                group = str(self.gid)
+        return f"{user}:{group}" if user and group else user or f":{group}"
 
     @property
     def changes_anything(self) -> bool:

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 from tend import __version__, daemon
 from tend.errors import StartupError, TendError
-from tend.logs import LogConfig, LogSink, open_log
+from tend.logs import LogConfig, LogError, LogSink, open_log
 from tend.net import StreamServer
 from tend.service import Application, Service, walk
+from tend.supervisor import Supervisor, WorkerFailedError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class RunnerOptions:
     chroot: str | None = None
     loop: str = "asyncio"
     shutdown_timeout: float = 10.0
+    workers: int = 1
 
 
 BuildTree = Callable[[], Application]
@@ -87,6 +89,8 @@ class Runner:
                 raise daemon.PidfileLockedError(
                     f"Another tend server is running, PID {state.pid} (pidfile {state.path})"
                 )
+        # Records never show these, and skipping them saves time on every log line.
+        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
         self.sink = open_log(options.log)
         self.sink.install()
         try:
@@ -106,7 +110,8 @@ class Runner:
                 return self._wait_for_daemon()
             return self._run_here(application, identity, loop_factory)
         except TendError as error:
-            if self._launcher_pipe is None:  # the daemon has already logged its own failure
+            # The launcher's daemon, or the failing worker, has logged this already.
+            if self._launcher_pipe is None and not isinstance(error, WorkerFailedError):
                 log.error("tend: %s", error)
             self._report_failure(str(error))
             raise
@@ -164,14 +169,75 @@ class Runner:
             self.pidfile.acquire()
         try:
             application.privileged_start_service()
-            daemon.drop_privileges(identity)
         except BaseException:
             _close_listeners(application)
             raise
-        with asyncio.Runner(loop_factory=loop_factory) as loop_runner:
-            status = loop_runner.run(self._serve(application))
+        if identity.changes_anything or options.workers > 1:
+            status = self._supervise(application, identity, loop_factory)
+        else:
+            status = self._run_loop(application, loop_factory)
         log.info("Server Shut Down.")
         return status
+
+    def _run_loop(
+        self, application: Application, loop_factory: Callable[[], asyncio.AbstractEventLoop]
+    ) -> int:
+        with asyncio.Runner(loop_factory=loop_factory) as loop_runner:
+            return loop_runner.run(self._serve(application))
+
+    def _supervise(
+        self,
+        application: Application,
+        identity: daemon.Identity,
+        loop_factory: Callable[[], asyncio.AbstractEventLoop],
+    ) -> int:
+        """Keep this process as the supervisor; run the tree in forked workers."""
+        sink = self.sink
+        assert sink is not None
+
+        def worker_main(number: int, control: int, log_pipe: int | None) -> int:
+            # In the forked worker: the supervisor keeps the pidfile and the launcher.
+            if self.pidfile is not None:
+                self.pidfile.forget()
+                self.pidfile = None
+            if self._ready_pipe is not None:
+                os.close(self._ready_pipe)
+            self._ready_pipe = control
+            if log_pipe is not None:
+                sink.relay_to(log_pipe)
+            try:
+                # The event loop imports its thread pool lazily (for getaddrinfo and
+                # to_thread); the interpreter's files may be unreadable to the new user.
+                import concurrent.futures.thread  # noqa: F401
+
+                daemon.drop_privileges(identity)
+                return self._run_loop(application, loop_factory)
+            except TendError as error:
+                log.error("tend: %s", error)
+                self._report_failure(str(error))
+            except BaseException as error:
+                log.exception("worker %d stopped on an unexpected error", number)
+                self._report_failure(f"worker {number} failed: {type(error).__name__}: {error}")
+            finally:
+                sink.close()
+            return 1
+
+        supervisor = Supervisor(
+            self.options.workers,
+            worker_main,
+            relay_logs=sink.fileno() is not None,
+            write_log_lines=sink.write_lines,
+            reopen_log=lambda: reopen_log(sink),
+            flush_log=sink.flush,
+            shutdown_timeout=self.options.shutdown_timeout,
+            on_ready=self._report_ready,
+            on_stopping=lambda: _close_listeners(application),
+            identity_label=f" as {identity}" if identity.changes_anything else "",
+        )
+        try:
+            return supervisor.run()
+        finally:
+            _close_listeners(application)
 
     # -- inside the event loop -----------------------------------------------------------
 
@@ -219,7 +285,7 @@ class Runner:
     def _on_reopen_signal(self) -> None:
         log.info("Received SIGUSR1, reopening the log.")
         if self.sink is not None:
-            self.sink.reopen()
+            reopen_log(self.sink)
 
     async def _stop(self, application: Application) -> int:
         loop = asyncio.get_running_loop()
@@ -277,6 +343,14 @@ class Runner:
                 os.write(self._ready_pipe, f"ERROR {message}\n".encode())
                 os.close(self._ready_pipe)
             self._ready_pipe = None
+
+
+def reopen_log(sink: LogSink) -> None:
+    """Reopen the log file; if that fails, say so and keep the old one."""
+    try:
+        sink.reopen()
+    except LogError as error:
+        log.warning("cannot reopen the log: %s", error)
 
 
 def _close_listeners(application: Service) -> None:

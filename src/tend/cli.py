@@ -198,7 +198,7 @@ def run_command(arguments: list[str]) -> int:
     settings: dict[str, object] = {}
     build: Callable[[], Application]
     if parsed.python is not None:
-        build = _app_file_builder(os.path.abspath(parsed.python))
+        build = _app_file_builder(parsed.python)
     elif parsed.config is not None:
         from tend.deploy import load_deployment
 

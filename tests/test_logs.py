@@ -742,6 +742,29 @@ async def test_lines_reach_the_file_within_one_loop_iteration(
     assert [line.split("] ")[1] for line in read_log(path)] == ["one", "two"]
 
 
+async def test_lines_in_a_busy_spell_are_written_within_the_flush_interval(
+    open_sink: OpenSink, attach: Attach, tmp_path: Path
+) -> None:
+    """Right after a write, new lines wait at most the flush interval, then go out together."""
+    path = tmp_path / "tend.log"
+    sink = open_sink(LogConfig(logfile=str(path)))
+    log = attach(sink)
+    log.info("first")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(read_log(path)) == 1  # after a quiet spell: at once
+    log.info("second")
+    log.info("third")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(read_log(path)) == 1  # busy: batched until the interval has passed
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while len(read_log(path)) < 3 and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    assert [line.split("] ")[1] for line in read_log(path)] == ["first", "second", "third"]
+
+
 async def test_errors_are_written_at_once(
     open_sink: OpenSink, attach: Attach, tmp_path: Path
 ) -> None:
@@ -823,6 +846,9 @@ def test_a_write_stranded_on_a_closed_loop_is_not_lost(
         await asyncio.sleep(0)
 
     asyncio.run(three())  # a new loop schedules its own write
+    # "two" was written a moment ago, so "three" may wait out the flush interval; closing
+    # the sink writes whatever is left.
+    sink.close()
     assert read_log(path)[-1].endswith("three")
 
 

@@ -83,9 +83,8 @@ def test_serves_a_root_only_port_as_nobody_and_cleans_up_a_root_only_rundir(tmp_
         assert groups == [str(NOBODY.pw_gid)]
         assert status_ids(supervisor)[0][0] == "0"
         assert fetch(port) == POEM.read_bytes()
-        log = (rundir / "tend.log").read_text()
-        assert f"as nobody:{nogroup()}" in log
-        assert "sending 2807 bytes of poetry" in log
+        assert f"as nobody:{nogroup()}" in (rundir / "tend.log").read_text()
+        wait_until(lambda: "sending 2807 bytes of poetry" in (rundir / "tend.log").read_text())
     finally:
         os.kill(supervisor, signal.SIGTERM)
     wait_until(lambda: not pid_alive(supervisor))

@@ -6,7 +6,7 @@ standard `logging` API.
 
 The file and standard-output handlers are built for a server that logs one line per
 connection at tens of thousands of connections a second: they format into memory and write
-each event-loop iteration's lines with a single write (see `_BufferedHandler`).
+a burst's lines with a single write (see `_BufferedHandler`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ __all__ = ["LogConfig", "LogError", "LogSink", "open_log", "parse_syslog_address
 # Buffered lines are written at once past this many characters, even mid-iteration, so a burst
 # of records between two loop iterations cannot grow memory without bound.
 _FLUSH_THRESHOLD = 64 * 1024
+
+# Under load, buffered lines are written at most this often (or per _FLUSH_THRESHOLD). A
+# write per loop iteration costs a system call per connection or two when a server is
+# busy, more than formatting the line; a quiet server still writes each line at once.
+_FLUSH_INTERVAL = 0.05
 
 # The attributes every LogRecord has; any other attribute came from `extra=` (JSON puts those at
 # the top level). "message" and "asctime" are added by `logging.Formatter.format`.
@@ -363,10 +368,12 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _BufferedHandler(logging.Handler):
-    """Formats records into memory and writes them once per event-loop iteration.
+    """Formats records into memory and writes them in bursts.
 
-    The first record after a write schedules the next write with `loop.call_soon`, so every
-    line reaches its destination in the loop's next iteration, before the loop waits for I/O.
+    The first record after a quiet spell schedules a write with `loop.call_soon`, so it
+    reaches its destination in the loop's next iteration, before the loop waits for I/O.
+    While records keep coming, writes happen at most every `_FLUSH_INTERVAL` seconds, so a
+    busy server makes a few writes a second instead of one per connection.
     Without a running loop in the emitting thread (start-up, shutdown, another thread) the
     write is immediate, as it is for ERROR and above (the process may be about to die), past
     `_FLUSH_THRESHOLD`, and on `flush()` and `close()`.
@@ -384,6 +391,7 @@ class _BufferedHandler(logging.Handler):
         # on a dead loop.
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
         self._last_record: logging.LogRecord | None = None  # for handleError after a write
+        self._last_write = 0.0  # time.monotonic() of the last write
         self._closed = False
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -406,7 +414,11 @@ class _BufferedHandler(logging.Handler):
             self._write_buffer()
             return
         if self._scheduled_on is not loop:
-            loop.call_soon(self._scheduled_write)
+            wait = self._last_write + _FLUSH_INTERVAL - time.monotonic()
+            if wait > 0:
+                loop.call_later(wait, self._scheduled_write)
+            else:
+                loop.call_soon(self._scheduled_write)
             self._scheduled_on = loop
 
     def _scheduled_write(self) -> None:
@@ -421,6 +433,7 @@ class _BufferedHandler(logging.Handler):
         """Write out the buffer; the caller holds the lock."""
         if not self._buffer:
             return
+        self._last_write = time.monotonic()
         lines, self._buffer, self._buffered_chars = self._buffer, [], 0
         try:
             self._write_lines(lines)

@@ -89,8 +89,11 @@ class Runner:
                 raise daemon.PidfileLockedError(
                     f"Another tend server is running, PID {state.pid} (pidfile {state.path})"
                 )
-        # Records never show these, and skipping them saves time on every log line.
+        # tend's formats never show these, and skipping them saves time on every log line
+        # (the "Optimization" section of the logging HOWTO); _srcfile = None skips the walk
+        # up the stack that finds each call's file and line.
         logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+        logging._srcfile = None
         self.sink = open_log(options.log)
         self.sink.install()
         try:
@@ -331,6 +334,9 @@ class Runner:
     # -- telling whoever started us ------------------------------------------------------
 
     def _report_ready(self) -> None:
+        # Whoever waits for ready may read the log next: the start lines must be there.
+        if self.sink is not None:
+            self.sink.flush()
         if self._ready_pipe is not None:
             with contextlib.suppress(OSError):
                 os.write(self._ready_pipe, f"READY {os.getpid()}\n".encode())

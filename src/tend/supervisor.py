@@ -131,7 +131,13 @@ class Supervisor:
 
     def _step(self) -> None:
         timeout = self._next_timeout()
-        for key, _ in self.selector.select(timeout):
+        # Log pipes first: a worker writes its log before it says READY or exits, and the
+        # supervisor's log must have those lines before it tells anyone.
+        events = sorted(
+            self.selector.select(timeout),
+            key=lambda event: event[0].data is None or event[0].fd != event[0].data.log_pipe,
+        )
+        for key, _ in events:
             worker = key.data
             if worker is None:
                 self._drain_wakeups()

@@ -264,7 +264,8 @@ class Supervisor:
                 self._forget_fd(fd)
         del self.workers[worker.pid]
         code = os.waitstatus_to_exitcode(wait_status)
-        if code != 0:
+        if code != 0 and self.stopping_since is not None:
+            # The exit status tells how the stop went; a worker replaced earlier does not count.
             self.status = 1
         if self.stopping_since is not None or not self.ready_reported:
             if code != 0 and not self.ready_reported and worker.error is None:

@@ -1,0 +1,117 @@
+"""`--workers N`: one supervisor, N workers on the same sockets, a dead worker replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import POEM, TEND, fetch, pid_alive, wait_until
+
+LOCAL = ["--port", "0", "--iface", "127.0.0.1"]
+
+
+def children(pid: int) -> list[int]:
+    """The live pids whose parent is *pid*."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split() if pid_alive(int(child))]
+
+
+def writes(pid: int) -> int:
+    """How many write-type system calls *pid* has made (syscw in /proc/PID/io)."""
+    with open(f"/proc/{pid}/io") as file:
+        for line in file:
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no syscw in /proc/{pid}/io")
+
+
+def test_two_workers_serve_and_a_killed_one_is_replaced(run_tend, tmp_path):
+    """Kill one of two workers: fetches still succeed, and a new worker takes its place."""
+    tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL)
+    port = tend.wait_for_port()
+    wait_until(lambda: tend.stdout.count("starting on") == 2)
+    first, second = children(tend.pid)
+    assert (tmp_path / "tend.pid").read_text().strip() == str(tend.pid)
+    for _ in range(20):
+        assert fetch(port) == POEM.read_bytes()
+    os.kill(first, signal.SIGKILL)
+    assert fetch(port) == POEM.read_bytes()
+    tend.wait_for_output(
+        rf"worker 1 \(pid {first}\) exited with signal SIGKILL; starting a new one"
+    )
+    replacement = wait_until(lambda: [pid for pid in children(tend.pid) if pid != second])
+    assert isinstance(replacement, list)
+    assert replacement[0] != first
+    wait_until(lambda: tend.stdout.count("starting on") == 3)
+    for _ in range(20):
+        assert fetch(port) == POEM.read_bytes()
+    assert tend.stop(signal.SIGTERM) == 0
+    assert "Received SIGTERM, stopping 2 worker(s)." in tend.stdout
+    assert tend.stdout.count("Main loop terminated.") == 2
+    assert tend.stdout.rstrip().endswith("Server Shut Down.")
+    assert not (tmp_path / "tend.pid").exists()
+    assert not pid_alive(second)
+    assert not pid_alive(replacement[0])
+
+
+def test_both_workers_take_connections(run_tend, tmp_path):
+    """Each worker has its own event loop on the shared socket; both serve."""
+    tend = run_tend("--nodaemon", "--workers", "2", "--loop", "uvloop", "poetry", *LOCAL)
+    port = tend.wait_for_port()
+    wait_until(lambda: tend.stdout.count("starting on") == 2)
+    workers = set(children(tend.pid))
+    assert len(workers) == 2
+    # The log line does not say which worker served; the kernel counts each process's
+    # write calls (sending a poem is one), and an idle worker makes none.
+    before = {pid: writes(pid) for pid in workers}
+
+    def both_served() -> bool:
+        fetch(port)
+        return all(writes(pid) > before[pid] for pid in workers)
+
+    wait_until(both_served, timeout=20, interval=0)
+    assert tend.stop() == 0
+
+
+def test_a_worker_failing_to_start_fails_the_whole_start(tmp_path):
+    """If a worker cannot start, the others are stopped and the one line is printed; exit 1."""
+    result = subprocess.run(
+        [*TEND, "--workers", "2", "poetry", "--poem", "missing.txt", *LOCAL],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("tend: cannot read poem file")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tend.pid").exists()
+    leftover = subprocess.run(["pgrep", "-f", "missing.txt"], capture_output=True, text=True)
+    assert leftover.stdout == ""
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_bad_worker_count_is_a_usage_error(tmp_path, value):
+    """--workers takes a number >= 1 or auto."""
+    result = subprocess.run(
+        [*TEND, "--workers", value, "poetry"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "argument --workers" in result.stderr
+
+
+def test_auto_starts_one_worker_per_cpu(run_tend, tmp_path):
+    """--workers auto starts as many workers as there are CPUs."""
+    tend = run_tend("--nodaemon", "--workers", "auto", "poetry", *LOCAL)
+    tend.wait_for_port()
+    count = os.cpu_count() or 1
+    wait_until(lambda: tend.stdout.count("starting on") == count)
+    assert len(children(tend.pid)) == count
+    assert tend.stop() == 0

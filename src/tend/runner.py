@@ -143,10 +143,12 @@ class Runner:
     def _wait_for_daemon(self) -> int:
         """In the launcher: return 0 once the daemon is ready, or raise what it reported."""
         assert self._launcher_pipe is not None
+        # READY comes alone; after ERROR, read on to end-of-file, which comes when the
+        # daemon has exited, so that nothing of it is left when the launcher returns.
         chunks = []
         while chunk := os.read(self._launcher_pipe, 4096):
             chunks.append(chunk)
-            if chunk.endswith(b"\n"):
+            if b"".join(chunks).startswith(b"READY") and chunk.endswith(b"\n"):
                 break
         os.close(self._launcher_pipe)
         report = b"".join(chunks).decode(errors="replace").strip()
@@ -344,10 +346,11 @@ class Runner:
             self._ready_pipe = None
 
     def _report_failure(self, message: str) -> None:
+        # The pipe stays open until this process exits: its end-of-file tells the
+        # launcher that the failed daemon is gone.
         if self._ready_pipe is not None:
             with contextlib.suppress(OSError):
                 os.write(self._ready_pipe, f"ERROR {message}\n".encode())
-                os.close(self._ready_pipe)
             self._ready_pipe = None
 
 

@@ -17,7 +17,9 @@ from tend.endpoints import (
     DEFAULT_BACKLOG,
     EndpointSyntaxError,
     ListenError,
+    SystemdEndpoint,
     TCPEndpoint,
+    TLSEndpoint,
     UNIXEndpoint,
     describe_socket,
     listen,
@@ -147,8 +149,17 @@ def test_endpoints_describe_themselves_as_addresses() -> None:
         ("tcp:80:backlog=0", "backlog must be a positive number"),
         ("tcp:80:backlog=many", "backlog must be a positive number"),
         ("tcp:80:reusePort=maybe", "reusePort must be yes or no"),
-        ("tls:8443:certKey=cert.pem:privateKey=key.pem", "TLS endpoints are not supported yet"),
-        ("ssl:8443", "TLS endpoints are not supported yet"),
+        ("ssl:8443", "no certificate given"),
+        ("tls:8443:interface=127.0.0.1", "no certificate given"),
+        ("systemd", "expected systemd:index=N or systemd:name=NAME"),
+        ("systemd:0", "expected systemd:index=N or systemd:name=NAME"),
+        ("systemd:index=0:name=web", "expected systemd:index=N or systemd:name=NAME"),
+        ("systemd:name=", "expected systemd:index=N or systemd:name=NAME"),
+        ("systemd:index=first", "index must be a number from 0"),
+        ("systemd:index=-1", "index must be a number from 0"),
+        ("systemd:index=0:domain=IPX", "domain must be INET, INET6 or UNIX"),
+        ("systemd:index=0:interface=lo", "unknown option 'interface'"),
+        ("systemd:index=0:backlog=0", "backlog must be a positive number"),
         ("unix:", "expected unix:PATH"),
         ("unix:address=", "expected unix:PATH"),
         ("unix:/a.sock:/b.sock", "expected unix:PATH"),
@@ -178,8 +189,40 @@ def test_rejects_a_port_written_with_non_ascii_digits() -> None:
 
 def test_unknown_kind_says_what_is_expected() -> None:
     """An unknown kind lists the forms that are understood."""
-    with pytest.raises(EndpointSyntaxError, match=r"expected a port number, tcp:PORT or unix:PATH"):
+    with pytest.raises(EndpointSyntaxError) as caught:
         parse_endpoint("udp:53")
+    assert str(caught.value) == (
+        "invalid endpoint 'udp:53': unknown kind 'udp'; expected a port number, tcp:PORT, "
+        "unix:PATH, tls:PORT:certKey=PATH, systemd:index=N or systemd:name=NAME"
+    )
+
+
+@pytest.mark.parametrize(
+    ("description", "expected"),
+    [
+        ("tls:8443:certKey=/etc/tend/cert.pem:privateKey=/etc/tend/key.pem",
+         TLSEndpoint(8443, "/etc/tend/cert.pem", "/etc/tend/key.pem", "localhost")),
+        ("tls:8443:certKey=/etc/tend/both.pem",
+         TLSEndpoint(8443, "/etc/tend/both.pem", "/etc/tend/both.pem", "localhost")),
+        (r"ssl:443:privateKey=/k.pem:certKey=/c.pem:interface=\:\:1:backlog=5",
+         TLSEndpoint(443, "/c.pem", "/k.pem", "::1", backlog=5)),
+        ("systemd:index=0", SystemdEndpoint(index=0)),
+        ("systemd:name=poetry:backlog=10", SystemdEndpoint(name="poetry", backlog=10)),
+        ("systemd:domain=INET6:index=1", SystemdEndpoint(index=1, domain="INET6")),
+    ],
+)  # fmt: skip
+def test_parses_tls_and_systemd_descriptions(
+    description: str, expected: TLSEndpoint | SystemdEndpoint
+) -> None:
+    """tls: (alias ssl:) takes twistd's certKey/privateKey; systemd: an index or a name."""
+    assert parse_endpoint(description, "localhost") == expected
+
+
+def test_tls_and_systemd_endpoints_describe_themselves() -> None:
+    """A TLS endpoint reads as its address; a systemd one as its description."""
+    assert str(parse_endpoint("tls:8443:certKey=/c.pem:interface=127.0.0.1")) == "127.0.0.1:8443"
+    assert str(parse_endpoint("systemd:index=2")) == "systemd:index=2"
+    assert str(parse_endpoint("systemd:name=web:domain=INET")) == "systemd:name=web"
 
 
 def test_syntax_error_is_a_value_error_and_a_tend_error() -> None:

@@ -512,3 +512,18 @@ async def test_unix_server_drains_by_abort(serve: Serve, short_dir: Path) -> Non
     with contextlib.suppress(ConnectionResetError):
         await reader.read()
     await close(writer)
+
+
+async def test_tls_key_is_read_in_the_privileged_start_before_binding(tmp_path: Path) -> None:
+    """A TLS server reads its certificate when it binds; a bad one fails before any bind."""
+    missing = tmp_path / "missing.pem"
+    server = StreamServer(f"tls:0:interface=127.0.0.1:certKey={missing}", Greeter)
+
+    with pytest.raises(ListenError) as caught:
+        server.privileged_start_service()
+
+    assert (
+        str(caught.value) == f"cannot read TLS certificate '{missing}': No such file or directory"
+    )
+    assert server.port is None
+    assert server.addresses == []

@@ -3,8 +3,9 @@
 A description is twistd's strports syntax: a kind, then colon-separated fields, the
 first positional and the rest ``key=value``; a backslash escapes a colon, so an IPv6
 address reads ``tcp:8000:interface=\\:\\:1``. A bare number means TCP on the default
-interface. This module parses descriptions and binds sockets; it knows nothing of
-services or event loops.
+interface. The kinds are ``tcp``, ``unix``, ``tls`` (alias ``ssl``) and ``systemd``
+(sockets passed by socket activation). This module parses descriptions, binds sockets
+and loads TLS certificates; it knows nothing of services or event loops.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from tend import systemd
 from tend.errors import StartupError, TendError
+
+if TYPE_CHECKING:
+    import ssl
 
 # asyncio's default of 100 overflows when a few hundred clients connect at once, and
 # every client whose SYN is dropped waits a full second to retransmit it. The kernel
@@ -58,7 +64,56 @@ class UNIXEndpoint:
         return self.path
 
 
-Endpoint = TCPEndpoint | UNIXEndpoint
+@dataclass(frozen=True, slots=True)
+class TLSEndpoint:
+    """Listen with TLS on *port* of *interface*, with the certificate and key in PEM files.
+
+    *cert_key* may hold the certificate chain (the server's certificate first), and the
+    private key too, in which case *private_key* names the same file.
+    """
+
+    port: int
+    cert_key: str
+    private_key: str
+    interface: str = ""
+    backlog: int = DEFAULT_BACKLOG
+    reuse_port: bool = False
+
+    def __str__(self) -> str:
+        return str(self.tcp)
+
+    @property
+    def tcp(self) -> TCPEndpoint:
+        """The TCP endpoint underneath."""
+        return TCPEndpoint(self.port, self.interface, self.backlog, self.reuse_port)
+
+
+@dataclass(frozen=True, slots=True)
+class SystemdEndpoint:
+    """Serve on listening sockets systemd passed (socket activation), by *index* or *name*.
+
+    *index* counts the passed sockets from 0, in the order the .socket unit lists
+    them; *name* picks every socket with that ``FileDescriptorName=`` (all a unit's
+    sockets share the unit's name unless it gives one). *domain* (twistd's ``INET``,
+    ``INET6`` or ``UNIX``) is checked if given. The socket is systemd's: tend binds
+    nothing, and leaves a UNIX socket's file in place when it stops.
+    """
+
+    index: int | None = None
+    name: str | None = None
+    domain: str | None = None
+    backlog: int = DEFAULT_BACKLOG
+
+    def __str__(self) -> str:
+        if self.name is not None:
+            return f"systemd:name={self.name}"
+        return f"systemd:index={self.index}"
+
+
+Endpoint = TCPEndpoint | UNIXEndpoint | TLSEndpoint | SystemdEndpoint
+
+# twistd's systemd endpoint names address families as its domain= values.
+_DOMAINS = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
 
 
 def split_description(description: str) -> tuple[list[str], dict[str, str]]:
@@ -103,12 +158,13 @@ def parse_endpoint(description: str, default_interface: str = "") -> Endpoint:
     if kind == "unix":
         return _parse_unix(description, arguments, keywords)
     if kind in ("tls", "ssl"):
-        raise EndpointSyntaxError(
-            f"invalid endpoint {description!r}: TLS endpoints are not supported yet"
-        )
+        return _parse_tls(description, arguments, keywords, default_interface)
+    if kind == "systemd":
+        return _parse_systemd(description, arguments, keywords)
     raise EndpointSyntaxError(
         f"invalid endpoint {description!r}: unknown kind {kind!r}; "
-        "expected a port number, tcp:PORT or unix:PATH"
+        "expected a port number, tcp:PORT, unix:PATH, tls:PORT:certKey=PATH, "
+        "systemd:index=N or systemd:name=NAME"
     )
 
 
@@ -143,6 +199,69 @@ def _parse_unix(description: str, arguments: list[str], keywords: dict[str, str]
                 f"invalid endpoint {description!r}: mode must be octal, like 0660"
             ) from None
     return UNIXEndpoint(path, mode, _parse_backlog(keywords, description))
+
+
+def _parse_tls(
+    description: str, arguments: list[str], keywords: dict[str, str], default_interface: str
+) -> TLSEndpoint:
+    _expect_keys(
+        description,
+        keywords,
+        {"port", "interface", "backlog", "reusePort", "certKey", "privateKey"},
+    )
+    if len(arguments) > 1 or (arguments and "port" in keywords):
+        raise EndpointSyntaxError(f"invalid endpoint {description!r}: too many fields")
+    port_text = arguments[0] if arguments else keywords.get("port")
+    if port_text is None:
+        raise EndpointSyntaxError(f"invalid endpoint {description!r}: no port given")
+    # As in twistd, one file may hold both: either key names it for the other.
+    cert_key = keywords.get("certKey") or keywords.get("privateKey")
+    if not cert_key:
+        raise EndpointSyntaxError(
+            f"invalid endpoint {description!r}: no certificate given; "
+            "expected tls:PORT:certKey=CERT.pem:privateKey=KEY.pem"
+        )
+    private_key = keywords.get("privateKey") or cert_key
+    return TLSEndpoint(
+        port=_parse_port(port_text, description),
+        # Made absolute now: the daemon changes to its rundir before it reads them.
+        cert_key=os.path.abspath(cert_key),
+        private_key=os.path.abspath(private_key),
+        interface=keywords.get("interface", default_interface),
+        backlog=_parse_backlog(keywords, description),
+        reuse_port=_parse_bool(keywords.get("reusePort", "no"), "reusePort", description),
+    )
+
+
+def _parse_systemd(
+    description: str, arguments: list[str], keywords: dict[str, str]
+) -> SystemdEndpoint:
+    _expect_keys(description, keywords, {"index", "name", "domain", "backlog"})
+    expected = "expected systemd:index=N or systemd:name=NAME"
+    if arguments or ("index" in keywords) == ("name" in keywords):
+        raise EndpointSyntaxError(f"invalid endpoint {description!r}: {expected}")
+    index = None
+    if "index" in keywords:
+        text = keywords["index"]
+        if not (text.isascii() and text.isdigit()):
+            raise EndpointSyntaxError(
+                f"invalid endpoint {description!r}: index must be a number from 0"
+            )
+        index = int(text)
+    name = keywords.get("name")
+    if name is not None and not name:
+        raise EndpointSyntaxError(f"invalid endpoint {description!r}: {expected}")
+    domain = keywords.get("domain")
+    if domain is not None and domain.upper() not in _DOMAINS:
+        raise EndpointSyntaxError(
+            f"invalid endpoint {description!r}: domain must be INET, INET6 or UNIX"
+        )
+    return SystemdEndpoint(
+        index=index,
+        name=name,
+        domain=None if domain is None else domain.upper(),
+        backlog=_parse_backlog(keywords, description),
+    )
 
 
 def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) -> None:
@@ -188,6 +307,10 @@ def listen(endpoint: Endpoint) -> list[socket.socket]:
     """
     if isinstance(endpoint, UNIXEndpoint):
         return [_listen_unix(endpoint)]
+    if isinstance(endpoint, SystemdEndpoint):
+        return _listen_systemd(endpoint)
+    if isinstance(endpoint, TLSEndpoint):
+        return _listen_tcp(endpoint.tcp)
     return _listen_tcp(endpoint)
 
 
@@ -245,6 +368,124 @@ def _listen_unix(endpoint: UNIXEndpoint) -> socket.socket:
         sock.close()
         raise ListenError(f"cannot listen on {endpoint.path}: {_reason(error)}") from None
     return sock
+
+
+def _listen_systemd(endpoint: SystemdEndpoint) -> list[socket.socket]:
+    passed = systemd.inherited_sockets()
+    if endpoint.index is not None:
+        if endpoint.index >= len(passed):
+            raise systemd.SocketActivationError(
+                f"{endpoint} asks for socket {endpoint.index} but {_passed_count(len(passed))}"
+            )
+        chosen = [passed[endpoint.index]]
+    else:
+        chosen = [inherited for inherited in passed if inherited.name == endpoint.name]
+        if not chosen:
+            names = ", ".join(repr(inherited.name) for inherited in passed) or "none"
+            raise systemd.SocketActivationError(
+                f"{endpoint} asks for a socket named {endpoint.name!r}, but none was passed; "
+                f"the names passed are: {names} (set FileDescriptorName= in the .socket unit)"
+            )
+    for inherited in chosen:
+        _check_inherited(endpoint, inherited)
+    sockets: list[socket.socket] = []
+    try:
+        for inherited in chosen:
+            sockets.append(inherited.open())
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise ListenError(f"cannot use {endpoint}: {_reason(error)}") from None
+    return sockets
+
+
+def _passed_count(count: int) -> str:
+    if count == 0:
+        return "no sockets were passed"
+    return f"only {count} {'was' if count == 1 else 'were'} passed"
+
+
+def _check_inherited(endpoint: SystemdEndpoint, inherited: systemd.InheritedSocket) -> None:
+    if inherited.type != socket.SOCK_STREAM:
+        raise systemd.SocketActivationError(
+            f"{endpoint} is {inherited}, which is not a stream socket; "
+            "tend serves streams: use ListenStream= in the .socket unit"
+        )
+    if not inherited.listening:
+        raise systemd.SocketActivationError(
+            f"{endpoint} is {inherited}, which is not listening; "
+            "use Accept=no (the default) in the .socket unit"
+        )
+    if endpoint.domain is not None and inherited.family != _DOMAINS[endpoint.domain]:
+        raise systemd.SocketActivationError(
+            f"{endpoint} is {inherited}, which is not in domain {endpoint.domain}"
+        )
+
+
+def tls_context(endpoint: TLSEndpoint) -> ssl.SSLContext:
+    """Load *endpoint*'s certificate and key into a server context: TLS 1.2 or later.
+
+    Call it in the privileged phase, as the starting user: a key readable only by
+    root is read before tend drops to another user, and never needs to be again.
+
+    Raises:
+        ListenError: a file cannot be read, holds no certificate or key, holds an
+            encrypted key, or holds a key that does not match the certificate.
+    """
+    import ssl
+
+    certificate = _read_tls_file(endpoint.cert_key, "certificate")
+    if endpoint.private_key != endpoint.cert_key:
+        _read_tls_file(endpoint.private_key, "private key")
+
+    def refuse_passphrase() -> str:
+        raise ListenError(
+            f"cannot use TLS private key {endpoint.private_key!r}: it is encrypted; "
+            f"tend needs it unencrypted (openssl pkey -in KEY -out NEW_KEY)"
+        )
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(endpoint.cert_key, endpoint.private_key, refuse_passphrase)
+    except ssl.SSLError as error:
+        raise ListenError(_describe_tls_error(endpoint, certificate, error)) from None
+    except OSError as error:  # the file changed between the reading and the loading
+        raise ListenError(
+            f"cannot read TLS certificate {endpoint.cert_key!r} or private key "
+            f"{endpoint.private_key!r}: {error.strerror or error}"
+        ) from None
+    return context
+
+
+def _read_tls_file(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise ListenError(f"cannot read TLS {what} {path!r}: {error.strerror or error}") from None
+
+
+def _describe_tls_error(endpoint: TLSEndpoint, certificate: bytes, error: ssl.SSLError) -> str:
+    """Say which file is wrong, and how, for an error OpenSSL reports as "PEM lib"."""
+    import ssl
+
+    if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+        return (
+            f"cannot use TLS private key {endpoint.private_key!r}: it does not match "
+            f"the certificate in {endpoint.cert_key!r}"
+        )
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        probe.load_verify_locations(cadata=certificate.decode("ascii", errors="replace"))
+    except ssl.SSLError:
+        return f"cannot use TLS certificate {endpoint.cert_key!r}: it holds no PEM certificate"
+    if endpoint.private_key == endpoint.cert_key:
+        return (
+            f"cannot use TLS certificate {endpoint.cert_key!r}: it holds no PEM private key; "
+            "give the key's file as privateKey=PATH"
+        )
+    return f"cannot use TLS private key {endpoint.private_key!r}: it holds no PEM private key"
 
 
 def _remove_stale_unix_socket(path: str) -> None:

@@ -12,6 +12,7 @@ a burst's lines with a single write (see `_BufferedHandler`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -483,10 +484,23 @@ class _StreamHandler(_BufferedHandler):
     def __init__(self, stream: IO[str]) -> None:
         super().__init__()
         self.stream = stream
+        self._reader_gone = False
 
     def _write_lines(self, lines: list[str]) -> None:
-        self.stream.write("".join(lines))
-        self.stream.flush()
+        if self._reader_gone:
+            return
+        try:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except BrokenPipeError:
+            # `tend --nodaemon ... | head`: the reader left. The server goes on; its log
+            # has nowhere to go, and a traceback per line would help no one.
+            self._reader_gone = True
+            # Point the descriptor at /dev/null, so the stream's own flush at exit is quiet.
+            with contextlib.suppress(OSError, ValueError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self.stream.fileno())
+                os.close(null)
 
 
 class _FileHandler(_BufferedHandler):

@@ -15,17 +15,22 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tend.endpoints import (
     Endpoint,
     TCPEndpoint,
+    TLSEndpoint,
     UNIXEndpoint,
     describe_socket,
     listen,
     parse_endpoint,
+    tls_context,
 )
 from tend.service import Service
+
+if TYPE_CHECKING:
+    import ssl
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +64,9 @@ def factory_name(protocol_factory: object) -> str:
 class StreamServer(Service):
     """Serve *protocol_factory* on a stream endpoint (twistd: strports.service).
 
-    *endpoint* is a description such as ``tcp:10000:interface=127.0.0.1`` or
-    ``unix:/run/poetry.sock``, or an already parsed endpoint.
+    *endpoint* is a description such as ``tcp:10000:interface=127.0.0.1``,
+    ``unix:/run/poetry.sock``, ``tls:8443:certKey=server.pem`` or ``systemd:index=0``,
+    or an already parsed endpoint.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class StreamServer(Service):
         self.drain_deadline: float | None = None
         self.aborted_connections = 0
         self._sockets: list[socket.socket] = []
+        self._tls: ssl.SSLContext | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.BaseTransport] = set()
         self._idle: asyncio.Event | None = None
@@ -108,8 +115,11 @@ class StreamServer(Service):
         return len(self._connections)
 
     def privileged_start_service(self) -> None:
-        """Bind the listening sockets, as the starting user."""
+        """Bind the listening sockets and read TLS keys, as the starting user."""
         if not self._sockets:
+            if isinstance(self.endpoint, TLSEndpoint) and self._tls is None:
+                # Before binding, so a bad key leaves no socket open behind it.
+                self._tls = tls_context(self.endpoint)
             self._sockets = self.listen()
             self._label = self._describe()
         super().privileged_start_service()
@@ -130,7 +140,7 @@ class StreamServer(Service):
             for sock in self._sockets:
                 # asyncio calls listen() again with this, and accepts up to this many per wakeup.
                 server = await loop.create_server(
-                    self._make_protocol, sock=sock, backlog=self.endpoint.backlog
+                    self._make_protocol, sock=sock, backlog=self.endpoint.backlog, ssl=self._tls
                 )
                 self._servers.append(server)
         except BaseException:
@@ -141,7 +151,9 @@ class StreamServer(Service):
     def _where(self) -> str:
         if isinstance(self.endpoint, UNIXEndpoint):
             return self.endpoint.path
-        return str(self.port)
+        if self.port is not None:
+            return str(self.port)
+        return ", ".join(self.addresses) or str(self.endpoint)
 
     def _make_protocol(self) -> asyncio.BaseProtocol:
         protocol = self.protocol_factory()
@@ -168,12 +180,21 @@ class StreamServer(Service):
     def _describe(self) -> str:
         if isinstance(self.endpoint, UNIXEndpoint):
             return f"UNIX Port {self.endpoint.path}"
-        return f"TCP Port {self.port if self.port is not None else self.endpoint.port}"
+        if self.port is not None:
+            return f"TCP Port {self.port}"
+        if isinstance(self.endpoint, TCPEndpoint | TLSEndpoint):
+            return f"TCP Port {self.endpoint.port}"
+        # Sockets systemd passed, none of them TCP: UNIX ones, once taken.
+        return f"UNIX Port {', '.join(self.addresses)}" if self._sockets else str(self.endpoint)
 
     def close_listeners(self) -> None:
         """Close the listening sockets quietly (after a failed start, or on stop)."""
-        # Read the paths first: asyncio's Server.close closes the sockets themselves.
-        paths = [sock.getsockname() for sock in self._sockets if sock.family == socket.AF_UNIX]
+        # Read the paths first: asyncio's Server.close closes the sockets themselves. Only
+        # files tend bound are removed: a passed socket's file belongs to systemd, which
+        # needs it to start tend again on the next connection.
+        paths = []
+        if isinstance(self.endpoint, UNIXEndpoint):
+            paths = [sock.getsockname() for sock in self._sockets]
         for server in self._servers:
             server.close()
         self._servers.clear()

@@ -30,7 +30,10 @@ class Option:
 
     *type* converts the text; it raises ``ValueError`` or
     ``argparse.ArgumentTypeError`` to reject it, which tend reports as a usage error
-    naming the option. A *required* option has no default.
+    naming the option. A *required* option has no default. A *path* option names a file
+    or folder: a relative value is relative to the current directory on the command line
+    and to the file's folder in a deployment file, and it arrives absolute (the daemon
+    changes directory before services start).
     """
 
     long: str
@@ -39,6 +42,7 @@ class Option:
     help: str = ""
     type: Callable[[str], object] = str
     required: bool = False
+    path: bool = False
 
     @property
     def key(self) -> str:
@@ -83,7 +87,7 @@ class ServiceMaker:
         parser = argparse.ArgumentParser(
             prog=prog,
             description=self.description,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         for option in self.options:
             names = [f"--{option.long}"]
@@ -99,7 +103,7 @@ class ServiceMaker:
                     default=None if option.required else option.default,
                     required=option.required,
                     type=_argparse_type(option),
-                    help=option.help or " ",
+                    help=(option.help or " ") + (" (required)" if option.required else ""),
                 )
         return parser
 
@@ -113,14 +117,25 @@ class ServiceMaker:
         for option in self.options:
             value = parsed.get(option.key)
             if isinstance(option, Option) and isinstance(value, str) and value is option.default:
-                parsed[option.key] = option.type(value)
+                parsed[option.key] = option.type(os.path.abspath(value) if option.path else value)
         return parsed
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None, or a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _argparse_type(option: Option) -> Callable[[str], object]:
     convert = option.type
 
     def checked(text: str) -> object:
+        if option.path:
+            text = os.path.abspath(text)
         try:
             return convert(text)
         except argparse.ArgumentTypeError:

@@ -1,4 +1,10 @@
-"""The poetry protocol and the service that holds the poem (the seed's FastPoetry 2.0)."""
+"""The poetry protocol and the service that holds the poem (the seed's FastPoetry 2.0).
+
+A poem goes out in one write and the connection closes: the clean end-of-file is how a
+client knows the poem is whole. A poem larger than the transport's high-water mark goes
+out a piece at a time instead (see :class:`PoemSender`), so that a client that never
+reads holds one piece of the server's memory rather than a copy of the whole poem.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,10 @@ from typing import cast
 from tend import Service, StartupError
 
 log = logging.getLogger(__name__)
+
+# asyncio's default high-water mark: a poem up to this size is written at once, since the
+# transport would hold no more than this for a client that does not read anyway.
+WHOLE_POEM_LIMIT = 64 * 1024
 
 
 class Peer:
@@ -55,6 +65,8 @@ def _read(path: str) -> bytes:
 class PoetryProtocol(asyncio.Protocol):
     """Sends the whole poem to each client, then closes (the seed's PoetryProtocol)."""
 
+    __slots__ = ("service",)
+
     def __init__(self, service: PoetryService) -> None:
         self.service = service
 
@@ -71,11 +83,115 @@ class PoetryProtocol(asyncio.Protocol):
         transport.close()
 
 
+class PoemSender(asyncio.Protocol):
+    """Sends a poem in pieces, *delay* seconds apart, never writing while the transport is full.
+
+    The transport calls :meth:`pause_writing` when its buffer passes the high-water mark
+    and :meth:`resume_writing` once it drains; in between nothing is written, so a client
+    that stops reading costs at most one piece plus that mark. A connection that ends
+    before the poem does is logged once, and its pending timer is cancelled: it costs
+    nothing more.
+    """
+
+    __slots__ = ("_chunk_size", "_delay", "_paused", "_poem", "_sent", "_timer", "_transport")
+
+    def __init__(self, chunk_size: int, delay: float = 0.0) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+        self._chunk_size = chunk_size
+        self._delay = delay
+        self._transport: asyncio.WriteTransport | None = None
+        self._poem = b""
+        self._sent = 0
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def send_poem(self, transport: asyncio.WriteTransport, poem: bytes) -> None:
+        """Start sending *poem* on *transport*; the connection closes after the last piece."""
+        self._transport = transport
+        self._poem = poem
+        self._send_more()
+
+    def _send_more(self) -> None:
+        self._timer = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        poem = self._poem
+        size = len(poem)
+        while self._sent < size:
+            if self._paused:
+                return  # resume_writing carries on
+            end = self._sent + self._chunk_size
+            transport.write(poem[self._sent : end])
+            self._sent = min(end, size)
+            if self._delay and self._sent < size:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._delay, self._send_more)
+                return
+        transport.close()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._timer is None:  # else the pause between pieces is still running
+            self._send_more()
+
+    def eof_received(self) -> bool | None:
+        # A poetry client sends nothing, so its end-of-file means it has gone: stop at once
+        # rather than push the rest of the poem at a closed socket.
+        if self._transport is not None and self._sent < len(self._poem):
+            self._transport.abort()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport = self._transport
+        self._transport = None
+        size = len(self._poem)
+        self._poem = b""
+        if transport is not None and self._sent < size:
+            log.info(
+                "connection to %s closed after %d of %d bytes of poetry%s",
+                Peer(transport.get_extra_info("peername")),
+                self._sent,
+                size,
+                f": {exc}" if exc is not None else "",
+            )
+
+
+class LargePoetryProtocol(PoemSender):
+    """Sends a poem too large for one write as fast as the client reads it."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: PoetryService) -> None:
+        super().__init__(WHOLE_POEM_LIMIT)
+        self.service = service
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement WriteTransport without subclassing it.
+        transport = cast(asyncio.WriteTransport, transport)
+        poem = self.service.poem
+        log.info(
+            "sending %d bytes of poetry to %s",
+            len(poem),
+            Peer(transport.get_extra_info("peername")),
+        )
+        self.send_poem(transport, poem)
+
+
 class PoetryFactory:
-    """Makes a PoetryProtocol per connection, all sharing one service's poem."""
+    """Makes a protocol per connection, all sharing one service's poem."""
 
     def __init__(self, service: PoetryService) -> None:
         self.service = service
 
-    def __call__(self) -> PoetryProtocol:
-        return PoetryProtocol(self.service)
+    def __call__(self) -> asyncio.Protocol:
+        if len(self.service.poem) <= WHOLE_POEM_LIMIT:
+            return PoetryProtocol(self.service)
+        return LargePoetryProtocol(self.service)

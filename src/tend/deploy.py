@@ -1,0 +1,452 @@
+"""Deployment files: the services one daemon runs, listed in TOML (``tend -c FILE.toml``).
+
+::
+
+    [tend]                        # optional: runner options, named as on the command line
+    pidfile = "poetry.pid"        # relative paths are relative to this file's folder
+    logfile = "poetry.log"
+
+    [[service]]                   # any number of these: a plugin and its options
+    plugin = "poetry"
+    name = "ecstasy"              # optional; the default is PLUGIN-N (N counts from 1)
+    port = 10000
+    poem = "poems/ecstasy.txt"
+
+Everything is checked when the file is loaded, before tend opens a log or detaches, and
+every error names the file, the entry and the key. Building the tree afterwards only
+calls each plugin's ``make_service`` with options already converted, and attaches each
+service to the Application under its entry's name. This module reads files and imports
+plugins; it makes no other OS calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from tend.errors import StartupError, TendError
+from tend.plugins import Flag, Option, ServiceMaker, find_plugin
+from tend.service import Application
+
+log = logging.getLogger(__name__)
+
+# Runner options that name files or folders: relative ones are relative to the file's folder.
+PATH_SETTINGS = frozenset({"pidfile", "logfile", "rundir", "chroot"})
+
+# Runner options that make no sense inside the file that is being run.
+_NOT_SETTINGS = frozenset({"help", "version", "python", "config"})
+
+# Keys of a [[service]] table that are not the plugin's options (so a plugin option with
+# one of these names cannot be set from a deployment file).
+_ENTRY_KEYS = ("plugin", "name")
+
+
+class DeploymentError(StartupError):
+    """A deployment file that cannot be read, parsed or checked (exit 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    """One ``[[service]]`` table, checked: its plugin and its converted options."""
+
+    index: int
+    name: str
+    plugin: str
+    maker: ServiceMaker
+    options: Mapping[str, object]
+
+    @property
+    def label(self) -> str:
+        """How error messages name the entry: ``entry 2 ('poetry-2')``."""
+        return f"entry {self.index} ({self.name!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """A checked deployment file: the runner settings of ``[tend]`` and the services.
+
+    ``settings`` is keyed by the runner's argparse destinations (``log_max_bytes``), with
+    values converted as the command line would convert them and relative paths already
+    made absolute.
+    """
+
+    path: str
+    display: str
+    settings: Mapping[str, object]
+    services: tuple[ServiceEntry, ...]
+
+    @property
+    def name(self) -> str:
+        """The Application's name: the file's name without ``.toml``."""
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    def build(self) -> Application:
+        """Make each entry's service and attach it to a new Application under its name."""
+        application = Application(self.name)
+        for entry in self.services:
+            where = f"{self.display}: {entry.label}"
+            try:
+                service = entry.maker.make_service(entry.options)
+                service.name = entry.name
+                service.set_service_parent(application)
+            except TendError as error:
+                raise DeploymentError(f"{where}: {error}") from None
+            except Exception as error:
+                log.exception("%s: plugin %r failed to make its service", where, entry.plugin)
+                raise DeploymentError(
+                    f"{where}: plugin {entry.plugin!r} failed to make its service: "
+                    f"{type(error).__name__}: {error} (the traceback is in the log)"
+                ) from None
+        return application
+
+
+def load_deployment(
+    path: str, parser: Callable[[], argparse.ArgumentParser] | None = None
+) -> Deployment:
+    """Read, parse and check the deployment file at *path*.
+
+    *parser* makes the runner's argument parser, whose options ``[tend]`` may set; by
+    default the ``tend`` command's own.
+
+    Raises:
+        DeploymentError: the message names the file, the entry and the key at fault.
+    """
+    absolute = os.path.abspath(path)
+    display = _display(absolute)
+    folder = os.path.dirname(absolute)
+    document = _parse(absolute, display)
+    unknown = [key for key in document if key not in ("tend", "service")]
+    if unknown:
+        key = unknown[0]
+        value = document[key]
+        is_table = isinstance(value, dict) or (
+            isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+        )
+        kind = "table" if is_table else "key"
+        raise DeploymentError(
+            f"{display}: unknown {kind} {key!r}"
+            + _suggest(
+                key,
+                ["tend", "service"],
+                "; runner options go under [tend], services under [[service]]",
+            )
+        )
+    tend_table = document.get("tend", {})
+    if not isinstance(tend_table, dict):
+        raise DeploymentError(
+            f"{display}: 'tend' must be a table: write [tend] above the runner options"
+        )
+    if parser is None:
+        from tend.cli import runner_parser
+
+        parser = runner_parser
+    settings = _settings(tend_table, parser(), folder, f"{display}: [tend]")
+    services = _entries(document.get("service"), folder, display)
+    return Deployment(absolute, display, settings, services)
+
+
+def _display(path: str) -> str:
+    """The file's name as a message shows it: relative to here if it is below here."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
+def _parse(path: str, display: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise DeploymentError(
+            f"cannot read deployment file {display!r}: {error.strerror}"
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DeploymentError(f"{display}: line {line}: not UTF-8 text") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise DeploymentError(_syntax_error(display, str(error))) from None
+
+
+def _syntax_error(display: str, message: str) -> str:
+    """Turn tomllib's "Reason (at line 7, column 5)" into "FILE: line 7: TOML syntax error: ..."."""
+    match = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
+    if match is None:
+        reason = message.removesuffix(" (at end of document)")
+        where = ": end of file" if reason != message else ""
+        return f"{display}{where}: TOML syntax error: {_lower(reason)}"
+    reason, line, column = match.groups()
+    return f"{display}: line {line}: TOML syntax error: {_lower(reason)} (column {column})"
+
+
+def _lower(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _suggest(word: str, choices: Iterable[str], otherwise: str = "") -> str:
+    matches = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {matches[0]!r}?" if matches else otherwise
+
+
+def _describe(value: object) -> str:
+    """Name a TOML value's type as the user wrote it."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"  # dates and times
+
+
+def _text(value: object) -> str | None:
+    """A string or number as the text a command line would carry, or None for other types."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return None
+
+
+def _converted(convert: Callable[[str], object], text: str) -> object:
+    """Run a command-line converter; its complaint becomes the error's reason."""
+    try:
+        return convert(text)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        raise _Invalid(str(error) or f"invalid value {text!r}") from None
+
+
+class _Invalid(Exception):
+    """A value that its option rejects; the caller adds the file, entry and key."""
+
+
+# -- [tend] ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    """A runner option as the command line defines it."""
+
+    long: str
+    dest: str
+    is_flag: bool
+    convert: Callable[[str], object] | None
+    choices: tuple[str, ...] | None
+
+
+def _runner_settings(parser: argparse.ArgumentParser) -> dict[str, _Setting]:
+    """The runner options a [tend] table may set, keyed by their long names."""
+    found: dict[str, _Setting] = {}
+    for action in parser._actions:
+        longs = [name[2:] for name in action.option_strings if name.startswith("--")]
+        if not longs or action.dest in _NOT_SETTINGS:
+            continue
+        convert = action.type if callable(action.type) else None
+        choices = tuple(str(choice) for choice in action.choices) if action.choices else None
+        is_flag = action.nargs == 0 and action.const is True
+        found[longs[0]] = _Setting(longs[0], action.dest, is_flag, convert, choices)
+    return found
+
+
+def _settings(
+    table: Mapping[str, object],
+    parser: argparse.ArgumentParser,
+    folder: str,
+    where: str,
+) -> dict[str, object]:
+    known = _runner_settings(parser)
+    settings: dict[str, object] = {}
+    for key, value in _normalized(table, known, where, "option"):
+        setting = known[key]
+        try:
+            converted = _setting_value(setting, value)
+        except _Invalid as error:
+            raise DeploymentError(f"{where}: option {key!r}: {error}") from None
+        if setting.dest in PATH_SETTINGS and isinstance(converted, str):
+            converted = _resolve(folder, converted, keep=("", "-"))
+        settings[setting.dest] = converted
+    return settings
+
+
+def _setting_value(setting: _Setting, value: object) -> object:
+    if setting.is_flag:
+        if not isinstance(value, bool):
+            raise _Invalid(f"expected true or false, not {_describe(value)}")
+        return value
+    if setting.dest == "umask" and not isinstance(value, str):
+        # A TOML number loses its base: 0o077 and 63 arrive alike, and 77 would pass silently.
+        raise _Invalid('write the umask as a string of octal digits, as umask = "022"')
+    text = _text(value)
+    if text is None:
+        raise _Invalid(f"expected a string or a number, not {_describe(value)}")
+    if setting.choices is not None and text not in setting.choices:
+        raise _Invalid(f"expected one of {', '.join(setting.choices)}, not {text!r}")
+    if setting.convert is None:
+        return text
+    return _converted(setting.convert, text)
+
+
+def _resolve(folder: str, path: str, keep: tuple[str, ...] = ("",)) -> str:
+    """Make *path* absolute, taking a relative one as relative to *folder*."""
+    if path in keep:
+        return path
+    return os.path.normpath(os.path.join(folder, os.path.expanduser(path)))
+
+
+def _normalized(
+    table: Mapping[str, object], known: Mapping[str, object], where: str, what: str
+) -> list[tuple[str, object]]:
+    """The table's items with keys spelled as the long names (``log_max_bytes`` too)."""
+    items: list[tuple[str, object]] = []
+    seen: dict[str, str] = {}
+    for key, value in table.items():
+        long = key.replace("_", "-")
+        if long not in known and key in known:
+            long = key
+        if long not in known:
+            choices = [name for name in known if name not in _ENTRY_KEYS]
+            raise DeploymentError(f"{where}: unknown {what} {key!r}" + _suggest(long, choices))
+        if long in seen:
+            raise DeploymentError(
+                f"{where}: {what} {long!r} is given twice, as {seen[long]!r} and as {key!r}"
+            )
+        seen[long] = key
+        items.append((long, value))
+    return items
+
+
+# -- [[service]] ----------------------------------------------------------------------------
+
+
+def _entries(tables: object, folder: str, display: str) -> tuple[ServiceEntry, ...]:
+    if tables is None:
+        raise DeploymentError(
+            f'{display}: lists no services; add a [[service]] table with plugin = "NAME"'
+        )
+    if isinstance(tables, dict):
+        raise DeploymentError(
+            f"{display}: 'service' must be an array of tables: write [[service]], not [service]"
+        )
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
+        raise DeploymentError(
+            f"{display}: 'service' must be an array of tables, each one written [[service]]"
+        )
+    if not tables:
+        raise DeploymentError(
+            f'{display}: lists no services; add a [[service]] table with plugin = "NAME"'
+        )
+    makers: dict[str, ServiceMaker] = {}
+    entries: list[ServiceEntry] = []
+    names: dict[str, int] = {}
+    for index, table in enumerate(tables, start=1):
+        entry = _entry(index, table, folder, display, makers)
+        if entry.name in names:
+            raise DeploymentError(
+                f"{display}: {entry.label}: the name {entry.name!r} is already used by "
+                f"entry {names[entry.name]}; give each service its own name"
+            )
+        names[entry.name] = index
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _entry(
+    index: int,
+    table: Mapping[str, object],
+    folder: str,
+    display: str,
+    makers: dict[str, ServiceMaker],
+) -> ServiceEntry:
+    plugin = table.get("plugin")
+    name = table.get("name")
+    if name is None and isinstance(plugin, str) and plugin:
+        name = f"{plugin}-{index}"
+    label = f"entry {index} ({name!r})" if isinstance(name, str) else f"entry {index}"
+    where = f"{display}: {label}"
+    if "name" in table and not (isinstance(name, str) and name):
+        raise DeploymentError(f"{where}: 'name' must be a non-empty string, not {_describe(name)}")
+    if plugin is None:
+        raise DeploymentError(f'{where}: no plugin given; name one, as plugin = "poetry"')
+    if not isinstance(plugin, str) or not plugin:
+        raise DeploymentError(f"{where}: 'plugin' must be a plugin's name, not {_describe(plugin)}")
+    assert isinstance(name, str)
+    maker = makers.get(plugin)
+    if maker is None:
+        try:
+            maker = makers[plugin] = find_plugin(plugin)
+        except TendError as error:
+            raise DeploymentError(f"{where}: {error}") from None
+    options = _plugin_options(maker, table, folder, where)
+    return ServiceEntry(index, name, plugin, maker, options)
+
+
+def _plugin_options(
+    maker: ServiceMaker, table: Mapping[str, object], folder: str, where: str
+) -> dict[str, object]:
+    """The mapping ``make_service`` receives, as the command line would have built it."""
+    known: dict[str, Option | Flag] = {option.long: option for option in maker.options}
+    given = {key: value for key, value in table.items() if key not in _ENTRY_KEYS}
+    values = dict(_normalized(given, known, where, "option"))
+    options: dict[str, object] = {}
+    for long, option in known.items():
+        if long in values:
+            try:
+                options[option.key] = _option_value(option, values[long], folder)
+            except _Invalid as error:
+                raise DeploymentError(f"{where}: option {long!r}: {error}") from None
+        elif isinstance(option, Flag):
+            options[option.key] = False
+        elif option.required:
+            raise DeploymentError(
+                f"{where}: missing option {long!r}, which plugin {maker.name!r} requires"
+            )
+        elif isinstance(option.default, str):
+            # As on the command line, a default written as text goes through the converter.
+            try:
+                options[option.key] = option.type(option.default)
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+                raise DeploymentError(
+                    f"{where}: option {long!r}: the plugin's default is invalid: {error}"
+                ) from None
+        else:
+            options[option.key] = option.default
+    return options
+
+
+def _option_value(option: Option | Flag, value: object, folder: str) -> object:
+    if isinstance(option, Flag):
+        if not isinstance(value, bool):
+            raise _Invalid(f"expected true or false, not {_describe(value)}")
+        return value
+    text = _text(value)
+    if text is None:
+        raise _Invalid(f"expected a string or a number, not {_describe(value)}")
+    if is_path_option(option) and isinstance(value, str):
+        text = _resolve(folder, text)
+    return _converted(option.type, text)
+
+
+def is_path_option(option: Option) -> bool:
+    """True if *option* names a file or folder (``path = True`` on the option).
+
+    A relative path given in a deployment file is then relative to the file's folder,
+    as every relative path in the file is.
+    """
+    return option.path

@@ -1,0 +1,268 @@
+"""The poetry client: ``get_poetry()`` for any asyncio program, and the ``get-poetry`` command.
+
+In the poetry protocol the server sends one poem and closes the connection cleanly; that
+end-of-file is the only sign that the poem is whole. So a connection reset, a timeout or
+a refusal is an error here, never a short poem, and so is a server that sends nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_TIMEOUT = 10.0
+
+_READ_SIZE = 64 * 1024
+
+
+class PoetryError(Exception):
+    """A fetch that did not end with a whole poem: refused, reset, timed out, or empty.
+
+    ``address`` is ``HOST:PORT``, ``reason`` the lower-case reason, and ``received`` how
+    many bytes had arrived before the fetch failed (they are not a poem).
+    """
+
+    def __init__(self, address: str, reason: str, received: int = 0) -> None:
+        super().__init__(f"cannot get poetry from {address}: {reason}")
+        self.address = address
+        self.reason = reason
+        self.received = received
+
+
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# `timeout=` is the documented way to bound a fetch (one number, as the command line has);
+# inside, asyncio.timeout() enforces it, which is what ASYNC109 asks for.
+async def get_poetry(
+    host: str,
+    port: int,
+    *,
+    timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109
+) -> bytes:
+    """Fetch the poem served on *host*:*port*; *timeout* bounds the whole fetch, in seconds.
+
+    Raises:
+        PoetryError: the connection was refused, reset or timed out, or no poetry came.
+    """
+    address = format_address(host, port)
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                while chunk := await reader.read(_READ_SIZE):
+                    chunks.append(chunk)
+                    received += len(chunk)
+            finally:
+                writer.close()
+                # The error that ended the read (a reset) surfaces here again; it is handled.
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError as error:
+        if error.errno is not None:  # the system gave up connecting, not our deadline
+            raise PoetryError(address, _describe(error, received), received) from error
+        raise PoetryError(
+            address, f"timed out after {timeout:g} s ({_bytes(received)} received)", received
+        ) from None
+    except OSError as error:
+        raise PoetryError(address, _describe(error, received), received) from error
+    if not received:
+        raise PoetryError(address, "the server closed the connection without sending poetry")
+    return b"".join(chunks)
+
+
+def _bytes(count: int) -> str:
+    return "1 byte" if count == 1 else f"{count} bytes"
+
+
+def _describe(error: OSError, received: int) -> str:
+    """The reason an OS error ended a fetch, as the rest of a one-line message reads."""
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host: {error.strerror}"
+    if isinstance(error, ConnectionResetError | BrokenPipeError):
+        if received:
+            return f"connection reset after {_bytes(received)}: the poem was cut short"
+        return "connection reset before any poetry arrived"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if error.errno is not None:
+        text = os.strerror(error.errno)
+        return text[0].lower() + text[1:]
+    # asyncio raises a bare OSError listing every address it tried; the first says enough.
+    text = str(error)
+    if text.startswith("Multiple exceptions: "):
+        text = text.removeprefix("Multiple exceptions: ").split(", [Errno", 1)[0]
+    return text
+
+
+# -- the get-poetry command ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A server named on the command line, with its host as typed."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return format_address(self.host, self.port)
+
+
+def parse_address(text: str) -> Server:
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on localhost)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        host = "localhost"
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {text!r}: write an IPv6 host in brackets, as [::1]:10000"
+        )
+    if not host or not (port_text.isascii() and port_text.isdigit()):
+        raise argparse.ArgumentTypeError(
+            f"invalid address {text!r}: expected HOST:PORT or a port number"
+        )
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {text!r}: the port must be a number from 1 to 65535"
+        )
+    return Server(host, port)
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds greater than zero, for ``--timeout``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds, > 0")
+    return value
+
+
+def command_parser() -> argparse.ArgumentParser:
+    """The parser for ``get-poetry``."""
+    parser = argparse.ArgumentParser(
+        prog="get-poetry",
+        description="Fetch poems from poetry servers, all at once. Poems go to standard "
+        "output (or to DIR/HOST_PORT.txt), one summary line per server to standard error.",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help="give up on a server after S seconds (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="write each poem to DIR/HOST_PORT.txt instead of standard output",
+    )
+    parser.add_argument(
+        "servers",
+        nargs="+",
+        type=parse_address,
+        metavar="HOST:PORT",
+        help="a poetry server; a bare PORT means localhost",
+    )
+    return parser
+
+
+@dataclass(slots=True)
+class _Outcome:
+    poem: bytes | None = None
+    failed: bool = False
+
+
+async def fetch_all(
+    servers: Sequence[Server], time_limit: float, output_dir: str | None
+) -> list[_Outcome]:
+    """Fetch from every server at once, reporting each as it finishes; return the outcomes."""
+    outcomes = [_Outcome() for _ in servers]
+    async with asyncio.TaskGroup() as group:
+        for number, server in enumerate(servers, start=1):
+            group.create_task(_fetch_one(number, server, time_limit, output_dir, outcomes))
+    return outcomes
+
+
+async def _fetch_one(
+    number: int,
+    server: Server,
+    time_limit: float,
+    output_dir: str | None,
+    outcomes: list[_Outcome],
+) -> None:
+    outcome = outcomes[number - 1]
+    started = time.monotonic()
+    try:
+        poem = await get_poetry(server.host, server.port, timeout=time_limit)
+    except PoetryError as error:
+        outcome.failed = True
+        _report(f"Task {number}: failed to get poetry from {server}: {error.reason}")
+        return
+    elapsed = time.monotonic() - started
+    if output_dir is not None:
+        path = os.path.join(output_dir, f"{server.host}_{server.port}.txt")
+        try:
+            await asyncio.to_thread(_write_file, path, poem)
+        except OSError as error:
+            outcome.failed = True
+            _report(f"Task {number}: cannot write {path}: {error.strerror}")
+            return
+    else:
+        outcome.poem = poem
+    _report(f"Task {number}: {len(poem)} bytes of poetry from {server} in {elapsed:.2f} s")
+
+
+def _write_file(path: str, poem: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(poem)
+
+
+def _report(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``get-poetry``; return 0 if every fetch succeeded, 1 if any failed."""
+    arguments = command_parser().parse_args(argv)
+    output_dir: str | None = arguments.output_dir
+    if output_dir is not None:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+        except OSError as error:
+            _report(f"get-poetry: cannot create output directory {output_dir!r}: {error.strerror}")
+            return 1
+    try:
+        outcomes = asyncio.run(fetch_all(arguments.servers, arguments.timeout, output_dir))
+    except KeyboardInterrupt:
+        return 130
+    try:
+        for outcome in outcomes:
+            if outcome.poem is not None:
+                sys.stdout.buffer.write(outcome.poem)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader left (as `| head` does); say nothing more, and keep Python's exit quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 1 if any(outcome.failed for outcome in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

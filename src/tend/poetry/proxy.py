@@ -1,0 +1,186 @@
+"""The poetry proxy: fetch the poem from an upstream server once, serve it to every client.
+
+The tutorial's poetry proxy (its exercises 2 and 4 ask for it as an app file and a
+plugin). The first client starts one upstream fetch; clients that arrive while it is in
+flight wait for that same fetch, so the upstream sees one connection however many clients
+come; later clients get the cached poem at once.
+
+Only a whole poem is cached. In the poetry protocol a clean end-of-file is the only sign
+that a poem is whole, so an upstream that refuses, resets, times out or sends nothing
+leaves nothing in the cache: the failure is logged with its reason, every client waiting
+for that fetch is reset (never sent part of a poem, never closed cleanly), and the next
+client tries the upstream again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import cast
+
+from tend import Service, reset
+from tend.poetry.client import DEFAULT_TIMEOUT, PoetryError, format_address, get_poetry
+from tend.poetry.server import WHOLE_POEM_LIMIT, Peer, PoemSender
+
+log = logging.getLogger(__name__)
+
+
+class ProxyService(Service):
+    """Holds the poem fetched from *host*:*port*, fetching it when a client first asks.
+
+    *timeout* bounds each upstream fetch, in seconds. *cache_ttl* is how long a fetched
+    poem is served before the next client fetches it again: ``None`` keeps it for as long
+    as the proxy runs (the tutorial's proxy), ``0`` never caches, though clients that
+    arrive during a fetch still share it.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        cache_ttl: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.host = host
+        self.port = port
+        self.address = format_address(host, port)
+        self.timeout = timeout
+        self.cache_ttl = cache_ttl
+        self.poem: bytes | None = None
+        self._cached_at = 0.0
+        self._fetch: asyncio.Task[bytes] | None = None
+
+    async def start_service(self) -> None:
+        log.info("proxying poetry from %s", self.address)
+        await super().start_service()
+
+    async def stop_service(self) -> None:
+        """Stop; a fetch still in flight is cancelled, and its waiting clients reset."""
+        await super().stop_service()
+        fetch = self._fetch
+        if fetch is not None and not fetch.done():
+            fetch.cancel()
+            await asyncio.wait([fetch])
+
+    def cached_poem(self) -> bytes | None:
+        """The cached poem, or None if there is none or it has expired."""
+        poem = self.poem
+        if poem is not None and self.cache_ttl is not None:
+            age = asyncio.get_running_loop().time() - self._cached_at
+            if age >= self.cache_ttl:
+                self.poem = poem = None
+        return poem
+
+    def get_poem(self, peer: object) -> asyncio.Future[bytes]:
+        """The upstream fetch in flight for *peer* to wait on, started if there is none.
+
+        The future fails with PoetryError if the fetch does, and is cancelled if the proxy
+        stops first.
+        """
+        fetch = self._fetch
+        if fetch is not None and not fetch.done():
+            log.info("%s waits for the poem already on its way from %s", peer, self.address)
+            return fetch
+        log.info("proxying poem from %s for %s", self.address, peer)
+        fetch = asyncio.get_running_loop().create_task(self._fetch_poem())
+        # Added first, so it runs before any waiting client's callback.
+        fetch.add_done_callback(self._fetched)
+        self._fetch = fetch
+        return fetch
+
+    async def _fetch_poem(self) -> bytes:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        poem = await get_poetry(self.host, self.port, timeout=self.timeout)
+        log.info(
+            "fetched %d bytes of poetry from %s in %.2f s",
+            len(poem),
+            self.address,
+            loop.time() - started,
+        )
+        if self.cache_ttl != 0:
+            self.poem = poem
+            self._cached_at = loop.time()
+        return poem
+
+    def _fetched(self, fetch: asyncio.Task[bytes]) -> None:
+        if fetch is self._fetch:
+            self._fetch = None
+        if fetch.cancelled():
+            log.info("stopped fetching the poem from %s: the proxy is stopping", self.address)
+            return
+        error = fetch.exception()  # also marks it retrieved when no client waits any more
+        if isinstance(error, PoetryError):
+            log.warning(
+                "cannot fetch poem from %s: %s; the next client will try again",
+                self.address,
+                error.reason,
+            )
+        elif error is not None:
+            log.error("error while fetching poem from %s", self.address, exc_info=error)
+
+
+class PoetryProxyProtocol(PoemSender):
+    """Serves the cached poem, or waits for the upstream fetch and serves that."""
+
+    __slots__ = ("_client", "_waiting", "service")
+
+    def __init__(self, service: ProxyService) -> None:
+        super().__init__(WHOLE_POEM_LIMIT)
+        self.service = service
+        self._client: asyncio.WriteTransport | None = None
+        self._waiting: asyncio.Future[bytes] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement WriteTransport without subclassing it.
+        transport = cast(asyncio.WriteTransport, transport)
+        poem = self.service.cached_poem()
+        peer = Peer(transport.get_extra_info("peername"))
+        if poem is not None:
+            log.info("serving cached poem to %s", peer)
+            self.send_poem(transport, poem)
+            return
+        self._client = transport
+        self._waiting = self.service.get_poem(peer)
+        self._waiting.add_done_callback(self._poem_arrived)
+
+    def _poem_arrived(self, fetch: asyncio.Future[bytes]) -> None:
+        self._waiting = None
+        transport = self._client
+        self._client = None
+        if transport is None or transport.is_closing():
+            return
+        peer = Peer(transport.get_extra_info("peername"))
+        if fetch.cancelled() or fetch.exception() is not None:
+            # Reset, not close: a clean end-of-file would tell the client "that was all".
+            log.info("resetting the connection to %s: there is no poem to send", peer)
+            reset(transport)
+            return
+        poem = fetch.result()
+        log.info("sending %d bytes of poetry to %s", len(poem), peer)
+        self.send_poem(transport, poem)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._waiting is not None:
+            # Leaving costs nothing more: the fetch goes on for the others and the cache.
+            self._waiting.remove_done_callback(self._poem_arrived)
+            self._waiting = None
+            if self._client is not None:
+                log.info(
+                    "%s left before the poem arrived",
+                    Peer(self._client.get_extra_info("peername")),
+                )
+        self._client = None
+        super().connection_lost(exc)
+
+
+class PoetryProxyFactory:
+    """Makes a PoetryProxyProtocol per connection, all sharing one ProxyService."""
+
+    def __init__(self, service: ProxyService) -> None:
+        self.service = service
+
+    def __call__(self) -> PoetryProxyProtocol:
+        return PoetryProxyProtocol(self.service)

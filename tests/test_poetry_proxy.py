@@ -1,0 +1,448 @@
+"""The poetry proxy, run for real: one upstream fetch shared, a cache, and failures.
+
+The upstream is usually a poetry server in the test's own event loop, so that a test can
+hold the poem back, cut it, or count the connections the proxy makes. The poetry protocol
+ends a poem with a clean end-of-file, so a reset is the only way the proxy can tell its
+clients "there is no poem": these tests check for a reset, and for no bytes before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+from conftest import POEM, TEND, Tend, fetch, wait_until
+
+import tend
+
+REPO = Path(__file__).resolve().parent.parent
+PROXY_APP = REPO / "examples" / "poetry_proxy.py"
+FOREGROUND = ["--nodaemon", "--pidfile", ""]
+LOCAL = ["--port", "0", "--iface", "127.0.0.1"]
+
+Behaviour = Callable[["Upstream", int, asyncio.StreamWriter], Awaitable[None]]
+
+
+def shim_proxy_plugin(folder: Path) -> None:
+    """Make `poetry-proxy` findable from *folder* until pyproject.toml names its entry point."""
+    if not entry_points(group="tend.plugins", name="poetry-proxy"):
+        plugins = folder / "tend_plugins"
+        plugins.mkdir(exist_ok=True)
+        (plugins / "poetry_proxy.py").write_text(
+            "from tend.poetry.plugin import proxy_service_maker as proxy_service_maker\n"
+        )
+
+
+class Upstream:
+    """A poetry server in the test's event loop that counts connections and does as told."""
+
+    def __init__(self, behaviour: Behaviour) -> None:
+        self.behaviour = behaviour
+        self.connections = 0
+        self.release = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.connections += 1
+        self._writers.append(writer)
+        try:
+            await self.behaviour(self, self.connections, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.release.set()
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._handlers:
+            await asyncio.wait(self._handlers)
+        await self._server.wait_closed()
+
+
+async def send_poem(upstream: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+    writer.write(POEM.read_bytes())
+    await writer.drain()
+
+
+async def hold_then_send(upstream: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+    await upstream.release.wait()
+    await send_poem(upstream, number, writer)
+
+
+async def cut_first(upstream: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+    """The first fetch gets half the poem and a reset, once released; later ones all of it."""
+    if number > 1:
+        await send_poem(upstream, number, writer)
+        return
+    await upstream.release.wait()
+    writer.write(POEM.read_bytes()[:1000])
+    await writer.drain()
+    tend.reset(writer.transport)
+
+
+async def send_nothing(upstream: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+    pass  # close at once, cleanly, without a poem
+
+
+async def never_send(upstream: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+    await upstream.release.wait()  # until the test ends
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[[Behaviour], Awaitable[Upstream]]]:
+    """Start in-loop upstream servers; close them, and their connections, at the end."""
+    started: list[Upstream] = []
+
+    async def start(behaviour: Behaviour) -> Upstream:
+        server = Upstream(behaviour)
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.close()
+
+
+async def eventually(predicate: Callable[[], object], within: float = 10.0) -> object:
+    """Poll *predicate* without blocking the loop; fail after *within* seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not (value := predicate()):
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {predicate}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+async def port_of(process: Tend) -> int:
+    def look() -> re.Match[str] | None:
+        if process.process.poll() is not None:
+            raise AssertionError(f"tend exited:\n{process.stdout}\n{process.stderr}")
+        return re.search(r"starting on (\d+)", process.stdout)
+
+    match = await eventually(look)
+    assert isinstance(match, re.Match)
+    return int(match.group(1))
+
+
+def count(process: Tend, text: str) -> int:
+    return process.stdout.count(text)
+
+
+async def attempt(port: int) -> tuple[bytes, str]:
+    """Fetch through the proxy: what arrived, and how it ended ("eof" or "reset")."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionResetError:
+        return b"", "reset"  # the reset came before this side saw the connection complete
+    data = b""
+    try:
+        while chunk := await reader.read(65536):
+            data += chunk
+        ending = "eof"
+    except ConnectionResetError:
+        ending = "reset"
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return data, ending
+
+
+def start_proxy(
+    run_tend: Callable[..., Tend],
+    tmp_path: Path,
+    upstream_port: int,
+    *extra: str,
+    loop: str = "asyncio",
+) -> Tend:
+    shim_proxy_plugin(tmp_path)
+    return run_tend(
+        *FOREGROUND,
+        "--loop",
+        loop,
+        "poetry-proxy",
+        *LOCAL,
+        "--server",
+        f"127.0.0.1:{upstream_port}",
+        *extra,
+    )
+
+
+WHOLE = (POEM.read_bytes(), "eof")
+NOTHING = (b"", "reset")
+
+
+# -- one fetch, shared, then cached -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_fifty_clients_at_once_share_one_upstream_fetch(
+    run_tend: Callable[..., Tend],
+    tmp_path: Path,
+    upstream: Callable[..., Awaitable[Upstream]],
+    loop: str,
+) -> None:
+    """Fifty clients arrive while the fetch is in flight: the upstream sees one connection."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    up = await upstream(hold_then_send)
+    proxy = start_proxy(run_tend, tmp_path, up.port, loop=loop)
+    port = await port_of(proxy)
+    clients = [asyncio.ensure_future(attempt(port)) for _ in range(50)]
+    await eventually(
+        lambda: (
+            count(proxy, "proxying poem from") == 1
+            and count(proxy, "waits for the poem already on its way") == 49
+        )
+    )
+    assert up.connections == 1
+    up.release.set()
+    assert await asyncio.gather(*clients) == [WHOLE] * 50
+    assert up.connections == 1
+    await eventually(
+        lambda: count(proxy, f"fetched 2807 bytes of poetry from 127.0.0.1:{up.port}") == 1
+    )
+    # Later clients get the cached poem at once.
+    assert await attempt(port) == WHOLE
+    await eventually(lambda: "serving cached poem to 127.0.0.1:" in proxy.stdout)
+    assert up.connections == 1
+    assert proxy.stop() == 0
+
+
+def test_the_cache_outlives_the_upstream(run_tend: Callable[..., Tend], tmp_path: Path) -> None:
+    """Once fetched, the poem is served even after the upstream server has stopped."""
+    server = run_tend(*FOREGROUND, "poetry", *LOCAL)
+    proxy = start_proxy(run_tend, tmp_path, server.wait_for_port())
+    port = proxy.wait_for_port()
+    assert fetch(port) == POEM.read_bytes()
+    assert server.stop() == 0
+    assert fetch(port) == POEM.read_bytes()
+    assert fetch(port) == POEM.read_bytes()
+    wait_until(lambda: count(proxy, "serving cached poem to") == 2)
+    assert count(proxy, "proxying poem from") == 1
+    assert proxy.stop() == 0
+
+
+async def test_a_client_that_leaves_while_waiting_costs_nothing(
+    run_tend: Callable[..., Tend], tmp_path: Path, upstream: Callable[..., Awaitable[Upstream]]
+) -> None:
+    """A waiting client that hangs up is logged; the fetch goes on for the next client."""
+    up = await upstream(hold_then_send)
+    proxy = start_proxy(run_tend, tmp_path, up.port)
+    port = await port_of(proxy)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    await eventually(lambda: "proxying poem from" in proxy.stdout)
+    writer.close()
+    await writer.wait_closed()
+    await eventually(lambda: "left before the poem arrived" in proxy.stdout)
+    second = asyncio.ensure_future(attempt(port))
+    await eventually(lambda: "waits for the poem already on its way" in proxy.stdout)
+    up.release.set()
+    assert await second == WHOLE
+    assert up.connections == 1
+    assert proxy.stop() == 0
+    assert "Traceback" not in proxy.stdout
+
+
+# -- failures: nothing partial is sent, nothing is cached, the next client retries ------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_poem_cut_by_a_reset_is_not_cached_or_sent(
+    run_tend: Callable[..., Tend],
+    tmp_path: Path,
+    upstream: Callable[..., Awaitable[Upstream]],
+    loop: str,
+) -> None:
+    """The upstream resets mid-poem: every waiting client is reset with no bytes at all."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    up = await upstream(cut_first)
+    proxy = start_proxy(run_tend, tmp_path, up.port, loop=loop)
+    port = await port_of(proxy)
+    clients = [asyncio.ensure_future(attempt(port)) for _ in range(5)]
+    await eventually(lambda: count(proxy, "waits for the poem already on its way") == 4)
+    up.release.set()
+    assert await asyncio.gather(*clients) == [NOTHING] * 5
+    await eventually(
+        lambda: re.search(
+            rf"cannot fetch poem from 127\.0\.0\.1:{up.port}: connection reset", proxy.stdout
+        )
+    )
+    await eventually(lambda: count(proxy, "resetting the connection to 127.0.0.1:") == 5)
+    # The next client tries the upstream again, and gets the whole poem this time.
+    assert await attempt(port) == WHOLE
+    assert up.connections == 2
+    assert proxy.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "extra", "reason"),
+    [
+        (send_nothing, [], "the server closed the connection without sending poetry"),
+        (never_send, ["--timeout", "0.2"], "timed out after 0.2 s (0 bytes received)"),
+    ],
+    ids=["sends-nothing", "times-out"],
+)
+async def test_an_upstream_failure_resets_the_client_and_the_next_one_retries(
+    run_tend: Callable[..., Tend],
+    tmp_path: Path,
+    upstream: Callable[..., Awaitable[Upstream]],
+    behaviour: Behaviour,
+    extra: list[str],
+    reason: str,
+) -> None:
+    """An upstream that sends nothing or times out: logged with the reason, client reset."""
+    up = await upstream(behaviour)
+    proxy = start_proxy(run_tend, tmp_path, up.port, *extra)
+    port = await port_of(proxy)
+    assert await attempt(port) == NOTHING
+    await eventually(
+        lambda: f"cannot fetch poem from 127.0.0.1:{up.port}: {reason}" in proxy.stdout
+    )
+    assert await attempt(port) == NOTHING
+    assert up.connections == 2
+    assert proxy.stop() == 0
+
+
+async def test_a_refusing_upstream_resets_the_client(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """Nothing listens upstream: the refusal is logged, each client reset, each retried."""
+    with socket.socket() as bound:  # bound but not listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        proxy = start_proxy(run_tend, tmp_path, bound.getsockname()[1])
+        port = await port_of(proxy)
+        assert await attempt(port) == NOTHING
+        assert await attempt(port) == NOTHING
+        await eventually(lambda: count(proxy, "connection refused") == 2)
+        assert count(proxy, "proxying poem from") == 2
+        assert proxy.stop() == 0
+
+
+# -- --cache-ttl ------------------------------------------------------------------------------
+
+
+async def test_cache_ttl_zero_fetches_for_every_client(
+    run_tend: Callable[..., Tend], tmp_path: Path, upstream: Callable[..., Awaitable[Upstream]]
+) -> None:
+    """--cache-ttl 0 disables the cache: each client (not sharing a fetch) fetches anew."""
+    up = await upstream(send_poem)
+    proxy = start_proxy(run_tend, tmp_path, up.port, "--cache-ttl", "0")
+    port = await port_of(proxy)
+    for expected in (1, 2, 3):
+        assert await attempt(port) == WHOLE
+        assert up.connections == expected
+    assert "serving cached poem" not in proxy.stdout
+    assert proxy.stop() == 0
+
+
+async def test_cache_ttl_keeps_the_poem_then_lets_it_expire(
+    run_tend: Callable[..., Tend], tmp_path: Path, upstream: Callable[..., Awaitable[Upstream]]
+) -> None:
+    """A poem older than --cache-ttl is fetched again; a long ttl keeps serving the cache."""
+    up = await upstream(send_poem)
+    short = start_proxy(run_tend, tmp_path, up.port, "--cache-ttl", "0.1")
+    port = await port_of(short)
+    assert await attempt(port) == WHOLE
+    assert up.connections == 1
+
+    async def refetched() -> bool:
+        assert await attempt(port) == WHOLE
+        return up.connections == 2
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not await refetched():
+        assert loop.time() < deadline, "the cached poem never expired"
+        await asyncio.sleep(0.02)
+    assert short.stop() == 0
+
+    long = start_proxy(run_tend, tmp_path, up.port, "--cache-ttl", "3600")
+    port = await port_of(long)
+    assert await attempt(port) == WHOLE
+    assert await attempt(port) == WHOLE
+    assert up.connections == 3
+    await eventually(lambda: "serving cached poem to" in long.stdout)
+    assert long.stop() == 0
+
+
+# -- the plugin and the app file --------------------------------------------------------------
+
+
+def test_proxy_plugin_is_listed_and_needs_a_server(tmp_path: Path) -> None:
+    """`tend` lists poetry-proxy; without --server it is a usage error (exit 2)."""
+    shim_proxy_plugin(tmp_path)
+    listing = subprocess.run(
+        TEND, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert re.search(r"^  poetry-proxy +A poetry proxy", listing.stdout, re.MULTILINE)
+    missing = subprocess.run(
+        [*TEND, "poetry-proxy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 2
+    assert "the following arguments are required: --server" in missing.stderr
+    bad = subprocess.run(
+        [*TEND, "poetry-proxy", "--server", "localhost:poems"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "argument --server: invalid address 'localhost:poems'" in bad.stderr
+
+
+def test_proxy_app_file_serves_the_upstream_poem(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """examples/poetry_proxy.py run for real, pointed at a real poetry server."""
+    server = run_tend(*FOREGROUND, "poetry", *LOCAL)
+    upstream_port = server.wait_for_port()
+    text = PROXY_APP.read_text()
+    for old, new in (
+        ("port = 10001", "port = 0"),
+        ('iface = "localhost"', 'iface = "127.0.0.1"'),
+        ('server_host = "localhost"', 'server_host = "127.0.0.1"'),
+        ("server_port = 10000", f"server_port = {upstream_port}"),
+    ):
+        assert old in text
+        text = text.replace(old, new)
+    app = tmp_path / "poetry_proxy.py"
+    app.write_text(text)
+    proxy = run_tend(*FOREGROUND, "-y", str(app))
+    port = proxy.wait_for_port()
+    assert fetch(port) == POEM.read_bytes()
+    assert fetch(port) == POEM.read_bytes()
+    wait_until(lambda: count(server, "sending 2807 bytes of poetry to") == 1)
+    assert proxy.stop() == 0
+    assert server.stop() == 0

@@ -17,12 +17,16 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tend import __version__, daemon
 from tend.errors import StartupError, TendError
 from tend.logs import LogConfig, LogError, LogSink, open_log
 from tend.net import StreamServer
 from tend.service import Application, Service, walk
+
+if TYPE_CHECKING:
+    from tend.systemd import Notifier
 from tend.supervisor import Supervisor, WorkerFailedError
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,9 @@ class Runner:
         self.pidfile: daemon.Pidfile | None = None
         self._ready_pipe: int | None = None  # the daemon's end: tells the launcher
         self._launcher_pipe: int | None = None  # the launcher's end
+        self._control: int | None = None  # in a worker: READY/ERROR/WATCHDOG to the supervisor
+        self.notifier: Notifier | None = None  # systemd's NOTIFY_SOCKET, if set
+        self._status = ""  # what this run serves, for STATUS=
         self._stop_requested: asyncio.Event | None = None
         self._signals: list[str] = []
 
@@ -96,6 +103,11 @@ class Runner:
         logging._srcfile = None
         self.sink = open_log(options.log)
         self.sink.install()
+        if os.environ.get("NOTIFY_SOCKET"):
+            from tend.systemd import Notifier
+
+            # Read here, in the process systemd started: WATCHDOG_PID names this one.
+            self.notifier = Notifier.from_environment()
         try:
             log.info(
                 "tend %s (%s %s) starting up.",
@@ -177,6 +189,7 @@ class Runner:
         except BaseException:
             _close_listeners(application)
             raise
+        self._status = describe_serving(application)
         if identity.changes_anything or options.workers > 1:
             status = self._supervise(application, identity, loop_factory)
         else:
@@ -207,7 +220,8 @@ class Runner:
                 self.pidfile = None
             if self._ready_pipe is not None:
                 os.close(self._ready_pipe)
-            self._ready_pipe = control
+            self._ready_pipe = None
+            self._control = control
             if log_pipe is not None:
                 sink.relay_to(log_pipe)
             try:
@@ -236,7 +250,8 @@ class Runner:
             flush_log=sink.flush,
             shutdown_timeout=self.options.shutdown_timeout,
             on_ready=self._report_ready,
-            on_stopping=lambda: _close_listeners(application),
+            on_stopping=lambda: self._on_stopping(application),
+            on_watchdog=self.notifier.watchdog if self.notifier is not None else None,
             identity_label=f" as {identity}" if identity.changes_anything else "",
         )
         try:
@@ -253,15 +268,37 @@ class Runner:
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signal_number, self._on_stop_signal, signal_number)
         loop.add_signal_handler(signal.SIGUSR1, self._on_reopen_signal)
+        watchdog = None
         try:
             await self._start(application)
             self._report_ready()
+            interval = self.notifier.watchdog_interval() if self.notifier is not None else None
+            if interval is not None:
+                watchdog = asyncio.create_task(self._ping_watchdog(interval))
             await self._stop_requested.wait()
             return await self._stop(application)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
             for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(signal_number)
             log.info("Main loop terminated.")
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        """Say "still alive" every *interval* seconds, from the loop itself.
+
+        Sent from a task on the event loop, so a loop blocked by a runaway callback stops
+        the pings and systemd restarts the service. A worker tells its supervisor, which
+        pings systemd once every worker has.
+        """
+        while True:
+            if self._control is not None:
+                _write_line(self._control, "WATCHDOG")
+            elif self.notifier is not None:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _start(self, application: Application) -> None:
         try:
@@ -295,6 +332,8 @@ class Runner:
     async def _stop(self, application: Application) -> int:
         loop = asyncio.get_running_loop()
         log.info("Received %s, shutting down.", self._signals[0])
+        if self._control is None:
+            self._on_stopping(application)
         self._second_signal = asyncio.Event()
         if len(self._signals) > 1:
             self._second_signal.set()
@@ -339,19 +378,49 @@ class Runner:
         # Whoever waits for ready may read the log next: the start lines must be there.
         if self.sink is not None:
             self.sink.flush()
+        if self._control is not None:  # a worker: the supervisor reports for all of them
+            _write_line(self._control, "READY")
+            return
+        if self.notifier is not None:
+            # After detaching, the process systemd started is gone: name the one serving.
+            mainpid = None if self.options.nodaemon else os.getpid()
+            self.notifier.ready(self._status, mainpid=mainpid)
         if self._ready_pipe is not None:
+            _write_line(self._ready_pipe, f"READY {os.getpid()}")
             with contextlib.suppress(OSError):
-                os.write(self._ready_pipe, f"READY {os.getpid()}\n".encode())
                 os.close(self._ready_pipe)
             self._ready_pipe = None
 
     def _report_failure(self, message: str) -> None:
         # The pipe stays open until this process exits: its end-of-file tells the
         # launcher that the failed daemon is gone.
-        if self._ready_pipe is not None:
-            with contextlib.suppress(OSError):
-                os.write(self._ready_pipe, f"ERROR {message}\n".encode())
-            self._ready_pipe = None
+        for fd in (self._control, self._ready_pipe):
+            if fd is not None:
+                _write_line(fd, f"ERROR {message}")
+        self._control = self._ready_pipe = None
+
+    def _on_stopping(self, application: Application) -> None:
+        """The stop has begun: refuse new clients at once and tell systemd."""
+        _close_listeners(application)
+        if self.notifier is not None:
+            self.notifier.stopping("stopping")
+
+
+def _write_line(fd: int, line: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{line}\n".encode())
+
+
+def describe_serving(application: Service) -> str:
+    """One line naming what the tree listens on, for systemd's STATUS= and tendctl."""
+    from tend.net import factory_name
+
+    parts = [
+        f"{factory_name(server.protocol_factory)} on {', '.join(server.addresses)}"
+        for server in walk(application)
+        if isinstance(server, StreamServer) and server.addresses
+    ]
+    return "serving " + "; ".join(parts) if parts else "running"
 
 
 def reopen_log(sink: LogSink) -> None:

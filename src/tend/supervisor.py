@@ -49,6 +49,7 @@ class Worker:
     started: float
     ready: bool = False
     error: str | None = None
+    alive: bool = False  # has pinged the watchdog since the supervisor last did
     pending_log: bytes = b""
     control_text: bytes = field(default=b"")
 
@@ -76,6 +77,7 @@ class Supervisor:
         shutdown_timeout: float,
         on_ready: Callable[[], None],
         on_stopping: Callable[[], None],
+        on_watchdog: Callable[[], object] | None = None,
         identity_label: str = "",
     ) -> None:
         self.count = count
@@ -87,6 +89,7 @@ class Supervisor:
         self.shutdown_timeout = shutdown_timeout
         self.on_ready = on_ready
         self.on_stopping = on_stopping
+        self.on_watchdog = on_watchdog
         self.identity_label = identity_label
         self.workers: dict[int, Worker] = {}  # by pid
         self.selector = selectors.DefaultSelector()
@@ -219,6 +222,19 @@ class Supervisor:
             return
         worker.control_text += data
         _parse_control(worker)
+        self._maybe_ping_watchdog()
+
+    def _maybe_ping_watchdog(self) -> None:
+        """Ping systemd's watchdog once every worker has pinged since the last time.
+
+        A worker pings from its event loop; one whose loop is stuck holds the pings back,
+        and systemd, seeing none, restarts the service.
+        """
+        workers = self.workers.values()
+        if self.on_watchdog is not None and workers and all(w.alive for w in workers):
+            self.on_watchdog()
+            for worker in workers:
+                worker.alive = False
 
     def _read_log(self, worker: Worker) -> None:
         assert worker.log_pipe is not None
@@ -380,6 +396,8 @@ def _parse_control(worker: Worker, final: bool = False) -> None:
         text = line.decode(errors="replace")
         if text.startswith("READY"):
             worker.ready = True
+        elif text == "WATCHDOG":
+            worker.alive = True
         elif text.startswith("ERROR "):
             worker.error = text.removeprefix("ERROR ")
 

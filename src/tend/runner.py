@@ -165,6 +165,11 @@ class Runner:
         os.close(self._launcher_pipe)
         report = b"".join(chunks).decode(errors="replace").strip()
         if report.startswith("READY"):
+            if self.notifier is not None:
+                # systemd hears from its main process only (NotifyAccess=main): the
+                # launcher names the daemon as the new main process as it reports ready.
+                _, pid, status = (report.split(" ", 2) + [""])[:3]
+                self.notifier.ready(status or "running", mainpid=int(pid))
             return 0
         if report.startswith("ERROR "):
             raise StartupError(report.removeprefix("ERROR "))
@@ -250,7 +255,8 @@ class Runner:
             flush_log=sink.flush,
             shutdown_timeout=self.options.shutdown_timeout,
             on_ready=self._report_ready,
-            on_stopping=lambda: self._on_stopping(application),
+            # The workers log their listeners' closing; the supervisor's copies go quietly.
+            on_stopping=lambda: self._on_stopping(application, quietly=True),
             on_watchdog=self.notifier.watchdog if self.notifier is not None else None,
             identity_label=f" as {identity}" if identity.changes_anything else "",
         )
@@ -333,7 +339,7 @@ class Runner:
         loop = asyncio.get_running_loop()
         log.info("Received %s, shutting down.", self._signals[0])
         if self._control is None:
-            self._on_stopping(application)
+            self._on_stopping(application, quietly=False)
         self._second_signal = asyncio.Event()
         if len(self._signals) > 1:
             self._second_signal.set()
@@ -381,15 +387,14 @@ class Runner:
         if self._control is not None:  # a worker: the supervisor reports for all of them
             _write_line(self._control, "READY")
             return
-        if self.notifier is not None:
-            # After detaching, the process systemd started is gone: name the one serving.
-            mainpid = None if self.options.nodaemon else os.getpid()
-            self.notifier.ready(self._status, mainpid=mainpid)
         if self._ready_pipe is not None:
-            _write_line(self._ready_pipe, f"READY {os.getpid()}")
+            # The launcher is the process systemd started; it tells systemd (see below).
+            _write_line(self._ready_pipe, f"READY {os.getpid()} {self._status}")
             with contextlib.suppress(OSError):
                 os.close(self._ready_pipe)
             self._ready_pipe = None
+        elif self.notifier is not None:
+            self.notifier.ready(self._status)
 
     def _report_failure(self, message: str) -> None:
         # The pipe stays open until this process exits: its end-of-file tells the
@@ -399,9 +404,14 @@ class Runner:
                 _write_line(fd, f"ERROR {message}")
         self._control = self._ready_pipe = None
 
-    def _on_stopping(self, application: Application) -> None:
+    def _on_stopping(self, application: Application, *, quietly: bool) -> None:
         """The stop has begun: refuse new clients at once and tell systemd."""
-        _close_listeners(application)
+        for server in walk(application):
+            if isinstance(server, StreamServer):
+                if quietly:
+                    server.close_listeners()
+                else:
+                    server.stop_listening()
         if self.notifier is not None:
             self.notifier.stopping("stopping")
 

@@ -503,6 +503,32 @@ def test_serves_a_passed_unix_socket_and_leaves_its_file(
     assert path.is_socket()
 
 
+@needs_socket_activate
+@pytest.mark.xfail(
+    strict=True, reason="runner integration pending: take the passed sockets before detaching"
+)
+def test_a_detached_tend_serves_the_passed_socket(
+    activate: Callable[..., Activated],
+    listener: socket.socket,
+    tmp_path: Path,
+    daemons: list[int],
+) -> None:
+    """Without --nodaemon the launcher, which LISTEN_PID names, takes the sockets; its daemon
+    serves them."""
+    port = listener.getsockname()[1]
+    activated = activate([], ["poetry", "--port", "systemd:index=0"], passed=listener)
+    listener.close()
+    activated.wait_for_stderr(r"^Listening on ")
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            poem = read_all(client)
+    finally:
+        assert activated.process.wait(15) == 0, activated.stderr
+        daemons.append(int((tmp_path / "tend.pid").read_text()))
+    assert poem == POEM.read_bytes()
+
+
 def test_without_passed_sockets_tend_says_so_and_exits_1(tmp_path: Path) -> None:
     """`--port systemd:index=0` outside socket activation is one line on stderr, exit 1."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")}

@@ -337,9 +337,12 @@ async def test_a_plain_tcp_client_gets_no_poem_in_clear(
 
 
 @needs_openssl
-def test_tend_serves_the_poem_over_tls(run_tend, certificate):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_tend_serves_the_poem_over_tls(run_tend, certificate, loop):
     """`tend poetry --port tls:...` serves the poem to a client verifying the certificate."""
-    tend = run_tend(*FOREGROUND, "poetry", "--port", describe(certificate))
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    tend = run_tend(*FOREGROUND, "--loop", loop, "poetry", "--port", describe(certificate))
     port = tend.wait_for_port()
     poem, version = fetch_tls(port, client_context(certificate))
     assert poem == POEM.read_bytes()

@@ -168,7 +168,7 @@ class Runner:
             if self.notifier is not None:
                 # systemd hears from its main process only (NotifyAccess=main): the
                 # launcher names the daemon as the new main process as it reports ready.
-                _, pid, status = (report.split(" ", 2) + [""])[:3]
+                _, pid, status = [*report.split(" ", 2), ""][:3]
                 self.notifier.ready(status or "running", mainpid=int(pid))
             return 0
         if report.startswith("ERROR "):

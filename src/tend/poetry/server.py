@@ -62,6 +62,18 @@ def _read(path: str) -> bytes:
         return file.read()
 
 
+def announce(
+    service: PoetryService, transport: asyncio.BaseTransport
+) -> tuple[asyncio.WriteTransport, bytes]:
+    """Log the seed's line for a new client; return the transport to write to and the poem."""
+    poem = service.poem
+    log.info(
+        "sending %d bytes of poetry to %s", len(poem), Peer(transport.get_extra_info("peername"))
+    )
+    # uvloop's transports implement WriteTransport without subclassing it.
+    return cast(asyncio.WriteTransport, transport), poem
+
+
 class PoetryProtocol(asyncio.Protocol):
     """Sends the whole poem to each client, then closes (the seed's PoetryProtocol)."""
 
@@ -71,16 +83,9 @@ class PoetryProtocol(asyncio.Protocol):
         self.service = service
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement WriteTransport without subclassing it.
-        transport = cast(asyncio.WriteTransport, transport)
-        poem = self.service.poem
-        log.info(
-            "sending %d bytes of poetry to %s",
-            len(poem),
-            Peer(transport.get_extra_info("peername")),
-        )
-        transport.write(poem)
-        transport.close()
+        writer, poem = announce(self.service, transport)
+        writer.write(poem)
+        writer.close()
 
 
 class PoemSender(asyncio.Protocol):
@@ -174,15 +179,7 @@ class LargePoetryProtocol(PoemSender):
         self.service = service
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement WriteTransport without subclassing it.
-        transport = cast(asyncio.WriteTransport, transport)
-        poem = self.service.poem
-        log.info(
-            "sending %d bytes of poetry to %s",
-            len(poem),
-            Peer(transport.get_extra_info("peername")),
-        )
-        self.send_poem(transport, poem)
+        self.send_poem(*announce(self.service, transport))
 
 
 class PoetryFactory:

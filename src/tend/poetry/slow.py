@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import cast
 
-from tend.poetry.server import Peer, PoemSender, PoetryService
+from tend.poetry.server import PoemSender, PoetryService, announce
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +28,7 @@ class SlowPoetryProtocol(PoemSender):
         self.service = service
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement WriteTransport without subclassing it.
-        transport = cast(asyncio.WriteTransport, transport)
-        poem = self.service.poem
-        log.info(
-            "sending %d bytes of poetry to %s",
-            len(poem),
-            Peer(transport.get_extra_info("peername")),
-        )
-        self.send_poem(transport, poem)
+        self.send_poem(*announce(self.service, transport))
 
 
 class SlowPoetryFactory:

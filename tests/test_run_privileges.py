@@ -204,3 +204,31 @@ def test_switching_user_when_not_root_is_refused(tmp_path):
     )
     assert result.returncode == 1
     assert "cannot switch user or group: only root can" in result.stderr
+
+
+@needs_root
+def test_chroot_serves_from_inside_and_still_removes_the_pidfile(run_tend, tmp_path):
+    """--chroot: files read at start come from inside; the pidfile outside is still removed."""
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    (jail / "poem.txt").write_bytes(POEM.read_bytes())
+    tend = run_tend("--nodaemon", "--chroot", str(jail), "poetry", "--poem", "/poem.txt",
+                    "--port", "0", "--iface", "127.0.0.1")  # fmt: skip
+    port = tend.wait_for_port()
+    assert os.readlink(f"/proc/{tend.pid}/root") == str(jail)
+    assert fetch(port) == POEM.read_bytes()
+    assert (tmp_path / "tend.pid").exists()
+    assert tend.stop() == 0
+    assert not (tmp_path / "tend.pid").exists()
+
+
+def test_missing_chroot_is_a_clear_error(tmp_path):
+    """A chroot folder that does not exist: one line, exit 1, no pidfile left."""
+    result = launch("--nodaemon", "--chroot", str(tmp_path / "nope"), "poetry", "--port", "0",
+                    "--iface", "127.0.0.1", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == f"tend: cannot chroot to {tmp_path / 'nope'}: No such file or directory"
+    )
+    assert not (tmp_path / "tend.pid").exists()

@@ -235,15 +235,23 @@ def runner_options(parsed: argparse.Namespace, settings: Mapping[str, object]) -
         return None if value is None else os.path.abspath(str(value))
 
     nodaemon = bool(pick("nodaemon", False))
-    rundir = path("rundir") or os.getcwd()
+    chroot = path("chroot")
+    if chroot is None:
+        rundir = path("rundir") or os.getcwd()
+        files_in = rundir
+    else:
+        # As twistd: the rundir is inside the new root (its top by default), while the
+        # pidfile and log, opened before the chroot, default to where tend was started.
+        rundir = str(pick("rundir") or "/")
+        files_in = os.getcwd()
     pidfile_value = pick("pidfile")
     if pidfile_value is None:
-        pidfile: str | None = os.path.join(rundir, "tend.pid")
+        pidfile: str | None = os.path.join(files_in, "tend.pid")
     else:
         pidfile = os.path.abspath(str(pidfile_value)) if pidfile_value else None
     logfile_value = pick("logfile")
     if logfile_value is None:
-        logfile: str | None = None if nodaemon else os.path.join(rundir, "tend.log")
+        logfile: str | None = None if nodaemon else os.path.join(files_in, "tend.log")
     elif logfile_value == "-":
         logfile = None
     else:
@@ -270,7 +278,7 @@ def runner_options(parsed: argparse.Namespace, settings: Mapping[str, object]) -
         gid=None if gid is None else str(gid),
         umask=None if umask is None else int(str(umask)),
         rundir=rundir,
-        chroot=path("chroot"),
+        chroot=chroot,
         loop=str(pick("loop", "asyncio")),
         shutdown_timeout=float(str(pick("shutdown_timeout", 10.0))),
         workers=_workers(str(pick("workers", 1))),

@@ -53,6 +53,8 @@ class Pidfile:
         self.path = os.path.abspath(path)
         self._fds: list[int] = []
         self._inode: tuple[int, int] | None = None
+        # The pidfile's folder, held open: after a chroot its path no longer leads there.
+        self._folder_fd: int | None = None
 
     def __repr__(self) -> str:
         return f"<Pidfile {self.path!r}>"
@@ -122,16 +124,17 @@ class Pidfile:
             raise PidfileError(f"cannot write pidfile {self.path}: {error.strerror}") from None
         stat = os.fstat(fd)
         self._inode = (stat.st_dev, stat.st_ino)
+        self._folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._fds.append(self._folder_fd)
 
     def release(self) -> None:
         """Remove the pidfile if it is still ours, and drop the lock."""
-        if self._inode is not None:
-            try:
-                stat = os.stat(self.path)
+        if self._inode is not None and self._folder_fd is not None:
+            name = os.path.basename(self.path)
+            with contextlib.suppress(OSError):
+                stat = os.stat(name, dir_fd=self._folder_fd)
                 if (stat.st_dev, stat.st_ino) == self._inode:
-                    os.unlink(self.path)
-            except OSError:
-                pass
+                    os.unlink(name, dir_fd=self._folder_fd)
             self._inode = None
         self._close_fds()
 
@@ -140,7 +143,7 @@ class Pidfile:
 
         The lock belongs to the open file, which the parent still holds.
         """
-        self._inode = None
+        self._inode = self._folder_fd = None
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -148,6 +151,7 @@ class Pidfile:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+        self._folder_fd = None
 
     @property
     def fds(self) -> list[int]:

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -185,15 +185,18 @@ class Runner:
         options = self.options
         if not options.nodaemon:
             daemon.redirect_standard_streams()
-        daemon.enter_rundir(options.rundir, options.chroot)
         if options.pidfile:
             self.pidfile = daemon.Pidfile(options.pidfile)
             self.pidfile.acquire()
-        try:
+        with _starting(application):
             application.privileged_start_service()
-        except BaseException:
-            _close_listeners(application)
-            raise
+        if options.chroot is not None or identity.changes_anything:
+            # Modules the event loop imports on first use (its thread pool, for getaddrinfo
+            # and to_thread, and the IDNA codec getaddrinfo needs) may be out of reach after
+            # a chroot or to the new user: import them while they can be read.
+            import concurrent.futures.thread  # noqa: F401
+            import encodings.idna  # noqa: F401
+        daemon.enter_rundir(options.rundir, options.chroot)
         self._status = describe_serving(application)
         if identity.changes_anything or options.workers > 1:
             status = self._supervise(application, identity, loop_factory)
@@ -230,10 +233,6 @@ class Runner:
             if log_pipe is not None:
                 sink.relay_to(log_pipe)
             try:
-                # The event loop imports its thread pool lazily (for getaddrinfo and
-                # to_thread); the interpreter's files may be unreadable to the new user.
-                import concurrent.futures.thread  # noqa: F401
-
                 daemon.drop_privileges(identity)
                 return self._run_loop(application, loop_factory)
             except TendError as error:
@@ -307,18 +306,8 @@ class Runner:
             await asyncio.sleep(interval)
 
     async def _start(self, application: Application) -> None:
-        try:
+        with _starting(application):
             await application.start_service()
-        except TendError:
-            _close_listeners(application)
-            raise
-        except Exception as error:
-            log.exception("a service failed to start")
-            _close_listeners(application)
-            raise StartupError(
-                f"a service failed to start: {type(error).__name__}: {error} "
-                "(the traceback is in the log)"
-            ) from None
 
     def _on_stop_signal(self, signal_number: int) -> None:
         # A handler only records and wakes; the main coroutine does the work.
@@ -439,6 +428,26 @@ def reopen_log(sink: LogSink) -> None:
         sink.reopen()
     except LogError as error:
         log.warning("cannot reopen the log: %s", error)
+
+
+@contextlib.contextmanager
+def _starting(application: Service) -> Iterator[None]:
+    """Turn a failed start into one line for the user, the traceback into the log.
+
+    A TendError already is that line. Either way the listeners bound so far are closed.
+    """
+    try:
+        yield
+    except TendError:
+        _close_listeners(application)
+        raise
+    except Exception as error:
+        log.exception("a service failed to start")
+        _close_listeners(application)
+        raise StartupError(
+            f"a service failed to start: {type(error).__name__}: {error} "
+            "(the traceback is in the log)"
+        ) from None
 
 
 def _close_listeners(application: Service) -> None:

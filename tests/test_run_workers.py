@@ -115,3 +115,15 @@ def test_auto_starts_one_worker_per_cpu(run_tend, tmp_path):
     wait_until(lambda: tend.stdout.count("starting on") == count)
     assert len(children(tend.pid)) == count
     assert tend.stop() == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(run_tend, tmp_path):
+    """A supervisor killed outright takes its workers with it: none serves on orphaned."""
+    tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL)
+    tend.wait_for_port()
+    wait_until(lambda: tend.stdout.count("starting on") == 2)
+    workers = children(tend.pid)
+    assert len(workers) == 2
+    tend.process.send_signal(signal.SIGKILL)
+    tend.wait()
+    wait_until(lambda: not any(pid_alive(pid) for pid in workers))

@@ -324,3 +324,32 @@ def drop_privileges(identity: Identity) -> None:
         os.setresgid(identity.gid, identity.gid, identity.gid)
     if identity.uid is not None:
         os.setresuid(identity.uid, identity.uid, identity.uid)
+
+
+# Modules imported on first use after the process may have lost sight of the interpreter's
+# files (a chroot, or a user who cannot read them): the event loop's thread pool (for
+# getaddrinfo and to_thread), the IDNA codec getaddrinfo needs, and ctypes for prctl.
+LATE_IMPORTS = ("concurrent.futures.thread", "encodings.idna", "ctypes")
+
+
+def preload_modules() -> None:
+    """Import now what a chroot or a drop of privileges could make unreadable later."""
+    import importlib
+
+    for name in LATE_IMPORTS:
+        importlib.import_module(name)
+
+
+def die_with_parent(signal_number: int, parent: int) -> None:
+    """Ask the kernel to send *signal_number* when the parent process dies (Linux only).
+
+    A worker whose supervisor was killed outright must not serve on, orphaned and
+    unsupervised. Call it after dropping privileges: a change of credentials clears it.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal_number, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal_number)

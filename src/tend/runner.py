@@ -121,6 +121,11 @@ class Runner:
                 options.gid if options.gid is not None else application.gid,
             )
             daemon.check_can_switch(identity)
+            if _uses_socket_activation(application):
+                from tend.systemd import inherited_sockets
+
+                # Taken now: LISTEN_PID names this process, not the daemon it may fork.
+                inherited_sockets()
             if not options.nodaemon and self._detach():
                 return self._wait_for_daemon()
             return self._run_here(application, identity, loop_factory)
@@ -191,11 +196,7 @@ class Runner:
         with _starting(application):
             application.privileged_start_service()
         if options.chroot is not None or identity.changes_anything:
-            # Modules the event loop imports on first use (its thread pool, for getaddrinfo
-            # and to_thread, and the IDNA codec getaddrinfo needs) may be out of reach after
-            # a chroot or to the new user: import them while they can be read.
-            import concurrent.futures.thread  # noqa: F401
-            import encodings.idna  # noqa: F401
+            daemon.preload_modules()
         daemon.enter_rundir(options.rundir, options.chroot)
         self._status = describe_serving(application)
         if identity.changes_anything or options.workers > 1:
@@ -221,6 +222,8 @@ class Runner:
         sink = self.sink
         assert sink is not None
 
+        supervisor_pid = os.getpid()
+
         def worker_main(number: int, control: int, log_pipe: int | None) -> int:
             # In the forked worker: the supervisor keeps the pidfile and the launcher.
             if self.pidfile is not None:
@@ -234,6 +237,7 @@ class Runner:
                 sink.relay_to(log_pipe)
             try:
                 daemon.drop_privileges(identity)
+                daemon.die_with_parent(signal.SIGTERM, supervisor_pid)
                 return self._run_loop(application, loop_factory)
             except TendError as error:
                 log.error("tend: %s", error)
@@ -448,6 +452,15 @@ def _starting(application: Service) -> Iterator[None]:
             f"a service failed to start: {type(error).__name__}: {error} "
             "(the traceback is in the log)"
         ) from None
+
+
+def _uses_socket_activation(application: Service) -> bool:
+    from tend.endpoints import SystemdEndpoint
+
+    return any(
+        isinstance(service, StreamServer) and isinstance(service.endpoint, SystemdEndpoint)
+        for service in walk(application)
+    )
 
 
 def _close_listeners(application: Service) -> None:

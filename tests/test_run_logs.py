@@ -1,0 +1,97 @@
+"""Log destinations and formats as a running tend writes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import TEND, fetch, wait_until
+
+LOCAL = ["poetry", "--port", "0", "--iface", "127.0.0.1"]
+
+
+def test_json_lines_parse_one_by_one(run_tend):
+    """--log-format json: every line of a run is one JSON object with the documented keys."""
+    tend = run_tend("--nodaemon", "--pidfile", "", "--log-format", "json", *LOCAL)
+    line = tend.wait_for_output(r'"message": "PoetryFactory starting on \d+"').group(0)
+    port = int(line.rsplit(" ", 1)[1].rstrip('"'))
+    fetch(port)
+    tend.wait_for_output("sending 2807 bytes")
+    assert tend.stop() == 0
+    records = [json.loads(text) for text in tend.stdout.splitlines()]
+    assert records[0]["message"] == "Log opened."
+    assert records[-1]["message"] == "Server Shut Down."
+    for record in records:
+        assert {"time", "level", "logger", "message"} <= record.keys()
+        assert record["time"][:2] == "20"
+        assert record["time"][-6] in "+-"
+    sent = [r for r in records if r["message"].startswith("sending")]
+    assert sent[0]["logger"] == "tend.poetry.server"
+    assert sent[0]["level"] == "info"
+
+
+def test_journal_gets_priorities_instead_of_timestamps(tmp_path):
+    """With standard error on the journal (JOURNAL_STREAM matches it), lines start with <N>."""
+    script = (
+        "import os, subprocess, sys\n"
+        "st = os.fstat(2)\n"
+        "env = dict(os.environ, JOURNAL_STREAM=f'{st.st_dev}:{st.st_ino}')\n"
+        "sys.exit(subprocess.call(sys.argv[1:], env=env))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *TEND, "--nodaemon", "--pidfile", "", "poetry",
+         "--poem", "missing.txt", "--port", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[0] == "<6>[-] Log opened."
+    assert any(line.startswith("<3>[-] tend: cannot read poem file") for line in lines)
+
+
+def test_syslog_receives_rfc3164_messages(run_tend, tmp_path):
+    """--syslog sends each line to the syslog socket, tagged with --prefix and the pid."""
+    path = tmp_path / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(path))
+        syslog.settimeout(10)
+        tend = run_tend("--nodaemon", "--pidfile", "", "--syslog", "--syslog-address", str(path),
+                        "--prefix", "poetry", "--syslog-facility", "daemon", *LOCAL)  # fmt: skip
+        messages: list[str] = []
+
+        def started() -> bool:
+            messages.append(syslog.recv(4096).decode())
+            return "starting on" in messages[-1]
+
+        wait_until(started)
+        assert tend.stop() == 0
+    # daemon (3) * 8 + info (6) = 30
+    assert messages[0].startswith(f"<30>poetry[{tend.pid}]: [-] Log opened.")
+    assert tend.stdout == ""
+
+
+def test_missing_syslog_socket_is_a_clear_error(tmp_path):
+    """A syslog socket that is not there is a start-up error naming it."""
+    result = subprocess.run(
+        [*TEND, "--nodaemon", "--syslog", "--syslog-address", str(tmp_path / "nope"), *LOCAL],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == f"tend: cannot reach syslog at {tmp_path / 'nope'}: No such file or directory"
+    )
+
+
+@pytest.mark.parametrize("option", [["--log-format", "xml"], ["--log-max-bytes", "lots"]])
+def test_bad_log_options_are_usage_errors(tmp_path, option):
+    """A log option with a bad value is a usage error naming it."""
+    result = subprocess.run(
+        [*TEND, *option, *LOCAL], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert f"argument {option[0]}" in result.stderr
+    assert not os.path.exists(tmp_path / "tend.pid")

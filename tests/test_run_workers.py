@@ -127,3 +127,51 @@ def test_workers_stop_when_the_supervisor_is_killed(run_tend, tmp_path):
     tend.process.send_signal(signal.SIGKILL)
     tend.wait()
     wait_until(lambda: not any(pid_alive(pid) for pid in workers))
+
+
+def listening_sockets(port: int) -> list[str]:
+    """Inodes of the TCP sockets listening on *port*, from /proc/net/tcp."""
+    inodes = []
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if local_port == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.append(fields[9])
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets *pid* holds open."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def test_each_tcp_worker_accepts_on_its_own_reuseport_socket(run_tend):
+    """TCP listeners are bound once per worker with SO_REUSEPORT; each worker holds its own."""
+    tend = run_tend("--nodaemon", "--pidfile", "", "--workers", "2", "poetry", *LOCAL)
+    port = tend.wait_for_port()
+    wait_until(lambda: tend.stdout.count("starting on") == 2)
+    sockets = listening_sockets(port)
+    assert len(sockets) == 2
+    first, second = (socket_inodes(pid) & set(sockets) for pid in children(tend.pid))
+    assert len(first) == len(second) == 1
+    assert first != second
+    assert set(sockets) <= socket_inodes(tend.pid)  # the supervisor keeps both for restarts
+    assert tend.stop() == 0
+
+
+def test_unix_listeners_are_shared_by_the_workers(run_tend, tmp_path):
+    """A UNIX socket cannot be bound twice: every worker accepts on the one socket."""
+    path = tmp_path / "poetry.sock"
+    tend = run_tend(
+        "--nodaemon", "--pidfile", "", "--workers", "2", "poetry", "--port", f"unix:{path}"
+    )
+    wait_until(lambda: tend.stdout.count("starting on") == 2)
+    first, second = (socket_inodes(pid) for pid in children(tend.pid))
+    assert first & second  # the same listening socket in both
+    assert tend.stop() == 0

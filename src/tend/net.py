@@ -15,6 +15,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tend.endpoints import (
@@ -86,6 +87,11 @@ class StreamServer(Service):
         self.drain_deadline: float | None = None
         self.aborted_connections = 0
         self._sockets: list[socket.socket] = []
+        # With --workers N the supervisor asks for N copies of a TCP listener, each bound
+        # with SO_REUSEPORT, so that the kernel spreads connections over the workers (see
+        # use_copy); _copies holds them all, _sockets the ones this process accepts on.
+        self.listen_copies = 1
+        self._copies: list[list[socket.socket]] = []
         self._tls: ssl.SSLContext | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.BaseTransport] = set()
@@ -120,9 +126,40 @@ class StreamServer(Service):
             if isinstance(self.endpoint, TLSEndpoint) and self._tls is None:
                 # Before binding, so a bad key leaves no socket open behind it.
                 self._tls = tls_context(self.endpoint)
-            self._sockets = self.listen()
+            self._copies = self._listen_copies()
+            self._sockets = self._copies[0]
             self._label = self._describe()
         super().privileged_start_service()
+
+    def _listen_copies(self) -> list[list[socket.socket]]:
+        tcp = self.endpoint.tcp if isinstance(self.endpoint, TLSEndpoint) else self.endpoint
+        if self.listen_copies <= 1 or not isinstance(tcp, TCPEndpoint):
+            # UNIX and passed sockets are shared by every worker as they are.
+            return [self.listen()]
+        copies = [listen(replace(tcp, reuse_port=True))]
+        try:
+            port = copies[0][0].getsockname()[1]  # port 0 picked one: every copy takes it
+            for _ in range(self.listen_copies - 1):
+                copies.append(listen(replace(tcp, port=port, reuse_port=True)))
+        except BaseException:
+            for sock in (sock for copy in copies for sock in copy):
+                sock.close()
+            raise
+        return copies
+
+    def use_copy(self, index: int) -> None:
+        """In a worker: accept on copy *index* of the listener only, closing the others here.
+
+        The supervisor keeps every copy open, so connections queued on a dead worker's
+        copy wait for its replacement rather than being refused.
+        """
+        if len(self._copies) > 1:
+            for number, copy in enumerate(self._copies):
+                if number != index:
+                    for sock in copy:
+                        sock.close()
+            self._sockets = self._copies[index]
+            self._copies = [self._sockets]
 
     def listen(self) -> list[socket.socket]:
         """Open this server's listening sockets; subclasses may take them from elsewhere."""
@@ -198,9 +235,10 @@ class StreamServer(Service):
         for server in self._servers:
             server.close()
         self._servers.clear()
-        for sock in self._sockets:
+        for sock in (sock for copy in self._copies or [self._sockets] for sock in copy):
             sock.close()
-        self._sockets.clear()
+        self._sockets = []
+        self._copies = []
         for path in paths:
             if isinstance(path, str) and path:
                 with contextlib.suppress(OSError):

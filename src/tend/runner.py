@@ -193,6 +193,10 @@ class Runner:
         if options.pidfile:
             self.pidfile = daemon.Pidfile(options.pidfile)
             self.pidfile.acquire()
+        if options.workers > 1:
+            for server in walk(application):
+                if isinstance(server, StreamServer):
+                    server.listen_copies = options.workers
         with _starting(application):
             application.privileged_start_service()
         if options.chroot is not None or identity.changes_anything:
@@ -235,6 +239,9 @@ class Runner:
             self._control = control
             if log_pipe is not None:
                 sink.relay_to(log_pipe)
+            for server in walk(application):
+                if isinstance(server, StreamServer):
+                    server.use_copy(number - 1)
             try:
                 daemon.drop_privileges(identity)
                 daemon.die_with_parent(signal.SIGTERM, supervisor_pid)

@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 
 from tend.errors import StartupError
-from tend.logs import LogConfig, LogError, LogSink, open_log, parse_syslog_address
+from tend.logs import (
+    LogConfig,
+    LogError,
+    LogSink,
+    install_fast_records,
+    open_log,
+    parse_syslog_address,
+)
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}"
 OpenSink = Callable[..., LogSink]
@@ -1049,3 +1056,109 @@ def test_install_after_close_is_refused(open_sink: OpenSink) -> None:
     sink.close()
     with pytest.raises(RuntimeError, match="is closed"):
         sink.install()
+
+
+# The hot path
+
+
+def test_cached_line_heads_follow_the_second_and_the_context(open_sink: OpenSink) -> None:
+    """Each record gets its own second's stamp and its own context, whatever came before."""
+    sink = open_sink(LogConfig())
+    formatter = sink.handler.formatter
+    assert formatter is not None
+
+    def record(created: float, name: str = "tend.poetry.server", **extra: object) -> str:
+        made = logging.makeLogRecord({"name": name, "msg": "hi", "created": created, **extra})
+        return formatter.format(made)
+
+    first, again, later = record(1e9), record(1e9 + 0.5), record(1e9 + 1)
+    assert first == again
+    assert first != later
+    assert later.endswith(" [tend.poetry.server] hi")
+    assert record(1e9, context="PoetryProtocol,0").endswith(" [PoetryProtocol,0] hi")
+    assert record(1e9, name="tend.runner").endswith(" [-] hi")
+    assert record(1e9) == first
+    assert record(1e9, msg="a\nb").splitlines() == [first[:-2] + "a", first[:-2] + "b"]
+
+
+def test_handler_filters_still_drop_records(open_sink: OpenSink, attach: Attach) -> None:
+    """A filter on tend's handler drops records as on any logging handler."""
+    out = io.StringIO()
+    sink = open_sink(LogConfig(), out)
+    sink.handler.addFilter(lambda record: "secret" not in record.getMessage())
+    logger = attach(sink)
+    logger.info("public")
+    logger.info("a secret")
+    sink.flush()
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["public"]
+
+
+@pytest.fixture
+def fast_records() -> Iterator[None]:
+    """install_fast_records(), with the record factory restored at the end."""
+    factory = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
+    install_fast_records()
+    yield
+    logging.setLogRecordFactory(factory)
+
+
+@pytest.mark.usefixtures("fast_records")
+@pytest.mark.parametrize("details", [True, False])
+def test_fast_records_have_the_attributes_of_log_records(
+    monkeypatch: pytest.MonkeyPatch, details: bool
+) -> None:
+    """Every LogRecord attribute exists with the same value, with thread details or without."""
+    for flag in ("logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, flag, details)
+    arguments: list[tuple[object, ...]] = [
+        ("a.b", logging.WARNING, "/src/pkg/mod.py", 7, "%(n)s", ({"n": 1},), None, "f", "st"),
+        ("a", 25, "(unknown file)", 0, "%d %s", (1, "x"), None, "(unknown function)", None),
+        ("a", logging.ERROR, None, 0, "m", (), (ValueError, ValueError(), None)),
+    ]
+    for args in arguments:
+        fast = logging.getLogRecordFactory()(*args)
+        slow = logging.LogRecord(*args)  # type: ignore[arg-type]
+        assert type(fast) is not logging.LogRecord
+        assert isinstance(fast, logging.LogRecord)
+        assert fast.__dict__.keys() == slow.__dict__.keys()
+        for key, value in slow.__dict__.items():
+            if key not in ("created", "msecs", "relativeCreated"):
+                assert fast.__dict__[key] == value, key
+        assert abs(fast.created - slow.created) < 1
+        assert fast.msecs == int((fast.created - int(fast.created)) * 1000)
+        assert fast.relativeCreated == pytest.approx(
+            slow.relativeCreated + (fast.created - slow.created) * 1000
+        )
+        assert fast.getMessage() == slow.getMessage()
+
+
+def test_fast_records_leave_an_application_factory_alone() -> None:
+    """An application's own record factory stays in place."""
+    factory = logging.getLogRecordFactory()
+
+    def custom(*args: object, **kwargs: object) -> logging.LogRecord:
+        return logging.LogRecord(*args, **kwargs)  # type: ignore[arg-type]
+
+    logging.setLogRecordFactory(custom)
+    try:
+        install_fast_records()
+        assert logging.getLogRecordFactory() is custom
+    finally:
+        logging.setLogRecordFactory(factory)
+
+
+@pytest.mark.usefixtures("fast_records")
+def test_fast_records_reach_the_log_with_user_format_fields(open_sink: OpenSink) -> None:
+    """A user's formatter may name any record field; fast records fill them in."""
+    out = io.StringIO()
+    sink = open_sink(LogConfig(), out)
+    sink.handler.setFormatter(
+        logging.Formatter("%(filename)s %(module)s %(funcName)s %(levelname)s %(message)s")
+    )
+    sink.install()
+    logging.getLogger("tend.poetry.server").warning("hello %s", "there")
+    assert out.getvalue().splitlines()[-1] == (
+        "test_logs.py test_logs test_fast_records_reach_the_log_with_user_format_fields "
+        "WARNING hello there"
+    )

@@ -23,6 +23,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
@@ -497,6 +498,20 @@ class _JsonFormatter(logging.Formatter):
 # Handlers
 
 
+# Every buffered handler, for _forget_scheduled_writes.
+_buffered_handlers: weakref.WeakSet[_BufferedHandler] = weakref.WeakSet()
+
+
+def _forget_scheduled_writes() -> None:
+    """In a forked child: the parent's loop is not running here, whatever it says."""
+    for handler in list(_buffered_handlers):
+        handler._scheduled_on = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_scheduled_writes)
+
+
 class _BufferedHandler(logging.Handler):
     """Formats records into memory and writes them in bursts.
 
@@ -520,6 +535,8 @@ class _BufferedHandler(logging.Handler):
         # is not this thread's running loop, so the next record schedules again: nothing waits
         # on a dead loop.
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        self._scheduled_thread = 0  # threading.get_ident() of the thread that scheduled it
+        _buffered_handlers.add(self)
         self._last_record: logging.LogRecord | None = None  # for handleError after a write
         self._last_write = 0.0  # time.monotonic() of the last write
         self._closed = False
@@ -556,18 +573,29 @@ class _BufferedHandler(logging.Handler):
         if record.levelno >= logging.ERROR or self._buffered_chars >= _FLUSH_THRESHOLD:
             self._write_buffer()
             return
+        # A write already scheduled on a loop running in this thread takes this line too. This
+        # is checked before asyncio.get_running_loop(), which makes a getpid() system call per
+        # record; a forked child forgets its parent's scheduled write (_forget_scheduled_writes).
+        scheduled = self._scheduled_on
+        if (
+            scheduled is not None
+            and self._scheduled_thread == threading.get_ident()
+            and scheduled.is_running()
+        ):
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._write_buffer()
             return
-        if self._scheduled_on is not loop:
+        if scheduled is not loop:
             wait = self._last_write + _FLUSH_INTERVAL - time.monotonic()
             if wait > 0:
                 loop.call_later(wait, self._scheduled_write)
             else:
                 loop.call_soon(self._scheduled_write)
             self._scheduled_on = loop
+            self._scheduled_thread = threading.get_ident()
 
     def _scheduled_write(self) -> None:
         self.acquire()

@@ -1,7 +1,8 @@
 """The lifecycle of one run, from open logs to the last line of the shutdown narrative.
 
-open logs -> build the tree -> detach -> pidfile -> privileged start -> drop privileges
--> start -> report ready -> wait for a signal -> stop (bounded) -> remove pidfile.
+open logs -> build the tree -> detach -> pidfile -> privileged start -> chroot, rundir
+-> [fork workers under a supervisor, which drop privileges] -> start -> report ready
+-> wait for a signal -> stop (bounded) -> remove pidfile.
 
 This is the only module that installs signal handlers and runs an event loop. It raises
 TendError for anything the user should read; it never prints.
@@ -24,10 +25,10 @@ from tend.errors import StartupError, TendError
 from tend.logs import LogConfig, LogError, LogSink, open_log
 from tend.net import StreamServer
 from tend.service import Application, Service, walk
+from tend.supervisor import Supervisor, WorkerFailedError
 
 if TYPE_CHECKING:
     from tend.systemd import Notifier
-from tend.supervisor import Supervisor, WorkerFailedError
 
 log = logging.getLogger(__name__)
 

@@ -1115,6 +1115,7 @@ def test_fast_records_have_the_attributes_of_log_records(
         ("a.b", logging.WARNING, "/src/pkg/mod.py", 7, "%(n)s", ({"n": 1},), None, "f", "st"),
         ("a", 25, "(unknown file)", 0, "%d %s", (1, "x"), None, "(unknown function)", None),
         ("a", logging.ERROR, None, 0, "m", (), (ValueError, ValueError(), None)),
+        ("a", logging.DEBUG, ["not", "a", "path"], 0, "m", (), None),
     ]
     for args in arguments:
         fast = logging.getLogRecordFactory()(*args)
@@ -1162,3 +1163,63 @@ def test_fast_records_reach_the_log_with_user_format_fields(open_sink: OpenSink)
         "test_logs.py test_logs test_fast_records_reach_the_log_with_user_format_fields "
         "WARNING hello there"
     )
+
+
+async def test_a_thread_writes_at_once_while_the_loop_has_a_write_scheduled(
+    open_sink: OpenSink, attach: Attach, tmp_path: Path
+) -> None:
+    """A thread without a loop writes at once, even while the loop's write is pending."""
+    path = tmp_path / "tend.log"
+    sink = open_sink(LogConfig(logfile=str(path)))
+    log = attach(sink)
+    log.info("loop")  # schedules a write on this loop
+    log.info("loop again")  # joins it
+    assert path.read_text() == ""
+    thread = threading.Thread(target=log.info, args=("thread",))
+    thread.start()
+    thread.join()
+    assert [line.split("] ")[1] for line in read_log(path)] == ["loop", "loop again", "thread"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_wait_for_its_parents_scheduled_write(tmp_path: Path) -> None:
+    """A child forked inside the loop writes its lines at once, not on the parent's loop."""
+    path = tmp_path / "tend.log"
+    run_child(
+        f"""
+        import asyncio, logging, os
+        from tend.logs import LogConfig, open_log
+        open_log(LogConfig(logfile={str(path)!r})).install()
+        log = logging.getLogger("tend.test")
+
+        async def main():
+            log.info("parent")  # schedules a write on this loop
+            pid = os.fork()
+            if pid == 0:
+                log.info("child")  # the copied loop is not running here
+                os._exit(0)
+            os.waitpid(pid, 0)
+
+        asyncio.run(main())
+        """
+    )
+    assert "child" in [line.split("] ")[1] for line in read_log(path)]
+
+
+def test_a_message_argument_may_log_while_formatted(open_sink: OpenSink, attach: Attach) -> None:
+    """An argument whose __str__ logs re-enters the handler without deadlocking."""
+    out = io.StringIO()
+    sink = open_sink(LogConfig(), out)
+    log = attach(sink)
+
+    class Noisy:
+        def __str__(self) -> str:
+            log.info("inner")
+            return "noisy"
+
+    log.info("outer %s", Noisy())
+    sink.flush()
+    assert [line.split("] ")[1] for line in out.getvalue().splitlines()] == [
+        "inner",
+        "outer noisy",
+    ]

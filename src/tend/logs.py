@@ -14,9 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
-import logging.handlers
 import os
 import socket
 import stat
@@ -459,6 +457,8 @@ class _JsonFormatter(logging.Formatter):
         super().__init__()
         # (second, "2026-11-25T20:57:14", "+00:00"), recomputed when the second changes.
         self._time = (-1, "", "")
+        import json  # here: only JSON logs need it, and start-up time counts
+
         # One encoder: json.dumps with options builds a new one for every call.
         self._encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=str)
 
@@ -868,6 +868,8 @@ class _FileHandler(_BufferedHandler):
 
 
 def _open_syslog(config: LogConfig) -> _SyslogHandler:
+    import logging.handlers  # here: only syslog needs it, and start-up time counts
+
     facility = logging.handlers.SysLogHandler.facility_names.get(config.syslog_facility)
     if facility is None:
         names = ", ".join(sorted(logging.handlers.SysLogHandler.facility_names))

@@ -92,7 +92,8 @@ def listen_backlog(sock: socket.socket) -> int:
         ("unix:/run/poetry.sock:mode=0660", UNIXEndpoint("/run/poetry.sock", 0o660)),
         ("unix:/run/poetry.sock:mode=660", UNIXEndpoint("/run/poetry.sock", 0o660)),
         ("unix:address=/run/poetry.sock", UNIXEndpoint("/run/poetry.sock")),
-        ("unix:relative.sock:backlog=7", UNIXEndpoint("relative.sock", backlog=7)),
+        # Made absolute: the daemon changes directory before removing the file.
+        ("unix:relative.sock:backlog=7", UNIXEndpoint(os.path.abspath("relative.sock"), backlog=7)),
         (r"unix:/tmp/a\:b.sock", UNIXEndpoint("/tmp/a:b.sock")),
     ],
 )

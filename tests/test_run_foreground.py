@@ -328,3 +328,17 @@ def test_second_signal_forces_an_immediate_stop(run_tend, tmp_path):
     assert tend.stop(signal.SIGTERM) == 1
     assert "Received SIGTERM again, stopping at once." in tend.stdout
     assert not (tmp_path / "tend.pid").exists()
+
+
+def test_relative_unix_socket_is_removed_from_where_it_was_made(run_tend, tmp_path):
+    """A relative unix: path is bound and later removed where tend started, despite --rundir."""
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    innocent = rundir / "p.sock"
+    innocent.write_text("precious")  # same name in the rundir: must survive
+    tend = run_tend(*FOREGROUND, "--rundir", str(rundir), "poetry", "--port", "unix:p.sock")
+    tend.wait_for_output(r"starting on .*p\.sock")
+    assert (tmp_path / "p.sock").is_socket()
+    assert tend.stop() == 0
+    assert not (tmp_path / "p.sock").exists()
+    assert innocent.read_text() == "precious"

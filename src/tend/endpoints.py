@@ -198,7 +198,8 @@ def _parse_unix(description: str, arguments: list[str], keywords: dict[str, str]
             raise EndpointSyntaxError(
                 f"invalid endpoint {description!r}: mode must be octal, like 0660"
             ) from None
-    return UNIXEndpoint(path, mode, _parse_backlog(keywords, description))
+    # Absolute now: the daemon changes directory before it removes the file on stop.
+    return UNIXEndpoint(os.path.abspath(path), mode, _parse_backlog(keywords, description))
 
 
 def _parse_tls(

@@ -92,6 +92,7 @@ class StreamServer(Service):
         # use_copy); _copies holds them all, _sockets the ones this process accepts on.
         self.listen_copies = 1
         self._copies: list[list[socket.socket]] = []
+        self._socket_file: _SocketFile | None = None  # a UNIX socket's file this process made
         self._tls: ssl.SSLContext | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.BaseTransport] = set()
@@ -128,6 +129,8 @@ class StreamServer(Service):
                 self._tls = tls_context(self.endpoint)
             self._copies = self._listen_copies()
             self._sockets = self._copies[0]
+            if isinstance(self.endpoint, UNIXEndpoint):
+                self._socket_file = _SocketFile.bound_at(self.endpoint.path)
             self._label = self._describe()
         super().privileged_start_service()
 
@@ -226,12 +229,6 @@ class StreamServer(Service):
 
     def close_listeners(self) -> None:
         """Close the listening sockets quietly (after a failed start, or on stop)."""
-        # Read the paths first: asyncio's Server.close closes the sockets themselves. Only
-        # files tend bound are removed: a passed socket's file belongs to systemd, which
-        # needs it to start tend again on the next connection.
-        paths = []
-        if isinstance(self.endpoint, UNIXEndpoint):
-            paths = [sock.getsockname() for sock in self._sockets]
         for server in self._servers:
             server.close()
         self._servers.clear()
@@ -239,10 +236,9 @@ class StreamServer(Service):
             sock.close()
         self._sockets = []
         self._copies = []
-        for path in paths:
-            if isinstance(path, str) and path:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        if self._socket_file is not None:
+            self._socket_file.remove()
+            self._socket_file = None
 
     async def stop_service(self) -> None:
         """Close the listeners, drain open connections until the deadline, reset the rest."""
@@ -298,6 +294,46 @@ class UNIXServer(StreamServer):
         self, path: str, protocol_factory: ProtocolFactory, mode: int | None = None
     ) -> None:
         super().__init__(UNIXEndpoint(path, mode), protocol_factory)
+
+
+class _SocketFile:
+    """The file of a UNIX socket this process bound, to remove when it stops listening.
+
+    Only files tend bound are removed (a passed socket's file belongs to systemd, which
+    needs it to start tend again), only by the process that bound it (a worker sharing its
+    supervisor's socket must leave it), and only if it is still that socket: the folder is
+    held open and the inode compared, so neither a chroot nor a new file at the same path
+    makes tend remove the wrong thing.
+    """
+
+    def __init__(self, folder: int, name: str, inode: tuple[int, int]) -> None:
+        self.folder = folder
+        self.name = name
+        self.inode = inode
+        self.owner = os.getpid()
+
+    @classmethod
+    def bound_at(cls, path: str) -> _SocketFile | None:
+        folder_path, name = os.path.split(path)
+        try:
+            folder = os.open(folder_path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            status = os.stat(name, dir_fd=folder)
+        except OSError:
+            os.close(folder)
+            return None
+        return cls(folder, name, (status.st_dev, status.st_ino))
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.getpid() == self.owner:
+                status = os.stat(self.name, dir_fd=self.folder)
+                if (status.st_dev, status.st_ino) == self.inode:
+                    os.unlink(self.name, dir_fd=self.folder)
+        with contextlib.suppress(OSError):
+            os.close(self.folder)
 
 
 class _Tracking:

@@ -342,3 +342,46 @@ def test_relative_unix_socket_is_removed_from_where_it_was_made(run_tend, tmp_pa
     assert tend.stop() == 0
     assert not (tmp_path / "p.sock").exists()
     assert innocent.read_text() == "precious"
+
+
+def test_sigterm_during_a_slow_start_stops_cleanly(run_tend, tmp_path):
+    """A stop signal while a service is still starting cancels the start: one line, exit 1."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import asyncio, tend\n"
+        "class Slow(tend.Service):\n"
+        "    async def start_service(self):\n"
+        "        print('starting slowly', flush=True)\n"
+        "        await asyncio.sleep(3600)\n"
+        "application = tend.Application('slow')\n"
+        "Slow('slow').set_service_parent(application)\n"
+    )
+    tend = run_tend("--nodaemon", "-y", str(app))
+    tend.wait_for_output("starting slowly")
+    assert tend.stop(signal.SIGTERM) == 1
+    assert tend.stderr.strip() == "tend: stopped by SIGTERM before the services were ready"
+    assert not (tmp_path / "tend.pid").exists()
+
+
+def test_sigterm_while_the_app_file_loads_stops_cleanly(run_tend, tmp_path):
+    """A stop signal before the event loop exists still ends with one line and no pidfile."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import time, tend\n"
+        "print('loading', flush=True)\n"
+        "time.sleep(3600)\n"
+        "application = tend.Application('never')\n"
+    )
+    tend = run_tend("--nodaemon", "-y", str(app))
+    tend.wait_for_output("loading")
+    assert tend.stop(signal.SIGTERM) == 1
+    assert tend.stderr.strip() == "tend: stopped by SIGTERM before the services were ready"
+    assert "Traceback" not in tend.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e300"])
+def test_unbounded_shutdown_timeout_is_a_usage_error(tmp_path, value):
+    """--shutdown-timeout takes 0 to 86400 seconds."""
+    result = run("--shutdown-timeout", value, "poetry", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "argument --shutdown-timeout: invalid duration" in result.stderr

@@ -11,7 +11,7 @@ import os
 import sys
 from types import ModuleType
 
-from tend.errors import StartupError
+from tend.errors import StartupError, TendError
 from tend.service import Application
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def load_application(path: str) -> Application:
         sys.path.insert(0, folder)
     try:
         exec(code, module.__dict__)
+    except TendError:
+        raise  # already one line for the user (a stop signal, an error of tend's)
     except Exception as error:
         log.exception("error while running app file %s", path)
         raise AppFileError(

@@ -53,13 +53,19 @@ def _non_negative_int(text: str) -> int:
     return int(text)
 
 
+# A day: longer than any drain anyone means, and short enough for every timer to hold.
+LONGEST_SHUTDOWN = 86_400.0
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds, >= 0")
+    if not 0 <= value <= LONGEST_SHUTDOWN:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected seconds from 0 to {LONGEST_SHUTDOWN:.0f}"
+        )
     return value
 
 

@@ -280,7 +280,9 @@ def _settings(
         except _Invalid as error:
             raise DeploymentError(f"{where}: option {key!r}: {error}") from None
         if setting.dest in PATH_SETTINGS and isinstance(converted, str):
-            converted = _resolve(folder, converted, keep=("", "-"))
+            # "" turns the pidfile off and "-" means standard output for the log alone.
+            keep = ("", "-") if setting.dest == "logfile" else ("",)
+            converted = _resolve(folder, converted, keep=keep)
         settings[setting.dest] = converted
     return settings
 

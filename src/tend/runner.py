@@ -80,6 +80,12 @@ class Runner:
         """Run until stopped; return the exit status. Raises TendError before ready."""
         options = self.options
         loop_factory = _loop_factory(options.loop)
+        # Until the event loop takes over, a stop signal ends the start cleanly: the pidfile
+        # and socket files go, and the user reads one line instead of a dead process.
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signal_number, _stopped_while_starting)
+        # A logrotate that signals early must not kill the server (SIGUSR1's default).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if not options.nodaemon:
             if options.log.logfile in (None, "-") and not options.log.syslog:
                 raise StartupError(
@@ -200,11 +206,11 @@ class Runner:
             for server in walk(application):
                 if isinstance(server, StreamServer):
                     server.listen_copies = options.workers
-        with _starting(application):
+        with _starting(application):  # whatever fails from here closes what was bound
             application.privileged_start_service()
-        if options.chroot is not None or identity.changes_anything:
-            daemon.preload_modules()
-        daemon.enter_rundir(options.rundir, options.chroot)
+            if options.chroot is not None or identity.changes_anything:
+                daemon.preload_modules()
+            daemon.enter_rundir(options.rundir, options.chroot)
         self._status = describe_serving(application)
         if identity.changes_anything or options.workers > 1:
             status = self._supervise(application, identity, loop_factory)
@@ -289,7 +295,7 @@ class Runner:
         loop.add_signal_handler(signal.SIGUSR1, self._on_reopen_signal)
         watchdog = None
         try:
-            await self._start(application)
+            await self._start_unless_stopped(application)
             self._report_ready()
             interval = self.notifier.watchdog_interval() if self.notifier is not None else None
             if interval is not None:
@@ -318,6 +324,25 @@ class Runner:
             elif self.notifier is not None:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+    async def _start_unless_stopped(self, application: Application) -> None:
+        """Start the tree; a stop signal meanwhile cancels the start instead of waiting."""
+        assert self._stop_requested is not None
+        starting = asyncio.create_task(self._start(application))
+        stopped = asyncio.create_task(self._stop_requested.wait())
+        try:
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopped
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            _close_listeners(application)
+            raise StartupError(f"stopped by {self._signals[0]} before the services were ready")
+        starting.result()
 
     async def _start(self, application: Application) -> None:
         with _starting(application):
@@ -462,6 +487,11 @@ def _starting(application: Service) -> Iterator[None]:
             f"a service failed to start: {type(error).__name__}: {error} "
             "(the traceback is in the log)"
         ) from None
+
+
+def _stopped_while_starting(signal_number: int, frame: object) -> None:
+    name = signal.Signals(signal_number).name
+    raise StartupError(f"stopped by {name} before the services were ready")
 
 
 def _uses_socket_activation(application: Service) -> bool:

@@ -98,6 +98,8 @@ class Supervisor:
         self.restarts: dict[int, float] = {}  # worker number -> time to start it
         self.failures: dict[int, int] = {}  # worker number -> consecutive quick deaths
         self.ready_reported = False
+        self.killed = False  # SIGKILL sent to workers that overran the stop
+        self._dead_before_ready: Worker | None = None
         self.status = 0
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous_handlers: dict[int, object] = {}
@@ -152,16 +154,17 @@ class Supervisor:
                 self._reap(worker)
         self._handle_signals()
         self._restart_due()
-        if self.stopping_since is not None:
+        if self.stopping_since is not None and not self.killed:
             overrun = time.monotonic() - self.stopping_since
             if overrun > self.shutdown_timeout + 5 and self.workers:
                 log.error("workers did not stop in time; killing them.")
+                self.killed = True
                 self._stop_workers(signal.SIGKILL)
                 self.status = 1
 
     def _next_timeout(self) -> float | None:
         moments = list(self.restarts.values())
-        if self.stopping_since is not None:
+        if self.stopping_since is not None and not self.killed:
             moments.append(self.stopping_since + self.shutdown_timeout + 5)
         if not moments:
             return None
@@ -196,8 +199,10 @@ class Supervisor:
     def _become_worker(self, *unused: int | None) -> None:
         """In a fresh child: forget the supervisor's signals, pipes and other workers."""
         signal.set_wakeup_fd(-1)
-        for signal_number in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(signal_number, signal.SIG_DFL)
+        # What the process did before the supervisor took over (until the worker's event
+        # loop installs its own): a stop signal ends the start, SIGUSR1 is ignored.
+        for signal_number, handler in self._previous_handlers.items():
+            signal.signal(signal_number, handler)  # type: ignore[arg-type]
         # Ctrl-C reaches the supervisor alone, which forwards it once.
         with contextlib.suppress(OSError):
             os.setpgid(0, 0)
@@ -300,8 +305,6 @@ class Supervisor:
             delay,
         )
         self.restarts[worker.number] = time.monotonic() + delay
-
-    _dead_before_ready: Worker | None = None
 
     def _restart_due(self) -> None:
         now = time.monotonic()

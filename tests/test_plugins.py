@@ -18,7 +18,6 @@ from tend.plugins import (
     ServiceMaker,
     find_plugin,
     find_plugins,
-    plugin_options,
 )
 from tend.service import Service
 
@@ -114,14 +113,6 @@ def test_option_defaults() -> None:
         str,
         False,
     )
-
-
-def test_plugin_options_are_keyed_by_long_name() -> None:
-    """plugin_options maps each long name, dashes kept, to its option."""
-    options = plugin_options(CountingMaker())
-
-    assert list(options) == ["port", "poem-file", "start-at", "log-every-byte"]
-    assert options["log-every-byte"] == Flag("log-every-byte", "v", "Log every byte.")
 
 
 def test_parse_options_gives_defaults_converted_by_type() -> None:

@@ -464,8 +464,10 @@ def _timeout(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: expected seconds, >= 0")
+    if not 0 <= value <= 86_400:  # poll() takes milliseconds in a C int
+        raise argparse.ArgumentTypeError(
+            f"invalid timeout {text!r}: expected seconds from 0 to 86400"
+        )
     return value
 
 

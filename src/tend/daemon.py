@@ -153,11 +153,6 @@ class Pidfile:
         self._fds.clear()
         self._folder_fd = None
 
-    @property
-    def fds(self) -> list[int]:
-        """The descriptors holding the lock (a forked child must keep or close them)."""
-        return list(self._fds)
-
 
 def read_pidfile(path: str) -> PidfileState | None:
     """Read the pidfile at *path* without disturbing its owner; None if there is none.

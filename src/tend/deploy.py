@@ -440,15 +440,7 @@ def _option_value(option: Option | Flag, value: object, folder: str) -> object:
     text = _text(value)
     if text is None:
         raise _Invalid(f"expected a string or a number, not {_describe(value)}")
-    if is_path_option(option) and isinstance(value, str):
+    if option.path and isinstance(value, str):
+        # A relative path in the file is relative to the file's folder.
         text = _resolve(folder, text)
     return _converted(option.type, text)
-
-
-def is_path_option(option: Option) -> bool:
-    """True if *option* names a file or folder (``path = True`` on the option).
-
-    A relative path given in a deployment file is then relative to the file's folder,
-    as every relative path in the file is.
-    """
-    return option.path

@@ -109,15 +109,10 @@ class ServiceMaker:
     def parse_options(self, arguments: Sequence[str], prog: str) -> dict[str, object]:
         """Parse *arguments* into the mapping ``make_service`` receives.
 
-        Defaults go through the option's *type* too, so a default written as text (as
-        twistd's were) arrives converted.
+        A default written as text (as twistd's were) arrives converted too: argparse
+        passes string defaults through the option's *type*.
         """
-        parsed = vars(self.parser(prog).parse_args(list(arguments)))
-        for option in self.options:
-            value = parsed.get(option.key)
-            if isinstance(option, Option) and isinstance(value, str) and value is option.default:
-                parsed[option.key] = option.type(os.path.abspath(value) if option.path else value)
-        return parsed
+        return vars(self.parser(prog).parse_args(list(arguments)))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -323,8 +318,3 @@ def unknown_plugin_message(name: str, index: PluginIndex) -> str:
     for failure in index.failures:
         message += f" (a plugin failed to load: {failure})"
     return message
-
-
-def plugin_options(maker: ServiceMaker) -> Mapping[str, Option | Flag]:
-    """The plugin's options keyed by their long names, as deployment files spell them."""
-    return {option.long: option for option in maker.options}

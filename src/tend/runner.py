@@ -72,6 +72,7 @@ class Runner:
         self.notifier: Notifier | None = None  # systemd's NOTIFY_SOCKET, if set
         self._status = ""  # what this run serves, for STATUS=
         self._stop_requested: asyncio.Event | None = None
+        self._second_signal: asyncio.Event | None = None  # set by a signal during the stop
         self._signals: list[str] = []
 
     # -- the whole run -------------------------------------------------------------------
@@ -356,8 +357,6 @@ class Runner:
         if len(self._signals) > 1 and self._second_signal is not None:
             self._second_signal.set()
 
-    _second_signal: asyncio.Event | None = None
-
     def _on_reopen_signal(self) -> None:
         log.info("Received SIGUSR1, reopening the log.")
         if self.sink is not None:
@@ -373,8 +372,7 @@ class Runner:
             self._second_signal.set()
         servers = [s for s in walk(application) if isinstance(s, StreamServer)]
         deadline = loop.time() + self.options.shutdown_timeout
-        for server in servers:
-            server.stop_listening()
+        for server in servers:  # their listeners closed in _on_stopping
             server.drain_deadline = deadline
         stopping = asyncio.create_task(application.stop_service())
         second = asyncio.create_task(self._second_signal.wait())
@@ -384,6 +382,8 @@ class Runner:
             return_when=asyncio.FIRST_COMPLETED,
         )
         second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
         status = 0
         if stopping not in done:
             if second in done:

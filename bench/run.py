@@ -95,8 +95,7 @@ class Server:
     def command(self, poem: Path, log_path: Path, extra: Sequence[str] = ()) -> list[str]:
         if self.kind == "tend":
             argv = [str(TEND), "--nodaemon", "--pidfile", "", "-l", str(log_path)]
-            if self.loop != "asyncio":
-                argv += ["--loop", self.loop]
+            argv += ["--loop", self.loop]  # named even for asyncio: tend's default is auto
             if self.workers > 1:
                 argv += ["--workers", str(self.workers)]
             argv += ["poetry", "--port", "0", "--iface", "127.0.0.1", "--poem", str(poem)]

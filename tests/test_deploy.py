@@ -454,7 +454,7 @@ ERRORS = {
         [[service]]
         plugin = "poetry"
         """,
-        "deploy.toml: [tend]: option 'loop': expected one of asyncio, uvloop, not 'trio'",
+        "deploy.toml: [tend]: option 'loop': expected one of auto, asyncio, uvloop, not 'trio'",
     ),
     "umask as a number": (
         """\

@@ -36,7 +36,7 @@ def test_serves_the_bundled_poem_and_stops_on_sigterm(run_tend, tmp_path):
     narrative = [
         "Log opened.",
         "starting up.",
-        "event loop class: asyncio.",
+        "event loop class: ",
         "loaded a poem from: ",
         f"PoetryFactory starting on {port}",
         "Received SIGTERM, shutting down.",
@@ -385,3 +385,26 @@ def test_unbounded_shutdown_timeout_is_a_usage_error(tmp_path, value):
     result = run("--shutdown-timeout", value, "poetry", cwd=tmp_path)
     assert result.returncode == 2
     assert "argument --shutdown-timeout: invalid duration" in result.stderr
+
+
+def test_auto_loop_is_uvloop_when_installed_else_asyncio(run_tend):
+    """Without --loop, tend runs on uvloop if it is installed, and on asyncio if not."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        expected = "event loop class: asyncio."
+    else:
+        expected = "event loop class: uvloop.Loop."
+    tend = run_tend(*FOREGROUND, "poetry", *LOCAL)
+    tend.wait_for_port()
+    assert tend.stop() == 0
+    assert expected in tend.stdout
+
+
+def test_asyncio_loop_can_be_asked_for(run_tend):
+    """--loop asyncio runs on the standard library's loop even when uvloop is installed."""
+    tend = run_tend(*FOREGROUND, "--loop", "asyncio", "poetry", *LOCAL)
+    port = tend.wait_for_port()
+    assert fetch(port) == POEM.read_bytes()
+    assert tend.stop() == 0
+    assert "event loop class: asyncio.unix_events._UnixSelectorEventLoop." in tend.stdout

@@ -144,7 +144,11 @@ def runner_parser() -> argparse.ArgumentParser:
     )
     add("-d", "--rundir", metavar="DIR", help="directory to run in (default: .)")
     add("--chroot", metavar="DIR", help="chroot to DIR before starting")
-    add("--loop", choices=("asyncio", "uvloop"), help="event loop (default: asyncio)")
+    add(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        help="event loop; auto is uvloop when installed, else asyncio (default: auto)",
+    )
     add(
         "--shutdown-timeout",
         type=_seconds,
@@ -285,7 +289,7 @@ def runner_options(parsed: argparse.Namespace, settings: Mapping[str, object]) -
         umask=None if umask is None else int(str(umask)),
         rundir=rundir,
         chroot=chroot,
-        loop=str(pick("loop", "asyncio")),
+        loop=str(pick("loop", "auto")),
         shutdown_timeout=float(str(pick("shutdown_timeout", 10.0))),
         workers=_workers(str(pick("workers", 1))),
     )

@@ -660,15 +660,37 @@ def test_reopen_failure_keeps_logging_to_the_old_file(
     sink = open_sink(LogConfig(logfile=str(path)))
     log = attach(sink)
     log.info("one")
-    directory.rename(tmp_path / "gone")
-    with pytest.raises(LogError, match=r"cannot open log file .*: No such file or directory"):
+    path.rename(directory / "moved.log")
+    path.mkdir()  # something that cannot be opened for writing now stands at the path
+    with pytest.raises(LogError, match=r"cannot open log file .*: Is a directory"):
         sink.reopen()
     log.info("two")
     sink.close()
-    assert [line.split("] ")[1] for line in read_log(tmp_path / "gone" / "tend.log")] == [
+    assert [line.split("] ")[1] for line in read_log(directory / "moved.log")] == [
         "one",
         "two",
     ]
+
+
+def test_rotation_and_reopen_follow_the_folder_not_the_path(
+    open_sink: OpenSink, attach: Attach, tmp_path: Path
+) -> None:
+    """The folder is held open: after it moves (as a chroot makes the path vanish), the log
+    still rotates and reopens there."""
+    directory = tmp_path / "logs"
+    directory.mkdir()
+    sink = open_sink(LogConfig(logfile=str(directory / "tend.log"), max_bytes=200))
+    log = attach(sink)
+    directory.rename(tmp_path / "moved")
+    for number in range(20):
+        log.info("line %d of a rotated log", number)
+    sink.reopen()
+    sink.close()
+    moved = tmp_path / "moved"
+    assert len(list(moved.glob("tend.log.*"))) >= 3
+    lines = [line for path in moved.glob("tend.log*") for line in read_log(path)]
+    assert len(lines) == 20
+    assert not directory.exists()
 
 
 def test_reopen_is_a_noop_for_standard_output(open_sink: OpenSink) -> None:

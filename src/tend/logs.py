@@ -694,17 +694,31 @@ class _FileHandler(_BufferedHandler):
     (``PATH.1`` becomes ``PATH.2``, and so on) and a fresh one starts. A line is never split
     across files, nor a record unless it alone exceeds *max_bytes*; a line that alone exceeds
     it fills a fresh file by itself.
+
+    The file's folder is held open and every open, rename and listing goes through it,
+    so rotation and SIGUSR1 reopening keep working after a chroot, where the path given
+    at start no longer leads there.
     """
 
     def __init__(self, path: str, max_bytes: int, backups: int | None) -> None:
         self.path = path
+        # Not self._name: logging.Handler keeps its own name there.
+        folder, self._file_name = os.path.split(os.path.abspath(path))
+        try:
+            self._folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise LogError(f"cannot open log file {path!r}: {error.strerror}") from error
         self.max_bytes = max_bytes
         self.backups = backups
         self._fd: int | None = None
         self._size = 0
         self._rotates = False
         self._relaying = False  # writing to a pipe to the supervisor, see relay_to
-        opened = self._open_or_raise()
+        try:
+            opened = self._open_or_raise()
+        except LogError:
+            os.close(self._folder)
+            raise
         # Only now: Handler.__init__ registers the handler for logging.shutdown().
         super().__init__()
         self._adopt(*opened)
@@ -714,7 +728,9 @@ class _FileHandler(_BufferedHandler):
 
     def _open(self) -> tuple[int, os.stat_result]:
         # The mode is left to the umask in force, as the user chose it (--umask).
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        fd = os.open(
+            self._file_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666, dir_fd=self._folder
+        )
         try:
             return fd, os.fstat(fd)
         except OSError:
@@ -773,6 +789,9 @@ class _FileHandler(_BufferedHandler):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._folder >= 0:
+            os.close(self._folder)
+            self._folder = -1
 
     def _write_lines(self, lines: list[str]) -> None:
         data = "".join(lines).encode("utf-8", "backslashreplace")
@@ -836,24 +855,25 @@ class _FileHandler(_BufferedHandler):
 
         Older backups move up one number, and those past *backups* are deleted.
         """
+        folder, name = self._folder, self._file_name
         for number in sorted(self._backup_numbers(), reverse=True):
-            older = f"{self.path}.{number}"
+            older = f"{name}.{number}"
             if self.backups is not None and number >= self.backups:
-                os.unlink(older)
+                os.unlink(older, dir_fd=folder)
             else:
-                os.rename(older, f"{self.path}.{number + 1}")
+                os.rename(older, f"{name}.{number + 1}", src_dir_fd=folder, dst_dir_fd=folder)
         if self.backups == 0:
-            os.unlink(self.path)
+            os.unlink(name, dir_fd=folder)
         else:
-            os.rename(self.path, f"{self.path}.1")
+            os.rename(name, f"{name}.1", src_dir_fd=folder, dst_dir_fd=folder)
         # Should this open fail, the old descriptor, now PATH.1, keeps receiving lines.
         self._adopt(*self._open())
 
     def _backup_numbers(self) -> list[int]:
-        directory, name = os.path.split(self.path)
-        prefix = name + "."
+        prefix = self._file_name + "."
         numbers = []
-        with os.scandir(directory or ".") as entries:
+        # scandir reads a duplicate of the descriptor and rewinds it when done.
+        with os.scandir(self._folder) as entries:
             for entry in entries:
                 suffix = entry.name[len(prefix) :]
                 # Not "tend.log.1.gz" (compressed by logrotate) nor "tend.log.01".

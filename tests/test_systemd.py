@@ -757,3 +757,49 @@ def test_service_unit_runs_tend_as_the_runner_expects() -> None:
     assert name is not None
     assert f"systemd:name={name.group(1)}" in settings["ExecStart"]
     assert re.search(r"^ListenStream=10000$", socket_unit, re.MULTILINE)
+
+
+BLOCKING_APP = """
+import asyncio, os, signal, time, tend
+
+class Blocker(tend.Service):
+    async def start_service(self):
+        await super().start_service()
+        # SIGUSR2 makes a callback block the loop, as a runaway computation would.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGUSR2, lambda: (print("blocking", flush=True), time.sleep(30))
+        )
+
+application = tend.Application("blocker")
+Blocker("blocker").set_service_parent(application)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_blocked_event_loop_stops_the_watchdog_pings(run_tend, notify_socket, tmp_path, workers):
+    """Pings come from the event loop: once it blocks, systemd hears no more of them.
+
+    With workers, one blocked worker is enough to hold back the supervisor's pings."""
+    app = tmp_path / "app.py"
+    app.write_text(BLOCKING_APP)
+    env = {**os.environ, "NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000"}
+    tend = run_tend(*FOREGROUND, "--workers", str(workers), "-y", str(app), env=env)
+    skip_unless_ready(notify_socket, tend.stop)
+    for _ in range(3):
+        notify_socket.wait_for("WATCHDOG=1")
+    target = tend.pid
+    if workers > 1:
+        wait_until(
+            lambda: len(Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split()) == 2
+        )
+        target = int(Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split()[0])
+    os.kill(target, signal.SIGUSR2)
+    tend.wait_for_output("blocking")
+    # Drain pings already on their way, then expect silence for several intervals.
+    with contextlib.suppress(TimeoutError):
+        while True:
+            notify_socket.receive(timeout=0.3)
+    with pytest.raises(TimeoutError):
+        notify_socket.wait_for("WATCHDOG=1", timeout=1.0)
+    os.kill(target, signal.SIGKILL)  # what systemd would do; the blocked loop cannot stop
+    tend.kill()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from tend.errors import StartupError, TendError
+from tend.options import runner_parser
 from tend.plugins import Flag, Option, ServiceMaker, find_plugin
 from tend.service import Application
 
@@ -144,8 +145,6 @@ def load_deployment(
             f"{display}: 'tend' must be a table: write [tend] above the runner options"
         )
     if parser is None:
-        from tend.cli import runner_parser
-
         parser = runner_parser
     settings = _settings(tend_table, parser(), folder, f"{display}: [tend]")
     services = _entries(document.get("service"), folder, display)

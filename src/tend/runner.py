@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tend import __version__, daemon
+from tend.endpoints import SystemdEndpoint
 from tend.errors import StartupError, TendError
 from tend.logs import LogConfig, LogError, LogSink, install_fast_records, open_log
-from tend.net import StreamServer
+from tend.net import StreamServer, factory_name
 from tend.service import Application, Service, walk
 from tend.supervisor import Supervisor, WorkerFailedError
 
@@ -204,9 +205,8 @@ class Runner:
             self.pidfile = daemon.Pidfile(options.pidfile)
             self.pidfile.acquire()
         if options.workers > 1:
-            for server in walk(application):
-                if isinstance(server, StreamServer):
-                    server.listen_copies = options.workers
+            for server in listeners(application):
+                server.listen_copies = options.workers
         with _starting(application):  # whatever fails from here closes what was bound
             application.privileged_start_service()
             if options.chroot is not None or identity.changes_anything:
@@ -249,9 +249,8 @@ class Runner:
             self._control = control
             if log_pipe is not None:
                 sink.relay_to(log_pipe)
-            for server in walk(application):
-                if isinstance(server, StreamServer):
-                    server.use_copy(number - 1)
+            for server in listeners(application):
+                server.use_copy(number - 1)
             try:
                 daemon.drop_privileges(identity)
                 daemon.die_with_parent(signal.SIGTERM, supervisor_pid)
@@ -370,7 +369,7 @@ class Runner:
         self._second_signal = asyncio.Event()
         if len(self._signals) > 1:
             self._second_signal.set()
-        servers = [s for s in walk(application) if isinstance(s, StreamServer)]
+        servers = listeners(application)
         deadline = loop.time() + self.options.shutdown_timeout
         for server in servers:  # their listeners closed in _on_stopping
             server.drain_deadline = deadline
@@ -434,12 +433,11 @@ class Runner:
 
     def _on_stopping(self, application: Application, *, quietly: bool) -> None:
         """The stop has begun: refuse new clients at once and tell systemd."""
-        for server in walk(application):
-            if isinstance(server, StreamServer):
-                if quietly:
-                    server.close_listeners()
-                else:
-                    server.stop_listening()
+        for server in listeners(application):
+            if quietly:
+                server.close_listeners()
+            else:
+                server.stop_listening()
         if self.notifier is not None:
             self.notifier.stopping("stopping")
 
@@ -451,12 +449,10 @@ def _write_line(fd: int, line: str) -> None:
 
 def describe_serving(application: Service) -> str:
     """One line naming what the tree listens on, for systemd's STATUS= and tendctl."""
-    from tend.net import factory_name
-
     parts = [
         f"{factory_name(server.protocol_factory)} on {', '.join(server.addresses)}"
-        for server in walk(application)
-        if isinstance(server, StreamServer) and server.addresses
+        for server in listeners(application)
+        if server.addresses
     ]
     return "serving " + "; ".join(parts) if parts else "running"
 
@@ -495,18 +491,17 @@ def _stopped_while_starting(signal_number: int, frame: object) -> None:
 
 
 def _uses_socket_activation(application: Service) -> bool:
-    from tend.endpoints import SystemdEndpoint
+    return any(isinstance(server.endpoint, SystemdEndpoint) for server in listeners(application))
 
-    return any(
-        isinstance(service, StreamServer) and isinstance(service.endpoint, SystemdEndpoint)
-        for service in walk(application)
-    )
+
+def listeners(application: Service) -> list[StreamServer]:
+    """Every listening service in the tree, in tree order."""
+    return [service for service in walk(application) if isinstance(service, StreamServer)]
 
 
 def _close_listeners(application: Service) -> None:
-    for service in walk(application):
-        if isinstance(service, StreamServer):
-            service.close_listeners()
+    for server in listeners(application):
+        server.close_listeners()
 
 
 def _qualified_name(kind: type) -> str:

@@ -193,7 +193,7 @@ def test_exception_while_running_names_it_and_logs_the_traceback(
     assert message == (
         f"{path}: FileNotFoundError: poems/missing.txt (the traceback is in the log)"
     )
-    (record,) = [r for r in caplog.records if r.name == "tend.appfile"]
+    (record,) = [r for r in caplog.records if r.name == "tend"]
     assert record.levelno == logging.ERROR
     assert str(path) in record.getMessage()
     assert record.exc_info is not None

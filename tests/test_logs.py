@@ -66,7 +66,7 @@ def attach() -> Iterator[Attach]:
     """Send one logger's records to a sink only, so volume tests skip pytest's log capture."""
     attached: list[tuple[logging.Logger, logging.Handler]] = []
 
-    def attach_(sink: LogSink, name: str = "tend.test") -> logging.Logger:
+    def attach_(sink: LogSink, name: str = "tend") -> logging.Logger:
         logger = logging.getLogger(name)
         logger.propagate = False
         logger.setLevel(logging.DEBUG)
@@ -126,7 +126,7 @@ def test_install_logs_log_opened_in_twistd_format(open_sink: OpenSink) -> None:
     [
         ("", "-"),
         ("tend", "-"),
-        ("tend.runner", "-"),
+        ("tend.net", "tend.net"),
         ("tend.poetry", "tend.poetry"),
         ("tend.poetry.server", "tend.poetry.server"),
         ("asyncio", "asyncio"),
@@ -136,7 +136,7 @@ def test_install_logs_log_opened_in_twistd_format(open_sink: OpenSink) -> None:
 def test_context_is_dash_for_tend_else_logger_name(
     open_sink: OpenSink, name: str, context: str
 ) -> None:
-    """tend's own loggers and the root show '-'; the poetry app and others show their name."""
+    """tend's own logger and the root show '-'; every other logger shows its name."""
     out = io.StringIO()
     sink = open_sink(LogConfig(), out)
     sink.install()
@@ -495,10 +495,10 @@ def test_first_line_longer_than_max_bytes_does_not_rotate_an_empty_file(
 
 
 def formatted_length(message: str) -> int:
-    """The bytes one text line of *message* from logger tend.test takes in a file."""
+    """The bytes one text line of *message* from logger tend takes in a file."""
     out = io.StringIO()
     sink = open_log(LogConfig(), out)
-    record = logging.LogRecord("tend.test", logging.INFO, "-", 0, message, None, None)
+    record = logging.LogRecord("tend", logging.INFO, "-", 0, message, None, None)
     sink.handler.handle(record)
     sink.close()
     return len(out.getvalue().encode())
@@ -1098,7 +1098,7 @@ def test_cached_line_heads_follow_the_second_and_the_context(open_sink: OpenSink
     assert first != later
     assert later.endswith(" [tend.poetry.server] hi")
     assert record(1e9, context="PoetryProtocol,0").endswith(" [PoetryProtocol,0] hi")
-    assert record(1e9, name="tend.runner").endswith(" [-] hi")
+    assert record(1e9, name="tend").endswith(" [-] hi")
     assert record(1e9) == first
     assert record(1e9, msg="a\nb").splitlines() == [first[:-2] + "a", first[:-2] + "b"]
 

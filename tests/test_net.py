@@ -274,13 +274,13 @@ async def test_logs_starting_and_closed_lines(
     serve: Serve, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A server logs `<Factory> starting on PORT` on start and `(TCP Port N Closed)` on stop."""
-    caplog.set_level(logging.INFO, logger="tend.net")
+    caplog.set_level(logging.INFO, logger="tend")
     server = await serve(StreamServer(LOCAL, Greeter))
     port = server.port
 
     await server.stop_service()
 
-    messages = [r.getMessage() for r in caplog.records if r.name == "tend.net"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "tend"]
     assert messages == [f"Greeter starting on {port}", f"(TCP Port {port} Closed)"]
 
 
@@ -471,7 +471,7 @@ async def test_unix_server_serves_and_removes_its_socket_on_stop(
     serve: Serve, short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A UNIXServer serves on its socket file, logs its path, and removes the file on stop."""
-    caplog.set_level(logging.INFO, logger="tend.net")
+    caplog.set_level(logging.INFO, logger="tend")
     path = short_dir / "greeter.sock"
     server = await serve(UNIXServer(str(path), Greeter))
     assert server.addresses == [str(path)]
@@ -483,7 +483,7 @@ async def test_unix_server_serves_and_removes_its_socket_on_stop(
     await server.stop_service()
 
     assert not path.exists()
-    messages = [r.getMessage() for r in caplog.records if r.name == "tend.net"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "tend"]
     assert messages == [f"Greeter starting on {path}", f"(UNIX Port {path} Closed)"]
 
 

@@ -408,12 +408,12 @@ async def test_failed_stop_is_logged_and_siblings_still_stop(
     await start(collection)
     log.clear()
 
-    with caplog.at_level(logging.ERROR, logger="tend.service"):
+    with caplog.at_level(logging.ERROR, logger="tend"):
         await collection.stop_service()
 
     assert log == ["stop:c", "stop:b", "stop:a"]
     assert not collection.running
-    errors = [r for r in caplog.records if r.name == "tend.service"]
+    errors = [r for r in caplog.records if r.name == "tend"]
     assert len(errors) == 1
     assert errors[0].levelno == logging.ERROR
     assert "'b'" in errors[0].getMessage()

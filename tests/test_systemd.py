@@ -173,7 +173,7 @@ def test_a_failed_send_warns_once_and_recovers(
     address = str(short_dir / "notify")
     notifier = Notifier(address)
     try:
-        with caplog.at_level("WARNING", logger="tend.systemd"):
+        with caplog.at_level("WARNING", logger="tend"):
             assert not notifier.ready()
             assert not notifier.watchdog()
         warnings = [record.getMessage() for record in caplog.records]
@@ -202,7 +202,7 @@ def test_an_unsupported_notify_socket_is_ignored_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A relative path or a vsock: address is not something tend can reach: warn, carry on."""
-    with caplog.at_level("WARNING", logger="tend.systemd"):
+    with caplog.at_level("WARNING", logger="tend"):
         assert Notifier.from_environment({"NOTIFY_SOCKET": "vsock:2:1234"}) is None
     assert "ignoring NOTIFY_SOCKET=vsock:2:1234" in caplog.text
 

@@ -14,7 +14,7 @@ from types import ModuleType
 from tend.errors import StartupError, TendError
 from tend.service import Application
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 
 class AppFileError(StartupError):

@@ -166,7 +166,7 @@ def make_application(maker: ServiceMaker, options: Mapping[str, object], name: s
     except TendError:
         raise
     except Exception as error:
-        logging.getLogger(__name__).exception("plugin %r failed to make its service", name)
+        logging.getLogger("tend").exception("plugin %r failed to make its service", name)
         raise StartupError(
             f"plugin {name!r} failed to make its service: {type(error).__name__}: {error} "
             "(the traceback is in the log)"

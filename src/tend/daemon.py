@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from tend.errors import StartupError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 
 class PidfileError(StartupError):

@@ -36,7 +36,7 @@ from tend.options import runner_parser
 from tend.plugins import Flag, Option, ServiceMaker, find_plugin
 from tend.service import Application
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 # Runner options that name files or folders: relative ones are relative to the file's folder.
 PATH_SETTINGS = frozenset({"pidfile", "logfile", "rundir", "chroot"})

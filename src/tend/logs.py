@@ -312,14 +312,10 @@ def _process_name() -> str:
 def _context_of(name: str) -> str:
     """The bracketed context twistd calls "system": '-' for tend itself, else the logger name.
 
-    The poetry app's loggers keep their name, so its lines read like the seed's.
+    tend's own modules all log through the logger named "tend"; any other logger, an
+    application's included, shows its name.
     """
-    if name == "root" or (
-        (name == "tend" or name.startswith("tend."))
-        and not (name == "tend.poetry" or name.startswith("tend.poetry."))
-    ):
-        return "-"
-    return name
+    return "-" if name in ("root", "tend") else name
 
 
 class _TextFormatter(logging.Formatter):

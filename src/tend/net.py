@@ -33,7 +33,7 @@ from tend.service import Service
 if TYPE_CHECKING:
     import ssl
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 

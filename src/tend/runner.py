@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from tend import __version__, daemon
 from tend.endpoints import SystemdEndpoint
 from tend.errors import StartupError, TendError
-from tend.logs import LogConfig, LogError, LogSink, install_fast_records, open_log
+from tend.logs import LogConfig, LogError, LogSink, open_log
 from tend.net import StreamServer, factory_name
 from tend.service import Application, Service, walk
 from tend.supervisor import Supervisor, WorkerFailedError
@@ -31,7 +31,7 @@ from tend.supervisor import Supervisor, WorkerFailedError
 if TYPE_CHECKING:
     from tend.systemd import Notifier
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 LOOPS = ("auto", "asyncio", "uvloop")
 
@@ -105,13 +105,6 @@ class Runner:
                 raise daemon.PidfileLockedError(
                     f"Another tend server is running, PID {state.pid} (pidfile {state.path})"
                 )
-        # tend's formats never show these, and skipping them saves time on every log line
-        # (the "Optimization" section of the logging HOWTO); _srcfile = None skips the walk
-        # up the stack that finds each call's file and line. Records keep every attribute,
-        # made more cheaply (see install_fast_records).
-        logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-        logging._srcfile = None
-        install_fast_records()
         self.sink = open_log(options.log)
         self.sink.install()
         if os.environ.get("NOTIFY_SOCKET"):

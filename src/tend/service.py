@@ -14,7 +14,7 @@ from collections.abc import Coroutine, Iterable, Iterator
 
 from tend.errors import TendError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 
 class ServiceError(TendError):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from tend.errors import StartupError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 # A worker that dies is restarted after a pause that doubles, up to this, and falls back
 # to the first step once a worker has stayed up for RESTART_RESET seconds.

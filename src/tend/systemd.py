@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from tend.errors import StartupError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tend")
 
 # sd_listen_fds(3): passed sockets start right after standard input, output and error.
 LISTEN_FDS_START = 3

@@ -294,7 +294,7 @@ def test_bad_timeout_is_a_usage_error(tmp_path: Path) -> None:
     """--timeout takes seconds, 0 or more; anything else is argparse's exit 2."""
     result = tendctl("stop", "--timeout", "-1", cwd=tmp_path)
     assert result.returncode == 2
-    assert "invalid timeout '-1'" in result.stderr
+    assert "invalid duration '-1'" in result.stderr
 
 
 # reopen-logs

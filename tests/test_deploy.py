@@ -464,8 +464,7 @@ ERRORS = {
         [[service]]
         plugin = "poetry"
         """,
-        "deploy.toml: [tend]: option 'umask': "
-        'write the umask as a string of octal digits, as umask = "022"',
+        "deploy.toml: [tend]: option 'umask': write the umask as a string, as umask = \"022\"",
     ),
     "tend not a table": (
         """\

@@ -195,7 +195,11 @@ def test_drop_in_plugin_folder_is_found(run_tend, tmp_path):
         (["petry"], 2, "tend: unknown plugin 'petry'; did you mean 'poetry'?"),
         (["poetry", "--port", "tcp:abc"], 2, "argument -p/--port: invalid endpoint 'tcp:abc'"),
         (["poetry", "--prot", "1"], 2, "unrecognized arguments: --prot"),
-        (["--loop", "trio", "poetry"], 2, "argument --loop: invalid choice: 'trio'"),
+        (
+            ["--loop", "trio", "poetry"],
+            2,
+            "argument --loop: expected one of auto, asyncio, uvloop, not 'trio'",
+        ),
         (["--umask", "9x", "poetry"], 2, "argument --umask: invalid umask '9x'"),
         (["poetry", "--poem", "missing.txt", *LOCAL], 1, "tend: cannot read poem file"),
         (["-y", "nope.py"], 1, "tend: cannot read app file"),

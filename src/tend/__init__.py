@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from tend.endpoints import EndpointSyntaxError, parse_endpoint
     from tend.errors import StartupError, TendError, UsageError
     from tend.net import StreamServer, TCPServer, UNIXServer, reset
-    from tend.plugins import Flag, Option, ServiceMaker
+    from tend.options import Flag, Option, positive_seconds, seconds
+    from tend.plugins import ServiceMaker
     from tend.service import Application, MultiService, Service, walk
 
 _HOMES = {
@@ -29,8 +30,10 @@ _HOMES = {
     "reset": "tend.net",
     "EndpointSyntaxError": "tend.endpoints",
     "parse_endpoint": "tend.endpoints",
-    "Flag": "tend.plugins",
-    "Option": "tend.plugins",
+    "Flag": "tend.options",
+    "Option": "tend.options",
+    "positive_seconds": "tend.options",
+    "seconds": "tend.options",
     "ServiceMaker": "tend.plugins",
     "StartupError": "tend.errors",
     "TendError": "tend.errors",
@@ -53,7 +56,9 @@ __all__ = [
     "UsageError",
     "__version__",
     "parse_endpoint",
+    "positive_seconds",
     "reset",
+    "seconds",
     "walk",
 ]
 

@@ -14,13 +14,13 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from tend.errors import StartupError, TendError, UsageError
-from tend.options import PROG, runner_parser, workers_count
+from tend.errors import TendError, UsageError
 
 if TYPE_CHECKING:
     from tend.plugins import ServiceMaker
-    from tend.runner import RunnerOptions
     from tend.service import Application
+
+PROG = "tend"
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -44,9 +44,50 @@ def _fail(message: str, status: int) -> NoReturn:
     sys.exit(status)
 
 
+DESCRIPTION = """\
+Run asyncio network services as a production Unix service: detached, with a pidfile,
+rotated logs or syslog, dropped privileges and a clean stop on SIGTERM.
+
+  tend [options] PLUGIN [plugin options]   run a plugin's service
+  tend [options] -y APPFILE                run the `application` defined in APPFILE
+  tend [options] -c DEPLOY.toml            run the services a deployment file lists
+  tend PLUGIN --help                       show a plugin's options
+"""
+
+
+def command_parser() -> argparse.ArgumentParser:
+    """The parser for ``tend``'s own options, those before the plugin name."""
+    from tend import __version__
+    from tend.options import add_options
+    from tend.settings import SETTINGS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [options] {PLUGIN [plugin options] | -y APPFILE | -c DEPLOY.toml}",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "-y", "--python", metavar="APPFILE", help="run the `application` defined in APPFILE"
+    )
+    source.add_argument(
+        "-c", "--config", metavar="DEPLOY.toml", help="run the services a deployment file lists"
+    )
+    add_options(parser, SETTINGS, negatable=True)
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"tend {__version__} (Python {sys.version.split()[0]})",
+    )
+    parser.add_argument("plugin", nargs="?", metavar="PLUGIN", help=argparse.SUPPRESS)
+    parser.add_argument("plugin_arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
 def run_command(arguments: list[str]) -> int:
     """Parse *arguments*, build the chosen tree and run it; return the exit status."""
-    parser = runner_parser()
+    parser = command_parser()
     parsed = parser.parse_args(arguments)
     if parsed.python is None and parsed.config is None and parsed.plugin is None:
         print(parser.format_help())
@@ -57,7 +98,7 @@ def run_command(arguments: list[str]) -> int:
         raise UsageError(
             f"give a plugin or {source}, not both: {parsed.plugin!r} was given with {source}"
         )
-    settings: dict[str, object] = {}
+    from_file: Mapping[str, object] = {}
     build: Callable[[], Application]
     if parsed.python is not None:
         build = _app_file_builder(parsed.python)
@@ -65,86 +106,18 @@ def run_command(arguments: list[str]) -> int:
         from tend.deploy import load_deployment
 
         deployment = load_deployment(os.path.abspath(parsed.config))
-        settings = dict(deployment.settings)
+        from_file = deployment.settings
         build = deployment.build
     else:
         build = _plugin_builder(parsed.plugin, parsed.plugin_arguments)
-    options = runner_options(parsed, settings)
+    from tend.settings import SETTINGS, resolve
+
+    given = {option.key: getattr(parsed, option.key) for option in SETTINGS}
+    settings = resolve(given, from_file, os.getcwd())
 
     from tend.runner import Runner
 
-    return Runner(options, build).run()
-
-
-def runner_options(parsed: argparse.Namespace, settings: Mapping[str, object]) -> RunnerOptions:
-    """Merge the command line over a deployment file's settings, then the defaults.
-
-    Relative paths typed on the command line are relative to where tend was started;
-    relative paths in a deployment file were already made relative to its folder; the
-    default pidfile and log file live in the rundir.
-    """
-    from tend.logs import LogConfig
-    from tend.runner import RunnerOptions
-
-    def pick(name: str, default: object = None) -> object:
-        value = getattr(parsed, name)
-        if value is not None:
-            return value
-        return settings.get(name, default)
-
-    def path(name: str) -> str | None:
-        value = pick(name)
-        return None if value is None else os.path.abspath(str(value))
-
-    nodaemon = bool(pick("nodaemon", False))
-    chroot = path("chroot")
-    if chroot is None:
-        rundir = path("rundir") or os.getcwd()
-        files_in = rundir
-    else:
-        # As twistd: the rundir is inside the new root (its top by default), while the
-        # pidfile and log, opened before the chroot, default to where tend was started.
-        rundir = str(pick("rundir") or "/")
-        files_in = os.getcwd()
-    pidfile_value = pick("pidfile")
-    if pidfile_value is None:
-        pidfile: str | None = os.path.join(files_in, "tend.pid")
-    else:
-        pidfile = os.path.abspath(str(pidfile_value)) if pidfile_value else None
-    logfile_value = pick("logfile")
-    if logfile_value is None:
-        logfile: str | None = None if nodaemon else os.path.join(files_in, "tend.log")
-    elif logfile_value == "-":
-        logfile = None
-    else:
-        logfile = os.path.abspath(str(logfile_value))
-    backups = pick("log_backups")
-    log_config = LogConfig(
-        logfile=logfile,
-        syslog=bool(pick("syslog", False)),
-        prefix=str(pick("prefix", "tend")),
-        syslog_facility=str(pick("syslog_facility", "user")),
-        syslog_address=str(pick("syslog_address", "/dev/log")),
-        max_bytes=int(str(pick("log_max_bytes", 1_000_000))),
-        backups=None if backups is None else int(str(backups)),
-        format=str(pick("log_format", "text")),
-    )
-    umask = pick("umask")
-    uid = pick("uid")
-    gid = pick("gid")
-    return RunnerOptions(
-        nodaemon=nodaemon,
-        pidfile=pidfile,
-        log=log_config,
-        uid=None if uid is None else str(uid),
-        gid=None if gid is None else str(gid),
-        umask=None if umask is None else int(str(umask)),
-        rundir=rundir,
-        chroot=chroot,
-        loop=str(pick("loop", "auto")),
-        shutdown_timeout=float(str(pick("shutdown_timeout", 10.0))),
-        workers=workers_count(str(pick("workers", 1))),
-    )
+    return Runner(settings, build).run()
 
 
 def _plugin_builder(name: str, arguments: list[str]) -> Callable[[], Application]:
@@ -157,22 +130,11 @@ def _plugin_builder(name: str, arguments: list[str]) -> Callable[[], Application
 
 def make_application(maker: ServiceMaker, options: Mapping[str, object], name: str) -> Application:
     """Wrap the plugin's service in an Application, as twistd does for a plugin."""
-    import logging
-
+    from tend.plugins import make_service
     from tend.service import Application
 
-    try:
-        service = maker.make_service(options)
-    except TendError:
-        raise
-    except Exception as error:
-        logging.getLogger("tend").exception("plugin %r failed to make its service", name)
-        raise StartupError(
-            f"plugin {name!r} failed to make its service: {type(error).__name__}: {error} "
-            "(the traceback is in the log)"
-        ) from None
     application = Application(name)
-    service.set_service_parent(application)
+    make_service(maker, options, "").set_service_parent(application)
     return application
 
 

@@ -24,6 +24,7 @@ from typing import NoReturn
 
 from tend import __version__
 from tend.daemon import PidfileError, PidfileState, read_pidfile
+from tend.options import seconds
 
 PROG = "tendctl"
 
@@ -459,18 +460,6 @@ def _seconds(value: float) -> str:
 # -- the command line --------------------------------------------------------------------
 
 
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 86_400:  # poll() takes milliseconds in a C int
-        raise argparse.ArgumentTypeError(
-            f"invalid timeout {text!r}: expected seconds from 0 to 86400"
-        )
-    return value
-
-
 def _add_pidfile_option(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
         "--pidfile",
@@ -494,7 +483,7 @@ def parser() -> argparse.ArgumentParser:
     stop_parser = actions.add_parser("stop", help="send SIGTERM and wait until tend has stopped")
     stop_parser.add_argument(
         "--timeout",
-        type=_timeout,
+        type=seconds,
         metavar="SECONDS",
         default=DEFAULT_TIMEOUT,
         help=f"how long to wait for tend to stop (default: {DEFAULT_TIMEOUT:g})",

@@ -21,28 +21,18 @@ plugins; it makes no other OS calls.
 
 from __future__ import annotations
 
-import argparse
 import difflib
-import logging
-import math
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tend.errors import StartupError, TendError
-from tend.options import runner_parser
-from tend.plugins import Flag, Option, ServiceMaker, find_plugin
+from tend.options import Flag, InvalidValue, Option, convert, default_of, describe_value
+from tend.plugins import ServiceMaker, find_plugin, make_service
 from tend.service import Application
-
-log = logging.getLogger("tend")
-
-# Runner options that name files or folders: relative ones are relative to the file's folder.
-PATH_SETTINGS = frozenset({"pidfile", "logfile", "rundir", "chroot"})
-
-# Runner options that make no sense inside the file that is being run.
-_NOT_SETTINGS = frozenset({"help", "version", "python", "config"})
+from tend.settings import SETTINGS
 
 # Keys of a [[service]] table that are not the plugin's options (so a plugin option with
 # one of these names cannot be set from a deployment file).
@@ -73,7 +63,7 @@ class ServiceEntry:
 class Deployment:
     """A checked deployment file: the runner settings of ``[tend]`` and the services.
 
-    ``settings`` is keyed by the runner's argparse destinations (``log_max_bytes``), with
+    ``settings`` is keyed by setting key (``log_max_bytes``), with
     values converted as the command line would convert them and relative paths already
     made absolute.
     """
@@ -92,29 +82,20 @@ class Deployment:
         """Make each entry's service and attach it to a new Application under its name."""
         application = Application(self.name)
         for entry in self.services:
-            where = f"{self.display}: {entry.label}"
+            where = f"{self.display}: {entry.label}: "
             try:
-                service = entry.maker.make_service(entry.options)
+                service = make_service(entry.maker, entry.options, where)
                 service.name = entry.name
                 service.set_service_parent(application)
+            except StartupError as error:
+                raise DeploymentError(str(error)) from None
             except TendError as error:
-                raise DeploymentError(f"{where}: {error}") from None
-            except Exception as error:
-                log.exception("%s: plugin %r failed to make its service", where, entry.plugin)
-                raise DeploymentError(
-                    f"{where}: plugin {entry.plugin!r} failed to make its service: "
-                    f"{type(error).__name__}: {error} (the traceback is in the log)"
-                ) from None
+                raise DeploymentError(f"{where}{error}") from None
         return application
 
 
-def load_deployment(
-    path: str, parser: Callable[[], argparse.ArgumentParser] | None = None
-) -> Deployment:
+def load_deployment(path: str) -> Deployment:
     """Read, parse and check the deployment file at *path*.
-
-    *parser* makes the runner's argument parser, whose options ``[tend]`` may set; by
-    default the ``tend`` command's own.
 
     Raises:
         DeploymentError: the message names the file, the entry and the key at fault.
@@ -144,9 +125,7 @@ def load_deployment(
         raise DeploymentError(
             f"{display}: 'tend' must be a table: write [tend] above the runner options"
         )
-    if parser is None:
-        parser = runner_parser
-    settings = _settings(tend_table, parser(), folder, f"{display}: [tend]")
+    settings = _settings(tend_table, folder, f"{display}: [tend]")
     services = _entries(document.get("service"), folder, display)
     return Deployment(absolute, display, settings, services)
 
@@ -196,119 +175,20 @@ def _suggest(word: str, choices: Iterable[str], otherwise: str = "") -> str:
     return f"; did you mean {matches[0]!r}?" if matches else otherwise
 
 
-def _describe(value: object) -> str:
-    """Name a TOML value's type as the user wrote it."""
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, str):
-        return f"the string {value!r}"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"  # dates and times
-
-
-def _text(value: object) -> str | None:
-    """A string or number as the text a command line would carry, or None for other types."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else str(value)
-    return None
-
-
-def _converted(convert: Callable[[str], object], text: str) -> object:
-    """Run a command-line converter; its complaint becomes the error's reason."""
-    try:
-        return convert(text)
-    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
-        raise _Invalid(str(error) or f"invalid value {text!r}") from None
-
-
-class _Invalid(Exception):
-    """A value that its option rejects; the caller adds the file, entry and key."""
-
-
 # -- [tend] ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Setting:
-    """A runner option as the command line defines it."""
-
-    long: str
-    dest: str
-    is_flag: bool
-    convert: Callable[[str], object] | None
-    choices: tuple[str, ...] | None
-
-
-def _runner_settings(parser: argparse.ArgumentParser) -> dict[str, _Setting]:
-    """The runner options a [tend] table may set, keyed by their long names."""
-    found: dict[str, _Setting] = {}
-    for action in parser._actions:
-        longs = [name[2:] for name in action.option_strings if name.startswith("--")]
-        if not longs or action.dest in _NOT_SETTINGS:
-            continue
-        convert = action.type if callable(action.type) else None
-        choices = tuple(str(choice) for choice in action.choices) if action.choices else None
-        is_flag = action.nargs == 0 and action.const is True
-        found[longs[0]] = _Setting(longs[0], action.dest, is_flag, convert, choices)
-    return found
-
-
-def _settings(
-    table: Mapping[str, object],
-    parser: argparse.ArgumentParser,
-    folder: str,
-    where: str,
-) -> dict[str, object]:
-    known = _runner_settings(parser)
+def _settings(table: Mapping[str, object], folder: str, where: str) -> dict[str, object]:
+    """The runner settings [tend] gives, converted, keyed as the command line's."""
+    known = {option.long: option for option in SETTINGS}
     settings: dict[str, object] = {}
-    for key, value in _normalized(table, known, where, "option"):
-        setting = known[key]
+    for long, value in _normalized(table, known, where, "option"):
+        option = known[long]
         try:
-            converted = _setting_value(setting, value)
-        except _Invalid as error:
-            raise DeploymentError(f"{where}: option {key!r}: {error}") from None
-        if setting.dest in PATH_SETTINGS and isinstance(converted, str):
-            # "" turns the pidfile off and "-" means standard output for the log alone.
-            keep = ("", "-") if setting.dest == "logfile" else ("",)
-            converted = _resolve(folder, converted, keep=keep)
-        settings[setting.dest] = converted
+            settings[option.key] = convert(option, value, folder)
+        except InvalidValue as error:
+            raise DeploymentError(f"{where}: option {long!r}: {error}") from None
     return settings
-
-
-def _setting_value(setting: _Setting, value: object) -> object:
-    if setting.is_flag:
-        if not isinstance(value, bool):
-            raise _Invalid(f"expected true or false, not {_describe(value)}")
-        return value
-    if setting.dest == "umask" and not isinstance(value, str):
-        # A TOML number loses its base: 0o077 and 63 arrive alike, and 77 would pass silently.
-        raise _Invalid('write the umask as a string of octal digits, as umask = "022"')
-    text = _text(value)
-    if text is None:
-        raise _Invalid(f"expected a string or a number, not {_describe(value)}")
-    if setting.choices is not None and text not in setting.choices:
-        raise _Invalid(f"expected one of {', '.join(setting.choices)}, not {text!r}")
-    if setting.convert is None:
-        return text
-    return _converted(setting.convert, text)
-
-
-def _resolve(folder: str, path: str, keep: tuple[str, ...] = ("",)) -> str:
-    """Make *path* absolute, taking a relative one as relative to *folder*."""
-    if path in keep:
-        return path
-    return os.path.normpath(os.path.join(folder, os.path.expanduser(path)))
 
 
 def _normalized(
@@ -382,11 +262,15 @@ def _entry(
     label = f"entry {index} ({name!r})" if isinstance(name, str) else f"entry {index}"
     where = f"{display}: {label}"
     if "name" in table and not (isinstance(name, str) and name):
-        raise DeploymentError(f"{where}: 'name' must be a non-empty string, not {_describe(name)}")
+        raise DeploymentError(
+            f"{where}: 'name' must be a non-empty string, not {describe_value(name)}"
+        )
     if plugin is None:
         raise DeploymentError(f'{where}: no plugin given; name one, as plugin = "poetry"')
     if not isinstance(plugin, str) or not plugin:
-        raise DeploymentError(f"{where}: 'plugin' must be a plugin's name, not {_describe(plugin)}")
+        raise DeploymentError(
+            f"{where}: 'plugin' must be a plugin's name, not {describe_value(plugin)}"
+        )
     assert isinstance(name, str)
     maker = makers.get(plugin)
     if maker is None:
@@ -407,39 +291,15 @@ def _plugin_options(
     values = dict(_normalized(given, known, where, "option"))
     options: dict[str, object] = {}
     for long, option in known.items():
-        if long in values:
-            try:
-                options[option.key] = _option_value(option, values[long], folder)
-            except _Invalid as error:
-                raise DeploymentError(f"{where}: option {long!r}: {error}") from None
-        elif isinstance(option, Flag):
-            options[option.key] = False
-        elif option.required:
-            raise DeploymentError(
-                f"{where}: missing option {long!r}, which plugin {maker.name!r} requires"
-            )
-        elif isinstance(option.default, str):
-            # As on the command line, a default written as text goes through the converter.
-            try:
-                options[option.key] = option.type(option.default)
-            except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        try:
+            if long in values:
+                options[option.key] = convert(option, values[long], folder)
+            elif isinstance(option, Option) and option.required:
                 raise DeploymentError(
-                    f"{where}: option {long!r}: the plugin's default is invalid: {error}"
-                ) from None
-        else:
-            options[option.key] = option.default
+                    f"{where}: missing option {long!r}, which plugin {maker.name!r} requires"
+                )
+            else:
+                options[option.key] = default_of(option)
+        except InvalidValue as error:
+            raise DeploymentError(f"{where}: option {long!r}: {error}") from None
     return options
-
-
-def _option_value(option: Option | Flag, value: object, folder: str) -> object:
-    if isinstance(option, Flag):
-        if not isinstance(value, bool):
-            raise _Invalid(f"expected true or false, not {_describe(value)}")
-        return value
-    text = _text(value)
-    if text is None:
-        raise _Invalid(f"expected a string or a number, not {_describe(value)}")
-    if option.path and isinstance(value, str):
-        # A relative path in the file is relative to the file's folder.
-        text = _resolve(folder, text)
-    return _converted(option.type, text)

@@ -1,162 +1,253 @@
-"""The runner's command-line options: one table for the command line and deployment files.
+"""Options: what a plugin or the runner accepts, and the one conversion of their values.
 
-``tend``'s argument parser and the converters of its option values. Deployment files read
-the same table, so a ``[tend]`` key accepts exactly what its option does. Makes no OS calls
-and prints nothing.
+`Option` and `Flag` describe one option each (twistd's ``optParameters`` and ``optFlags``
+rows). A value arrives either as command-line text or as a deployment file's TOML value;
+`convert` turns both into what ``make_service`` or the runner receives, so the two ways in
+accept exactly the same things, and `default_of` gives an option left out its default the
+same way for both. `add_options` renders options with argparse. The converters at the end
+(`seconds`, `positive_seconds`, `count`) are shared by tend, its plugins and its commands.
+Makes no OS calls and prints nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import sys
-
-from tend import __version__
-
-PROG = "tend"
-
-DESCRIPTION = """\
-Run asyncio network services as a production Unix service: detached, with a pidfile,
-rotated logs or syslog, dropped privileges and a clean stop on SIGTERM.
-
-  tend [options] PLUGIN [plugin options]   run a plugin's service
-  tend [options] -y APPFILE                run the `application` defined in APPFILE
-  tend [options] -c DEPLOY.toml            run the services a deployment file lists
-  tend PLUGIN --help                       show a plugin's options
-"""
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 
-def _octal(text: str) -> int:
+@dataclass(frozen=True, slots=True)
+class Option:
+    """An option that takes a value (twistd: an ``optParameters`` row).
+
+    *type* converts the text; it raises ``ValueError`` or ``argparse.ArgumentTypeError``
+    to reject it, which tend reports as a usage error naming the option. A *required*
+    option has no default. A *path* option names a file or folder: a relative value is
+    relative to the current directory on the command line and to the file's folder in a
+    deployment file, and it arrives absolute (the daemon changes directory before services
+    start); ``""`` and ``"-"`` are left as they are. *choices* limits the text to those
+    words. An option with a *string_example* takes only a string in a deployment file, as
+    the example shows it: a TOML number forgets how it was written (``0o27`` and ``23``
+    arrive alike), which matters for a umask.
+    """
+
+    long: str
+    short: str | None = None
+    default: object = None
+    help: str = ""
+    type: Callable[[str], object] = str
+    required: bool = False
+    path: bool = False
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    string_example: str | None = None
+
+    @property
+    def key(self) -> str:
+        """The name the option arrives under in ``make_service``'s mapping."""
+        return self.long.replace("-", "_")
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """An on/off switch, off unless given (twistd: an ``optFlags`` row)."""
+
+    long: str
+    short: str | None = None
+    help: str = ""
+
+    @property
+    def key(self) -> str:
+        """The name the flag arrives under in ``make_service``'s mapping."""
+        return self.long.replace("-", "_")
+
+    @property
+    def default(self) -> bool:
+        return False
+
+
+class InvalidValue(ValueError):
+    """A value its option rejects; the message says why, the caller names the option."""
+
+
+def convert(option: Option | Flag, value: object, folder: str) -> object:
+    """Turn *value*, command-line text or a TOML value, into what *option* delivers.
+
+    A string goes through the option's type as the command line's text would; a TOML
+    number is taken as its digits; a flag takes a boolean. Relative paths are taken
+    from *folder*.
+
+    Raises:
+        InvalidValue: the value is of the wrong kind or the option's type rejects it.
+    """
+    if isinstance(option, Flag):
+        if not isinstance(value, bool):
+            raise InvalidValue(f"expected true or false, not {describe_value(value)}")
+        return value
+    if option.string_example is not None and not isinstance(value, str):
+        raise InvalidValue(
+            f"write the {option.long} as a string, as {option.long} = {option.string_example}"
+        )
+    text = _text(value)
+    if text is None:
+        raise InvalidValue(f"expected a string or a number, not {describe_value(value)}")
+    if option.choices is not None and text not in option.choices:
+        raise InvalidValue(f"expected one of {', '.join(option.choices)}, not {text!r}")
+    if option.path and text not in ("", "-"):
+        text = os.path.normpath(os.path.join(folder, os.path.expanduser(text)))
     try:
-        value = int(text, 8)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid umask {text!r}: expected octal, like 022"
-        ) from None
-    if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"invalid umask {text!r}: expected 000 to 777")
-    return value
+        return option.type(text)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        raise InvalidValue(str(error) or f"invalid value {text!r}") from None
 
 
-def _non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number")
-    return int(text)
+def default_of(option: Option | Flag) -> object:
+    """The value an option left out takes: a default written as text goes through the type.
+
+    Raises:
+        InvalidValue: the option's own default is rejected by its type.
+    """
+    if isinstance(option, Flag) or not isinstance(option.default, str):
+        return option.default
+    try:
+        return option.type(option.default)
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+        raise InvalidValue(f"the default is invalid: {error}") from None
 
 
-# A day: longer than any drain anyone means, and short enough for every timer to hold.
-LONGEST_SHUTDOWN = 86_400.0
+def values_of(options: Iterable[Option | Flag], given: Mapping[str, object]) -> dict[str, object]:
+    """Every option's value by key: the converted one *given*, else its default."""
+    values: dict[str, object] = {}
+    for option in options:
+        value = given.get(option.key)
+        values[option.key] = default_of(option) if value is None else value
+    return values
 
 
-def _seconds(text: str) -> float:
+def describe_value(value: object) -> str:
+    """Name a TOML value's type as the user wrote it: ``the string 'yes'``, ``an array``."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"  # dates and times
+
+
+def _text(value: object) -> str | None:
+    """A string or number as the text a command line would carry, or None for other types."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return None
+
+
+# -- argparse ---------------------------------------------------------------------------
+
+
+def add_options(
+    parser: argparse.ArgumentParser, options: Iterable[Option | Flag], *, negatable: bool
+) -> None:
+    """Add *options* to *parser*, each arriving under its key, None when not given.
+
+    Values are converted by `convert`, so a bad one is argparse's usage error naming the
+    option. With *negatable*, each flag also gets a ``--no-`` form, so a switch set by a
+    deployment file can be turned off on the command line.
+    """
+    for option in options:
+        names = [f"--{option.long}"]
+        if option.short:
+            names.insert(0, f"-{option.short}")
+        if isinstance(option, Flag):
+            action: type[argparse.Action] | str = (
+                argparse.BooleanOptionalAction if negatable else "store_true"
+            )
+            parser.add_argument(
+                *names, dest=option.key, action=action, default=None, help=option.help
+            )
+            continue
+        parser.add_argument(
+            *names,
+            dest=option.key,
+            metavar=option.metavar or _metavar(option),
+            default=None,
+            required=option.required,
+            type=_argparse_type(option),
+            help=_help(option),
+        )
+
+
+def _metavar(option: Option) -> str:
+    if option.choices is not None:
+        return "{" + ",".join(option.choices) + "}"
+    return option.long.upper().replace("-", "_")
+
+
+def _help(option: Option) -> str:
+    text = option.help or " "
+    if option.required:
+        return f"{text} (required)"
+    if option.default is not None and option.default is not False:
+        return f"{text} (default: {option.default})"
+    return text
+
+
+def _argparse_type(option: Option) -> Callable[[str], object]:
+    def checked(text: str) -> object:
+        try:
+            return convert(option, text, os.getcwd())
+        except InvalidValue as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    checked.__name__ = getattr(option.type, "__name__", "value")
+    return checked
+
+
+# -- converters ------------------------------------------------------------------------
+
+# A day: longer than any timeout anyone means, and short enough for every timer to hold
+# (poll() takes milliseconds in a C int).
+LONGEST = 86_400.0
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds, from 0 to a day."""
+    return _duration(text, positive=False)
+
+
+def positive_seconds(text: str) -> float:
+    """A duration in seconds, more than 0 and at most a day."""
+    return _duration(text, positive=True)
+
+
+def _duration(text: str, *, positive: bool) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value <= LONGEST_SHUTDOWN:
+        value = math.nan
+    low_ok = value > 0 if positive else value >= 0
+    if not (low_ok and value <= LONGEST):
+        low = "more than 0" if positive else "from 0"
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: expected seconds from 0 to {LONGEST_SHUTDOWN:.0f}"
+            f"invalid duration {text!r}: expected seconds {low} to {LONGEST:.0f}"
         )
     return value
 
 
-def workers_count(text: str) -> int:
-    if text == "auto":
-        return os.cpu_count() or 1
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(
-            f"invalid worker count {text!r}: expected a number >= 1, or auto"
-        )
+def count(text: str) -> int:
+    """A whole number, 0 or more, written in ASCII digits."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number")
     return int(text)
-
-
-def runner_parser() -> argparse.ArgumentParser:
-    """The parser for the runner's own options (those before the plugin name)."""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [options] {PLUGIN [plugin options] | -y APPFILE | -c DEPLOY.toml}",
-    )
-    add = parser.add_argument
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "-y", "--python", metavar="APPFILE", help="run the `application` defined in APPFILE"
-    )
-    source.add_argument(
-        "-c", "--config", metavar="DEPLOY.toml", help="run the services a deployment file lists"
-    )
-    add("-n", "--nodaemon", action="store_true", default=None, help="stay in the foreground")
-    add(
-        "--pidfile",
-        metavar="PATH",
-        help="pidfile to write (default: tend.pid in the rundir; '' for none)",
-    )
-    add(
-        "-l",
-        "--logfile",
-        metavar="PATH",
-        help="log file; '-' is standard output "
-        "(default: tend.log detached, standard output with --nodaemon)",
-    )
-    add(
-        "--log-max-bytes",
-        type=_non_negative_int,
-        metavar="N",
-        help="rotate the log file before it passes N bytes (default: 1000000; 0 never)",
-    )
-    add(
-        "--log-backups",
-        type=_non_negative_int,
-        metavar="N",
-        help="keep N rotated log files (default: all)",
-    )
-    add("--log-format", choices=("text", "json"), help="log line format (default: text)")
-    add("--syslog", action="store_true", default=None, help="log to syslog instead of a file")
-    add("--prefix", metavar="TAG", help="syslog tag (default: tend)")
-    add("--syslog-facility", metavar="NAME", help="syslog facility (default: user)")
-    add(
-        "--syslog-address",
-        metavar="ADDRESS",
-        help="syslog socket path or HOST:PORT (default: /dev/log)",
-    )
-    add("-u", "--uid", metavar="USER", help="user name or id to run as")
-    add(
-        "-g",
-        "--gid",
-        metavar="GROUP",
-        help="group name or id to run as (default: the user's group)",
-    )
-    add(
-        "--umask",
-        type=_octal,
-        metavar="MODE",
-        help="umask (default: 0077 detached, unchanged with --nodaemon)",
-    )
-    add("-d", "--rundir", metavar="DIR", help="directory to run in (default: .)")
-    add("--chroot", metavar="DIR", help="chroot to DIR before starting")
-    add(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        help="event loop; auto is uvloop when installed, else asyncio (default: auto)",
-    )
-    add(
-        "--shutdown-timeout",
-        type=_seconds,
-        metavar="SECONDS",
-        help="how long connections may finish after SIGTERM (default: 10)",
-    )
-    add(
-        "--workers",
-        type=workers_count,
-        metavar="N",
-        help="worker processes serving the same sockets; auto = one per CPU (default: 1)",
-    )
-    add(
-        "--version",
-        action="version",
-        version=f"tend {__version__} (Python {sys.version.split()[0]})",
-    )
-    add("plugin", nargs="?", metavar="PLUGIN", help=argparse.SUPPRESS)
-    add("plugin_arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    return parser

@@ -10,57 +10,30 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from tend.errors import UsageError
+from tend.errors import StartupError, TendError, UsageError
+from tend.options import Flag, InvalidValue, Option, add_options, values_of
 from tend.service import Service
+
+__all__ = [
+    "Flag",
+    "Option",
+    "PluginIndex",
+    "PluginLoadError",
+    "ServiceMaker",
+    "find_plugin",
+    "find_plugins",
+    "make_service",
+]
 
 ENTRY_POINT_GROUP = "tend.plugins"
 PLUGIN_FOLDER = "tend_plugins"
-
-
-@dataclass(frozen=True, slots=True)
-class Option:
-    """An option that takes a value (twistd: an ``optParameters`` row).
-
-    *type* converts the text; it raises ``ValueError`` or
-    ``argparse.ArgumentTypeError`` to reject it, which tend reports as a usage error
-    naming the option. A *required* option has no default. A *path* option names a file
-    or folder: a relative value is relative to the current directory on the command line
-    and to the file's folder in a deployment file, and it arrives absolute (the daemon
-    changes directory before services start).
-    """
-
-    long: str
-    short: str | None = None
-    default: object = None
-    help: str = ""
-    type: Callable[[str], object] = str
-    required: bool = False
-    path: bool = False
-
-    @property
-    def key(self) -> str:
-        """The name the option arrives under in ``make_service``'s mapping."""
-        return self.long.replace("-", "_")
-
-
-@dataclass(frozen=True, slots=True)
-class Flag:
-    """An on/off switch, off unless given (twistd: an ``optFlags`` row)."""
-
-    long: str
-    short: str | None = None
-    help: str = ""
-
-    @property
-    def key(self) -> str:
-        """The name the flag arrives under in ``make_service``'s mapping."""
-        return self.long.replace("-", "_")
 
 
 class ServiceMaker:
@@ -86,59 +59,47 @@ class ServiceMaker:
         parser = argparse.ArgumentParser(
             prog=prog,
             description=self.description,
-            formatter_class=_HelpFormatter,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        for option in self.options:
-            names = [f"--{option.long}"]
-            if option.short:
-                names.insert(0, f"-{option.short}")
-            if isinstance(option, Flag):
-                parser.add_argument(*names, dest=option.key, action="store_true", help=option.help)
-            else:
-                parser.add_argument(
-                    *names,
-                    dest=option.key,
-                    metavar=option.long.upper().replace("-", "_"),
-                    default=None if option.required else option.default,
-                    required=option.required,
-                    type=_argparse_type(option),
-                    help=(option.help or " ") + (" (required)" if option.required else ""),
-                )
+        add_options(parser, self.options, negatable=False)
         return parser
 
     def parse_options(self, arguments: Sequence[str], prog: str) -> dict[str, object]:
         """Parse *arguments* into the mapping ``make_service`` receives.
 
-        A default written as text (as twistd's were) arrives converted too: argparse
-        passes string defaults through the option's *type*.
+        An option left out takes its default; a default written as text (as twistd's
+        were) arrives converted by the option's type, as a deployment file's would.
         """
-        return vars(self.parser(prog).parse_args(list(arguments)))
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none (None, or a flag's False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _argparse_type(option: Option) -> Callable[[str], object]:
-    convert = option.type
-
-    def checked(text: str) -> object:
-        if option.path:
-            text = os.path.abspath(text)
+        parsed = vars(self.parser(prog).parse_args(list(arguments)))
         try:
-            return convert(text)
-        except argparse.ArgumentTypeError:
-            raise
-        except (ValueError, TypeError) as error:
-            raise argparse.ArgumentTypeError(str(error) or f"invalid value {text!r}") from None
+            return values_of(self.options, parsed)
+        except InvalidValue as error:
+            raise UsageError(f"plugin {self.name!r} has a bad default: {error}") from None
 
-    checked.__name__ = getattr(convert, "__name__", "value")
-    return checked
+
+def make_service(maker: ServiceMaker, options: Mapping[str, object], where: str) -> Service:
+    """Call *maker*'s ``make_service``; a failure becomes one line starting with *where*.
+
+    A TendError is the plugin's own line for the user; anything else is a bug in the
+    plugin, whose traceback goes to the log.
+
+    Raises:
+        StartupError: the plugin failed to make its service.
+    """
+    try:
+        return maker.make_service(options)
+    except TendError as error:
+        if not where:
+            raise
+        raise StartupError(f"{where}{error}") from None
+    except Exception as error:
+        logging.getLogger("tend").exception(
+            "%splugin %r failed to make its service", where, maker.name
+        )
+        raise StartupError(
+            f"{where}plugin {maker.name!r} failed to make its service: "
+            f"{type(error).__name__}: {error} (the traceback is in the log)"
+        ) from None
 
 
 class PluginLoadError(Exception):

@@ -17,15 +17,15 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tend import __version__, daemon
 from tend.endpoints import SystemdEndpoint
 from tend.errors import StartupError, TendError
-from tend.logs import LogConfig, LogError, LogSink, open_log
+from tend.logs import LogError, LogSink, open_log
 from tend.net import StreamServer, factory_name
 from tend.service import Application, Service, walk
+from tend.settings import LOOPS, Settings
 from tend.supervisor import Supervisor, WorkerFailedError
 
 if TYPE_CHECKING:
@@ -33,27 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tend")
 
-LOOPS = ("auto", "asyncio", "uvloop")
-
 # How long stop_service may overrun the drain deadline before tend gives up on it.
 STOP_OVERRUN = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerOptions:
-    """How to run: the runner options of the command line or a deployment file's [tend]."""
-
-    nodaemon: bool = False
-    pidfile: str | None = "tend.pid"
-    log: LogConfig = field(default_factory=LogConfig)
-    uid: int | str | None = None
-    gid: int | str | None = None
-    umask: int | None = None
-    rundir: str = "."
-    chroot: str | None = None
-    loop: str = "auto"
-    shutdown_timeout: float = 10.0
-    workers: int = 1
 
 
 BuildTree = Callable[[], Application]
@@ -62,7 +43,7 @@ BuildTree = Callable[[], Application]
 class Runner:
     """Runs one service tree through the lifecycle, as twistd's ApplicationRunner does."""
 
-    def __init__(self, options: RunnerOptions, build_tree: BuildTree) -> None:
+    def __init__(self, options: Settings, build_tree: BuildTree) -> None:
         self.options = options
         self.build_tree = build_tree
         self.sink: LogSink | None = None

@@ -17,6 +17,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tend import positive_seconds
+
 DEFAULT_TIMEOUT = 10.0
 
 _READ_SIZE = 64 * 1024
@@ -141,17 +143,6 @@ def parse_address(text: str) -> Server:
             f"invalid address {text!r}: the port must be a number from 1 to 65535"
         )
     return Server(host, port)
-
-
-def positive_seconds(text: str) -> float:
-    """A duration in seconds greater than zero, for ``--timeout``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds, > 0")
-    return value
 
 
 def command_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ poem it fetches from another poetry server, fetching it once for every client.
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Mapping
 
 from tend import (
@@ -19,9 +18,11 @@ from tend import (
     ServiceMaker,
     StreamServer,
     parse_endpoint,
+    positive_seconds,
+    seconds,
 )
 from tend.poetry import DEFAULT_POEM
-from tend.poetry.client import DEFAULT_TIMEOUT, Server, parse_address, positive_seconds
+from tend.poetry.client import DEFAULT_TIMEOUT, Server, parse_address
 from tend.poetry.proxy import PoetryProxyFactory, ProxyService
 from tend.poetry.server import PoetryFactory, PoetryService
 from tend.poetry.slow import DEFAULT_CHUNK_SIZE, SlowPoetryFactory
@@ -43,17 +44,6 @@ def chunk_size(text: str) -> int:
             f"invalid chunk size {text!r}: expected a whole number of bytes, at least 1"
         )
     return int(text)
-
-
-def seconds(text: str) -> float:
-    """A duration in seconds, zero or more, for ``--delay`` and ``--cache-ttl``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds, >= 0")
-    return value
 
 
 class PoetryMaker(ServiceMaker):

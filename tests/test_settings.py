@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import Tend, fetch
+
 from tend.cli import command_parser
 from tend.deploy import load_deployment
 from tend.errors import UsageError

@@ -15,6 +15,7 @@ import pytest
 
 from tend.endpoints import (
     DEFAULT_BACKLOG,
+    Endpoint,
     EndpointSyntaxError,
     ListenError,
     SystemdEndpoint,
@@ -22,10 +23,14 @@ from tend.endpoints import (
     TLSEndpoint,
     UNIXEndpoint,
     describe_socket,
-    listen,
     parse_endpoint,
 )
 from tend.errors import StartupError, TendError
+
+
+def listen(endpoint: Endpoint) -> list[socket.socket]:
+    """Bind *endpoint* once, as a server without workers does, and return its sockets."""
+    return endpoint.listen().sockets
 
 
 @pytest.fixture

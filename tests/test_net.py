@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tend.endpoints import ListenError, TCPEndpoint
-from tend.net import StreamServer, TCPServer, UNIXServer, reset
+from tend.net import StreamServer, TCPServer, UNIXServer, reset, stopping_by
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 
@@ -206,7 +206,7 @@ async def serve() -> AsyncIterator[Serve]:
         if server.running:
             server.grace_period = 0
             await server.stop_service()
-        server.close_listeners()
+        server.stop_listening()
 
 
 async def test_serves_a_protocol_on_tcp(serve: Serve) -> None:
@@ -240,7 +240,7 @@ async def test_reports_addresses_and_port_once_bound() -> None:
         assert server.port != 0
         assert server.addresses == [f"127.0.0.1:{server.port}"]
     finally:
-        server.close_listeners()
+        server.stop_listening()
     assert server.addresses == []
 
 
@@ -267,7 +267,7 @@ async def test_busy_port_fails_the_privileged_start() -> None:
             second.privileged_start_service()
         assert second.addresses == []
     finally:
-        first.close_listeners()
+        first.stop_listening()
 
 
 async def test_logs_starting_and_closed_lines(
@@ -360,10 +360,10 @@ async def test_drain_deadline_resets_a_connection_still_open(
     )
 
 
-async def test_runner_drain_deadline_wins_over_grace_period(
+async def test_stop_deadline_wins_over_grace_period(
     serve: Serve,
 ) -> None:
-    """A drain_deadline set by the runner ends the drain even when the grace period is long."""
+    """The deadline of the stop in progress ends the drain even when the grace period is long."""
     _, factory = recording(Holder)
     server = await serve(StreamServer(LOCAL, factory))
     server.grace_period = 600
@@ -375,9 +375,9 @@ async def test_runner_drain_deadline_wins_over_grace_period(
         writers.append(writer)
     await wait_until(lambda: server.connection_count == 2)
 
-    server.drain_deadline = asyncio.get_running_loop().time() + 0.2
-    async with asyncio.timeout(10):
-        await server.stop_service()
+    with stopping_by(asyncio.get_running_loop().time() + 0.2):
+        async with asyncio.timeout(10):
+            await server.stop_service()
 
     for reader, writer in zip(readers, writers, strict=True):
         with pytest.raises(ConnectionResetError):

@@ -155,7 +155,8 @@ def test_app_file_names_the_user_and_the_command_line_wins(run_tend, tmp_path):
     assert tend.stop() == 0
     overridden = run_tend("--nodaemon", "--pidfile", "", "-u", "root", "-g", "root", "-y", str(app))
     overridden.wait_for_port()
-    assert children(overridden.pid) == []  # root to root changes nothing: no supervisor needed
+    (worker,) = children(overridden.pid)
+    assert status_ids(worker)[0][0] == "0"  # the command line's root wins over the app file
     assert overridden.stop() == 0
 
 

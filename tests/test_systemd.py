@@ -787,12 +787,13 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(run_tend, notify_socket, 
     skip_unless_ready(notify_socket, tend.stop)
     for _ in range(3):
         notify_socket.wait_for("WATCHDOG=1")
-    target = tend.pid
-    if workers > 1:
-        wait_until(
-            lambda: len(Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split()) == 2
+    # The supervisor runs the tree in workers (one or more): block the first one's loop.
+    wait_until(
+        lambda: (
+            len(Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split()) == workers
         )
-        target = int(Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split()[0])
+    )
+    target = int(Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split()[0])
     os.kill(target, signal.SIGUSR2)
     tend.wait_for_output("blocking")
     # Drain pings already on their way, then expect silence for several intervals.

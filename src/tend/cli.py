@@ -85,6 +85,13 @@ def command_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _abandon(message: str) -> NoReturn:
+    """End the process now, from any thread, with *message* as the user's one line."""
+    with contextlib.suppress(OSError):
+        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def run_command(arguments: list[str]) -> int:
     """Parse *arguments*, build the chosen tree and run it; return the exit status."""
     parser = command_parser()
@@ -115,9 +122,9 @@ def run_command(arguments: list[str]) -> int:
     given = {option.key: getattr(parsed, option.key) for option in SETTINGS}
     settings = resolve(given, from_file, os.getcwd())
 
-    from tend.runner import Runner
+    from tend.lifecycle import run
 
-    return Runner(settings, build).run()
+    return run(settings, build, _abandon)
 
 
 def _plugin_builder(name: str, arguments: list[str]) -> Callable[[], Application]:

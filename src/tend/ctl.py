@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from tend import __version__
-from tend.daemon import PidfileError, PidfileState, read_pidfile
 from tend.options import seconds
+from tend.pidfile import PidfileError, PidfileState, read_pidfile
 
 PROG = "tendctl"
 

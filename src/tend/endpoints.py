@@ -4,8 +4,11 @@ A description is twistd's strports syntax: a kind, then colon-separated fields, 
 first positional and the rest ``key=value``; a backslash escapes a colon, so an IPv6
 address reads ``tcp:8000:interface=\\:\\:1``. A bare number means TCP on the default
 interface. The kinds are ``tcp``, ``unix``, ``tls`` (alias ``ssl``) and ``systemd``
-(sockets passed by socket activation). This module parses descriptions, binds sockets
-and loads TLS certificates; it knows nothing of services or event loops.
+(sockets passed by socket activation). This module parses descriptions, and each
+endpoint knows how to listen: `Endpoint.listen` binds it (or takes the sockets systemd
+passed), in as many copies as there are workers where the kind allows, and returns a
+`Listening` that owns the sockets, the TLS context and any UNIX socket file. It knows
+nothing of services or event loops.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tend import systemd
@@ -48,8 +51,28 @@ class TCPEndpoint:
     reuse_port: bool = False
 
     def __str__(self) -> str:
-        host = f"[{self.interface}]" if ":" in self.interface else self.interface
-        return f"{host or '0.0.0.0'}:{self.port}"
+        return host_and_port(self.interface or "0.0.0.0", self.port)
+
+    def listen(self, copies: int = 1) -> Listening:
+        """Bind and listen; with *copies* > 1, one SO_REUSEPORT socket set per copy.
+
+        The kernel then spreads new connections over the copies' own accept queues,
+        so each worker accepts on a copy of its own and none is woken for a connection
+        another takes. Port 0 picks one port, which every copy then takes.
+        """
+        if copies <= 1:
+            return Listening(self, [_listen_tcp(self)])
+        first = replace(self, reuse_port=True)
+        sets = [_listen_tcp(first)]
+        try:
+            port = sets[0][0].getsockname()[1]
+            for _ in range(copies - 1):
+                sets.append(_listen_tcp(replace(first, port=port)))
+        except BaseException:
+            for sock in (sock for copy in sets for sock in copy):
+                sock.close()
+            raise
+        return Listening(self, sets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +85,11 @@ class UNIXEndpoint:
 
     def __str__(self) -> str:
         return self.path
+
+    def listen(self, copies: int = 1) -> Listening:
+        """Bind the socket file; it cannot be bound twice, so every worker shares it."""
+        sock = _listen_unix(self)
+        return Listening(self, [[sock]], _SocketFile.bound_at(self.path))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +115,15 @@ class TLSEndpoint:
         """The TCP endpoint underneath."""
         return TCPEndpoint(self.port, self.interface, self.backlog, self.reuse_port)
 
+    def listen(self, copies: int = 1) -> Listening:
+        """Read the certificate and key, then listen as TCP does.
+
+        The key is read first, so a bad one leaves no socket open behind it.
+        """
+        context = tls_context(self)
+        listening = self.tcp.listen(copies)
+        return Listening(self, listening.copies, tls=context)
+
 
 @dataclass(frozen=True, slots=True)
 class SystemdEndpoint:
@@ -109,8 +146,137 @@ class SystemdEndpoint:
             return f"systemd:name={self.name}"
         return f"systemd:index={self.index}"
 
+    def listen(self, copies: int = 1) -> Listening:
+        """Take the sockets systemd passed; they exist once, so every worker shares them."""
+        return Listening(self, [_listen_systemd(self)])
+
 
 Endpoint = TCPEndpoint | UNIXEndpoint | TLSEndpoint | SystemdEndpoint
+
+
+class Listening:
+    """The listening sockets of one endpoint, in one or more copies, and what goes with them.
+
+    A copy is the set of sockets one worker accepts on: a TCP endpoint bound for N
+    workers has N copies, each its own SO_REUSEPORT socket per address; a UNIX or passed
+    socket has one copy, shared. The process that bound them (the supervisor) keeps
+    every copy, so connections queued on a dead worker's copy wait for its replacement;
+    a worker keeps only its own (`choose`). `close` closes them and removes a UNIX
+    socket's file, if this process made it and it is still that file.
+    """
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        copies: list[list[socket.socket]],
+        socket_file: _SocketFile | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.copies = copies
+        self.tls = tls
+        self._socket_file = socket_file
+        self._chosen = 0
+        self._open = True
+
+    def __repr__(self) -> str:
+        return f"<Listening {self.endpoint} {self.addresses}>"
+
+    @property
+    def closed(self) -> bool:
+        return not self._open
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The sockets this process accepts on: its chosen copy."""
+        return self.copies[self._chosen] if self._open else []
+
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses bound, e.g. ``127.0.0.1:43123`` after asking for port 0."""
+        return [describe_socket(sock) for sock in self.sockets]
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port bound, if any."""
+        for sock in self.sockets:
+            if sock.family != socket.AF_UNIX:
+                port: int = sock.getsockname()[1]
+                return port
+        return None
+
+    @property
+    def label(self) -> str:
+        """twistd's name for the port: ``TCP Port 10000`` or ``UNIX Port /run/x.sock``."""
+        if self.port is not None:
+            return f"TCP Port {self.port}"
+        return f"UNIX Port {', '.join(self.addresses)}"
+
+    def choose(self, index: int) -> None:
+        """In a worker: accept on copy *index* (modulo the copies) only; close the others."""
+        chosen = index % len(self.copies)
+        for number, copy in enumerate(self.copies):
+            if number != chosen:
+                for sock in copy:
+                    sock.close()
+        self.copies = [self.copies[chosen]]
+        self._chosen = 0
+
+    def close(self) -> None:
+        """Close every socket, and remove the UNIX socket file if it is ours."""
+        self._open = False
+        for sock in (sock for copy in self.copies for sock in copy):
+            sock.close()
+        if self._socket_file is not None:
+            self._socket_file.remove()
+            self._socket_file = None
+
+
+class _SocketFile:
+    """The file of a UNIX socket this process bound, to remove when it stops listening.
+
+    Only files tend bound are removed (a passed socket's file belongs to systemd, which
+    needs it to start tend again), only by the process that bound it (a worker sharing its
+    supervisor's socket must leave it), and only if it is still that socket: the folder is
+    held open and the inode compared, so neither a chroot nor a new file at the same path
+    makes tend remove the wrong thing.
+    """
+
+    def __init__(self, folder: int, name: str, inode: tuple[int, int]) -> None:
+        self.folder = folder
+        self.name = name
+        self.inode = inode
+        self.owner = os.getpid()
+
+    @classmethod
+    def bound_at(cls, path: str) -> _SocketFile | None:
+        folder_path, name = os.path.split(path)
+        try:
+            folder = os.open(folder_path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            status = os.stat(name, dir_fd=folder)
+        except OSError:
+            os.close(folder)
+            return None
+        return cls(folder, name, (status.st_dev, status.st_ino))
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.getpid() == self.owner:
+                status = os.stat(self.name, dir_fd=self.folder)
+                if (status.st_dev, status.st_ino) == self.inode:
+                    os.unlink(self.name, dir_fd=self.folder)
+        with contextlib.suppress(OSError):
+            os.close(self.folder)
+
+
+def host_and_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets: ``[::1]:10000``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 # twistd's systemd endpoint names address families as its domain= values.
 _DOMAINS = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
@@ -300,21 +466,6 @@ def _parse_bool(text: str, key: str, description: str) -> bool:
     raise EndpointSyntaxError(f"invalid endpoint {description!r}: {key} must be yes or no")
 
 
-def listen(endpoint: Endpoint) -> list[socket.socket]:
-    """Bind and listen on *endpoint*, returning non-blocking listening sockets.
-
-    A host name such as ``localhost`` may stand for several addresses (127.0.0.1 and
-    ::1); each gets a socket, all on the same port, so every client finds the server.
-    """
-    if isinstance(endpoint, UNIXEndpoint):
-        return [_listen_unix(endpoint)]
-    if isinstance(endpoint, SystemdEndpoint):
-        return _listen_systemd(endpoint)
-    if isinstance(endpoint, TLSEndpoint):
-        return _listen_tcp(endpoint.tcp)
-    return _listen_tcp(endpoint)
-
-
 def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
     host = endpoint.interface or "0.0.0.0"
     try:
@@ -339,8 +490,9 @@ def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
             try:
                 sock.bind((address, port))
             except OSError as error:
-                shown = f"[{address}]" if family == socket.AF_INET6 else address
-                raise ListenError(f"cannot listen on {shown}:{port}: {_reason(error)}") from None
+                raise ListenError(
+                    f"cannot listen on {host_and_port(str(address), port)}: {_reason(error)}"
+                ) from None
             # Port 0 picks a free port for the first address; the others must match it.
             port = sock.getsockname()[1]
             sock.listen(endpoint.backlog)
@@ -521,6 +673,4 @@ def describe_socket(sock: socket.socket) -> str:
     address = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         return str(address)
-    if sock.family == socket.AF_INET6:
-        return f"[{address[0]}]:{address[1]}"
-    return f"{address[0]}:{address[1]}"
+    return host_and_port(address[0], address[1])

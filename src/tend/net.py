@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
-import os
 import socket
 import struct
-from collections.abc import Callable
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from tend.endpoints import (
-    Endpoint,
-    TCPEndpoint,
-    TLSEndpoint,
-    UNIXEndpoint,
-    describe_socket,
-    listen,
-    parse_endpoint,
-    tls_context,
-)
-from tend.service import Service
-
-if TYPE_CHECKING:
-    import ssl
+from tend.endpoints import Endpoint, Listening, TCPEndpoint, UNIXEndpoint, parse_endpoint
+from tend.service import Service, walk
 
 log = logging.getLogger("tend")
 
@@ -83,108 +70,73 @@ class StreamServer(Service):
         )
         self.protocol_factory = protocol_factory
         self.grace_period = DEFAULT_GRACE_PERIOD
-        # Set by the runner so that every server's drain ends at the same moment.
-        self.drain_deadline: float | None = None
-        self.aborted_connections = 0
-        self._sockets: list[socket.socket] = []
-        # With --workers N the supervisor asks for N copies of a TCP listener, each bound
-        # with SO_REUSEPORT, so that the kernel spreads connections over the workers (see
-        # use_copy); _copies holds them all, _sockets the ones this process accepts on.
-        self.listen_copies = 1
-        self._copies: list[list[socket.socket]] = []
-        self._socket_file: _SocketFile | None = None  # a UNIX socket's file this process made
-        self._tls: ssl.SSLContext | None = None
+        self._listening: Listening | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.BaseTransport] = set()
         self._idle: asyncio.Event | None = None
-        self._label = self._describe()
+        self._aborted = 0
+        self._label = str(self.endpoint)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.endpoint} {factory_name(self.protocol_factory)}>"
 
     @property
+    def listening(self) -> Listening | None:
+        """The sockets this server listens on, once bound."""
+        return self._listening
+
+    @property
     def addresses(self) -> list[str]:
         """The addresses actually bound, e.g. ``127.0.0.1:43123`` after asking for port 0."""
-        return [describe_socket(sock) for sock in self._sockets]
+        return [] if self._listening is None else self._listening.addresses
 
     @property
     def port(self) -> int | None:
         """The TCP port actually bound, once bound."""
-        for sock in self._sockets:
-            if sock.family != socket.AF_UNIX:
-                port: int = sock.getsockname()[1]
-                return port
-        return None
+        return None if self._listening is None else self._listening.port
 
     @property
     def connection_count(self) -> int:
         """How many connections are open right now."""
         return len(self._connections)
 
+    @property
+    def aborted_connections(self) -> int:
+        """How many connections this server has reset because a stop could not wait."""
+        return self._aborted
+
+    def listen(self, copies: int = 1) -> Listening:
+        """Bind the endpoint now, in *copies* copies (one per worker), unless already bound.
+
+        `privileged_start_service` calls it with one copy; a supervisor running N
+        workers calls it first with N.
+        """
+        if self._listening is None or self._listening.closed:
+            self._listening = self.endpoint.listen(copies)
+            self._label = self._listening.label
+        return self._listening
+
     def privileged_start_service(self) -> None:
         """Bind the listening sockets and read TLS keys, as the starting user."""
-        if not self._sockets:
-            if isinstance(self.endpoint, TLSEndpoint) and self._tls is None:
-                # Before binding, so a bad key leaves no socket open behind it.
-                self._tls = tls_context(self.endpoint)
-            self._copies = self._listen_copies()
-            self._sockets = self._copies[0]
-            if isinstance(self.endpoint, UNIXEndpoint):
-                self._socket_file = _SocketFile.bound_at(self.endpoint.path)
-            self._label = self._describe()
+        self.listen()
         super().privileged_start_service()
-
-    def _listen_copies(self) -> list[list[socket.socket]]:
-        tcp = self.endpoint.tcp if isinstance(self.endpoint, TLSEndpoint) else self.endpoint
-        if self.listen_copies <= 1 or not isinstance(tcp, TCPEndpoint):
-            # UNIX and passed sockets are shared by every worker as they are.
-            return [self.listen()]
-        copies = [listen(replace(tcp, reuse_port=True))]
-        try:
-            port = copies[0][0].getsockname()[1]  # port 0 picked one: every copy takes it
-            for _ in range(self.listen_copies - 1):
-                copies.append(listen(replace(tcp, port=port, reuse_port=True)))
-        except BaseException:
-            for sock in (sock for copy in copies for sock in copy):
-                sock.close()
-            raise
-        return copies
-
-    def use_copy(self, index: int) -> None:
-        """In a worker: accept on copy *index* of the listener only, closing the others here.
-
-        The supervisor keeps every copy open, so connections queued on a dead worker's
-        copy wait for its replacement rather than being refused.
-        """
-        if len(self._copies) > 1:
-            for number, copy in enumerate(self._copies):
-                if number != index:
-                    for sock in copy:
-                        sock.close()
-            self._sockets = self._copies[index]
-            self._copies = [self._sockets]
-
-    def listen(self) -> list[socket.socket]:
-        """Open this server's listening sockets; subclasses may take them from elsewhere."""
-        return listen(self.endpoint)
 
     async def start_service(self) -> None:
         """Start accepting connections on the sockets bound earlier."""
-        if not self._sockets:
-            self.privileged_start_service()
+        listening = self.listen()
         loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
         log.info("%s starting on %s", factory_name(self.protocol_factory), self._where())
         try:
-            for sock in self._sockets:
+            for sock in listening.sockets:
                 # asyncio calls listen() again with this, and accepts up to this many per wakeup.
                 server = await loop.create_server(
-                    self._make_protocol, sock=sock, backlog=self.endpoint.backlog, ssl=self._tls
+                    self._make_protocol, sock=sock, backlog=self.endpoint.backlog, ssl=listening.tls
                 )
                 self._servers.append(server)
         except BaseException:
-            self.close_listeners()
+            self._close()
             raise
         await super().start_service()
 
@@ -212,42 +164,34 @@ class StreamServer(Service):
             self._idle.set()
 
     def stop_listening(self) -> None:
-        """Stop accepting new connections at once; those open carry on."""
-        if self._servers or self._sockets:
-            self.close_listeners()
+        """Stop accepting new connections at once (twistd's "Closed" line); those open go on."""
+        if self._close():
             log.info("(%s Closed)", self._label)
 
-    def _describe(self) -> str:
-        if isinstance(self.endpoint, UNIXEndpoint):
-            return f"UNIX Port {self.endpoint.path}"
-        if self.port is not None:
-            return f"TCP Port {self.port}"
-        if isinstance(self.endpoint, TCPEndpoint | TLSEndpoint):
-            return f"TCP Port {self.endpoint.port}"
-        # Sockets systemd passed, none of them TCP: UNIX ones, once taken.
-        return f"UNIX Port {', '.join(self.addresses)}" if self._sockets else str(self.endpoint)
-
-    def close_listeners(self) -> None:
-        """Close the listening sockets quietly (after a failed start, or on stop)."""
+    def _close(self) -> bool:
+        """Close the listeners; True if any were open."""
+        was_open = bool(self._servers) or (
+            self._listening is not None and bool(self._listening.sockets)
+        )
         for server in self._servers:
             server.close()
         self._servers.clear()
-        for sock in (sock for copy in self._copies or [self._sockets] for sock in copy):
-            sock.close()
-        self._sockets = []
-        self._copies = []
-        if self._socket_file is not None:
-            self._socket_file.remove()
-            self._socket_file = None
+        if self._listening is not None:
+            self._listening.close()
+        return was_open
 
     async def stop_service(self) -> None:
-        """Close the listeners, drain open connections until the deadline, reset the rest."""
+        """Stop as `stop` does, by the deadline of the stop in progress, else the grace period."""
         await super().stop_service()
-        self.stop_listening()
-        loop = asyncio.get_running_loop()
-        deadline = self.drain_deadline
+        deadline = _stop_deadline.get()
         if deadline is None:
-            deadline = loop.time() + self.grace_period
+            deadline = asyncio.get_running_loop().time() + self.grace_period
+        await self.stop(deadline)
+
+    async def stop(self, deadline: float) -> None:
+        """Close the listeners, let open connections finish until the loop time *deadline*,
+        then reset the rest."""
+        self.stop_listening()
         await self.drain(deadline)
 
     async def drain(self, deadline: float) -> None:
@@ -274,10 +218,42 @@ class StreamServer(Service):
     def reset_all(self) -> int:
         """Reset every open connection now; return how many there were."""
         leftover = list(self._connections)
-        self.aborted_connections += len(leftover)
+        self._aborted += len(leftover)
         for transport in leftover:
             reset(transport)
         return len(leftover)
+
+
+# The loop time by which the stop in progress must end; set by whoever runs the tree, so
+# that every server's drain ends at the same moment however deep in the tree it sits.
+_stop_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "tend_stop_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def stopping_by(deadline: float) -> Iterator[None]:
+    """Within this block (and tasks it creates), servers stop by the loop time *deadline*."""
+    token = _stop_deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _stop_deadline.reset(token)
+
+
+def listeners(tree: Service) -> list[StreamServer]:
+    """Every listening service in *tree*, in tree order."""
+    return [service for service in walk(tree) if isinstance(service, StreamServer)]
+
+
+def describe_serving(tree: Service) -> str:
+    """One line naming what *tree* listens on, for systemd's STATUS= and tendctl."""
+    parts = [
+        f"{factory_name(server.protocol_factory)} on {', '.join(server.addresses)}"
+        for server in listeners(tree)
+        if server.addresses
+    ]
+    return "serving " + "; ".join(parts) if parts else "running"
 
 
 class TCPServer(StreamServer):
@@ -294,46 +270,6 @@ class UNIXServer(StreamServer):
         self, path: str, protocol_factory: ProtocolFactory, mode: int | None = None
     ) -> None:
         super().__init__(UNIXEndpoint(path, mode), protocol_factory)
-
-
-class _SocketFile:
-    """The file of a UNIX socket this process bound, to remove when it stops listening.
-
-    Only files tend bound are removed (a passed socket's file belongs to systemd, which
-    needs it to start tend again), only by the process that bound it (a worker sharing its
-    supervisor's socket must leave it), and only if it is still that socket: the folder is
-    held open and the inode compared, so neither a chroot nor a new file at the same path
-    makes tend remove the wrong thing.
-    """
-
-    def __init__(self, folder: int, name: str, inode: tuple[int, int]) -> None:
-        self.folder = folder
-        self.name = name
-        self.inode = inode
-        self.owner = os.getpid()
-
-    @classmethod
-    def bound_at(cls, path: str) -> _SocketFile | None:
-        folder_path, name = os.path.split(path)
-        try:
-            folder = os.open(folder_path or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            status = os.stat(name, dir_fd=folder)
-        except OSError:
-            os.close(folder)
-            return None
-        return cls(folder, name, (status.st_dev, status.st_ino))
-
-    def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            if os.getpid() == self.owner:
-                status = os.stat(self.name, dir_fd=self.folder)
-                if (status.st_dev, status.st_ino) == self.inode:
-                    os.unlink(self.name, dir_fd=self.folder)
-        with contextlib.suppress(OSError):
-            os.close(self.folder)
 
 
 class _Tracking:

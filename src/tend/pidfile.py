@@ -1,0 +1,182 @@
+"""The pidfile: written whole, kept locked while tend runs, removed only if still ours.
+
+Only the supervisor holds one; tendctl reads them. Knows nothing of services or signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from dataclasses import dataclass
+
+from tend.errors import StartupError
+
+log = logging.getLogger("tend")
+
+
+class PidfileError(StartupError):
+    """A pidfile that cannot be used."""
+
+
+class PidfileLockedError(PidfileError):
+    """Another live tend server holds the pidfile."""
+
+
+@dataclass(frozen=True, slots=True)
+class PidfileState:
+    """What a pidfile says: the pid in it, and whether a live process holds its lock."""
+
+    path: str
+    pid: int | None
+    locked: bool
+
+
+class Pidfile:
+    """A pidfile kept locked for as long as the server runs.
+
+    The lock, not ``kill(pid, 0)``, tells a live server from a stale file, so a process
+    that reuses a dead server's pid (common in containers, where pids restart at 1)
+    never blocks a restart. The file is written whole (a new file renamed into place),
+    so a reader never sees it half written.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._fds: list[int] = []
+        self._inode: tuple[int, int] | None = None
+        # The pidfile's folder, held open: after a chroot its path no longer leads there.
+        self._folder_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<Pidfile {self.path!r}>"
+
+    def acquire(self, pid: int | None = None) -> None:
+        """Lock the pidfile and write *pid* (default: this process) into it.
+
+        Raises:
+            PidfileLockedError: a live server holds it.
+            PidfileError: it is a directory, holds something other than a pid, or cannot
+                be written.
+        """
+        pid = os.getpid() if pid is None else pid
+        guard = self._open_locked_existing()
+        try:
+            self._write(pid)
+        except BaseException:
+            self._close_fds()
+            raise
+        if guard is not None:
+            # Holding the old file's lock until exit keeps a racing starter that opened
+            # it before the rename from believing it stale.
+            self._fds.append(guard)
+
+    def _open_locked_existing(self) -> int | None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise PidfileError(f"cannot open pidfile {self.path}: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            content = _read_fd(fd)
+            os.close(fd)
+            shown = content.strip() if content.strip() else "unknown"
+            raise PidfileLockedError(
+                f"Another tend server is running, PID {shown} (pidfile {self.path})"
+            ) from None
+        content = _read_fd(fd).strip()
+        if content and not content.isdigit():
+            os.close(fd)
+            raise PidfileError(
+                f"pidfile {self.path} holds {content[:40]!r}, not a process id; "
+                "remove it if no server uses it"
+            )
+        log.info("Removing stale pidfile %s", self.path)
+        return fd
+
+    def _write(self, pid: int) -> None:
+        folder, name = os.path.split(self.path)
+        temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise PidfileError(f"cannot write pidfile {self.path}: {error.strerror}") from None
+        self._fds.append(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.write(fd, f"{pid}\n".encode())
+            os.fchmod(fd, 0o644)  # readable by tendctl and `kill $(cat ...)` whatever the umask
+            os.rename(temporary, self.path)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise PidfileError(f"cannot write pidfile {self.path}: {error.strerror}") from None
+        stat = os.fstat(fd)
+        self._inode = (stat.st_dev, stat.st_ino)
+        self._folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._fds.append(self._folder_fd)
+
+    def release(self) -> None:
+        """Remove the pidfile if it is still ours, and drop the lock."""
+        if self._inode is not None and self._folder_fd is not None:
+            name = os.path.basename(self.path)
+            with contextlib.suppress(OSError):
+                stat = os.stat(name, dir_fd=self._folder_fd)
+                if (stat.st_dev, stat.st_ino) == self._inode:
+                    os.unlink(name, dir_fd=self._folder_fd)
+            self._inode = None
+        self._close_fds()
+
+    def forget(self) -> None:
+        """In a forked child: close this copy of the lock without removing the file.
+
+        The lock belongs to the open file, which the parent still holds.
+        """
+        self._inode = self._folder_fd = None
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        self._folder_fd = None
+
+
+def read_pidfile(path: str) -> PidfileState | None:
+    """Read the pidfile at *path* without disturbing its owner; None if there is none.
+
+    Raises:
+        PidfileError: it cannot be read, or holds something other than a pid.
+    """
+    path = os.path.abspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise PidfileError(f"cannot read pidfile {path}: {error.strerror}") from None
+    try:
+        try:
+            content = _read_fd(fd).strip()
+        except OSError as error:
+            raise PidfileError(f"cannot read pidfile {path}: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            locked = False
+        except BlockingIOError:
+            locked = True
+    finally:
+        os.close(fd)
+    if content and not content.isdigit():
+        raise PidfileError(f"pidfile {path} holds {content[:40]!r}, not a process id")
+    return PidfileState(path, int(content) if content else None, locked)
+
+
+def _read_fd(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 64).decode(errors="replace")

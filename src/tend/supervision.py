@@ -1,0 +1,187 @@
+"""The supervisor's decisions: when to start a worker, when to kill, when to report.
+
+A core with an injected clock and no I/O, so every decision can be tested without a
+process: supervisor.py tells it what happened (a worker started, said READY, ERROR or
+WATCHDOG, exited; a stop was asked for) and asks what to do now (which workers to
+start, whether to kill, whether to report ready or ping systemd's watchdog) and when
+to wake up next.
+
+The rules, as gunicorn's arbiter has them: a worker that dies while the others serve is
+started again after a pause that doubles (0.5 s, 1 s, ... up to 30 s) while workers keep
+dying young, and falls back to the first step once one has lived 10 s. Before every
+worker is ready, any failure fails the whole start. A stop passes the signal on; workers
+still running when the drain and its overrun are over are killed, once.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tend.channel import Message
+
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
+RESTART_RESET = 10.0
+
+# How long workers may overrun the drain deadline before they are killed (as serve.py).
+STOP_OVERRUN = 5.0
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class WorkerRecord:
+    """One worker process, as the supervisor's decisions see it."""
+
+    number: int
+    pid: int
+    started: float
+    ready: bool = False
+    pinged: bool = False  # has pinged the watchdog since systemd was last pinged
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """What to say about a worker that exited while the others were serving."""
+
+    number: int
+    pid: int
+    how: str  # "status 3", "signal SIGKILL"
+    restart_in: float
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, from ``os.waitstatus_to_exitcode``: ``status 3``, ``signal SIGKILL``."""
+    if code < 0:
+        return f"signal {signal.Signals(-code).name}"
+    return f"status {code}"
+
+
+class Supervision:
+    """Decides, for *count* workers, from what happened and what the *clock* says."""
+
+    def __init__(self, count: int, clock: Clock, shutdown_timeout: float) -> None:
+        self.count = count
+        self.clock = clock
+        self.shutdown_timeout = shutdown_timeout
+        self.workers: dict[int, WorkerRecord] = {}  # by pid
+        now = clock()
+        self.restarts: dict[int, float] = {number: now for number in range(1, count + 1)}
+        self.quick_deaths: dict[int, int] = {}  # worker number -> deaths in a row, young
+        self.stopping_since: float | None = None
+        self.killed = False
+        self.reported_ready = False
+        self.failure: str | None = None  # why the start failed
+        self.status = 0
+
+    # -- what happened -------------------------------------------------------------------
+
+    def started(self, number: int, pid: int) -> None:
+        self.restarts.pop(number, None)
+        self.workers[pid] = WorkerRecord(number, pid, self.clock())
+
+    def said(self, pid: int, message: Message) -> None:
+        """A worker's message: READY, WATCHDOG or ERROR."""
+        worker = self.workers.get(pid)
+        if worker is None:
+            return
+        if message.ready:
+            worker.ready = True
+        if message.watchdog:
+            worker.pinged = True
+        if message.error is not None:
+            worker.error = message.error
+            if not self.reported_ready and self.failure is None:
+                self.failure = message.error
+
+    def exited(self, pid: int, code: int) -> Exit | None:
+        """A worker exited with *code* (``os.waitstatus_to_exitcode``).
+
+        Returns what to log when it is to be started again, else None.
+        """
+        worker = self.workers.pop(pid, None)
+        if worker is None:
+            return None
+        if self.stopping_since is not None:
+            # The exit status tells how the stop went; a worker replaced earlier does not count.
+            if code != 0:
+                self.status = 1
+            return None
+        if not self.reported_ready:
+            if self.failure is None:
+                self.failure = worker.error or (
+                    f"worker {worker.number} exited with {describe_exit(code)} before it was ready"
+                )
+            return None
+        now = self.clock()
+        lived = now - worker.started
+        deaths = 0 if lived > RESTART_RESET else self.quick_deaths.get(worker.number, 0) + 1
+        self.quick_deaths[worker.number] = deaths
+        delay = 0.0 if deaths == 0 else min(RESTART_MAX, RESTART_FIRST * 2 ** (deaths - 1))
+        self.restarts[worker.number] = now + delay
+        return Exit(worker.number, pid, describe_exit(code), delay)
+
+    def stop(self) -> bool:
+        """A stop was asked for (or the start failed); True the first time."""
+        self.restarts.clear()
+        if self.stopping_since is not None:
+            return False
+        self.stopping_since = self.clock()
+        return True
+
+    # -- what to do ----------------------------------------------------------------------
+
+    def to_start(self) -> list[int]:
+        """The worker numbers to start now."""
+        if self.stopping_since is not None or self.failure is not None:
+            return []
+        now = self.clock()
+        return sorted(number for number, when in self.restarts.items() if when <= now)
+
+    def ready_to_report(self) -> bool:
+        """True once, when every worker has said READY before anything failed or stopped."""
+        if self.reported_ready or self.stopping_since is not None or self.failure is not None:
+            return False
+        workers = self.workers.values()
+        if len(workers) == self.count and all(worker.ready for worker in workers):
+            self.reported_ready = True
+            return True
+        return False
+
+    def watchdog_due(self) -> bool:
+        """True when every worker has pinged since the last time this said True.
+
+        One worker whose loop is stuck holds the pings back, and systemd, hearing none,
+        restarts the service.
+        """
+        workers = self.workers.values()
+        if not workers or not all(worker.pinged for worker in workers):
+            return False
+        for worker in workers:
+            worker.pinged = False
+        return True
+
+    def kill_due(self) -> bool:
+        """True once, when workers outlive the stop's drain and its overrun."""
+        if self.stopping_since is None or self.killed or not self.workers:
+            return False
+        if self.clock() < self.stopping_since + self.shutdown_timeout + STOP_OVERRUN:
+            return False
+        self.killed = True
+        self.status = 1
+        return True
+
+    @property
+    def finished(self) -> bool:
+        """Every worker is gone and none is to start again."""
+        return not self.workers and (self.stopping_since is not None or self.failure is not None)
+
+    def next_wakeup(self) -> float | None:
+        """The clock time of the next decision that depends on time alone, if any."""
+        moments = [] if self.stopping_since is not None else list(self.restarts.values())
+        if self.stopping_since is not None and not self.killed and self.workers:
+            moments.append(self.stopping_since + self.shutdown_timeout + STOP_OVERRUN)
+        return min(moments, default=None)

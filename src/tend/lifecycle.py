@@ -144,6 +144,7 @@ def run(settings: Settings, build_tree: BuildTree, abandon: Callable[[str], NoRe
     finally:
         if supervisor is not None:
             supervisor.close()
+            log.info("Server Shut Down.")
         sink.close()
 
 

@@ -167,7 +167,6 @@ class Supervisor:
             raise StartupError(f"stopped by {self.stop_signal} before the services were ready")
         if self.core.failure is not None:
             raise WorkerFailedError(self.core.failure)
-        log.info("Server Shut Down.")
         return self.core.status
 
     def _step(self) -> None:

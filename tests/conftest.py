@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import re
 import signal
@@ -10,8 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,18 +22,61 @@ TEND = [sys.executable, "-m", "tend"]
 POEM = Path(__file__).resolve().parent.parent / "src" / "tend" / "poetry" / "poems" / "ecstasy.txt"
 
 
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
-) -> object:
-    """Poll *predicate* until it returns something true; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll *predicate* until it returns something true, and return that; fail after *timeout* s."""
+    deadline = _Deadline(predicate, timeout)
+    while not (value := predicate()):
+        deadline.check(value)
+        time.sleep(interval)
+    return value
+
+
+async def wait_until_async(
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,  # noqa: ASYNC109 -- wait_until's twin: the same call, the same message
+    interval: float = 0.02,
+) -> T:
+    """wait_until for a test in the event loop: the loop runs on between polls.
+
+    *predicate* may return an awaitable (a coroutine function that makes a connection, say),
+    whose result is then the value tested.
+    """
+    deadline = _Deadline(predicate, timeout)
     while True:
         value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
-        time.sleep(interval)
+        result = await value if inspect.isawaitable(value) else value
+        if result:
+            return result
+        deadline.check(result)
+        await asyncio.sleep(interval)
+
+
+class _Deadline:
+    """When a wait gives up, and what it says then; shared by wait_until and its async twin."""
+
+    def __init__(self, predicate: Callable[[], object], timeout: float) -> None:
+        self.predicate = predicate
+        self.timeout = timeout
+        self.end = time.monotonic() + timeout
+
+    def check(self, last: object) -> None:
+        """Fail if the deadline has passed, naming what was awaited and its *last* value."""
+        if time.monotonic() > self.end:
+            raise AssertionError(
+                f"timed out after {self.timeout} s waiting for {_describe(self.predicate)} "
+                f"(last returned {last!r})"
+            )
+
+
+def _describe(predicate: Callable[[], object]) -> str:
+    """A lambda's source line, which says more than its repr; other callables' repr."""
+    if getattr(predicate, "__name__", None) == "<lambda>":
+        with contextlib.suppress(OSError, TypeError):
+            return " ".join(inspect.getsource(predicate).split())
+    return repr(predicate)
 
 
 def fetch(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:

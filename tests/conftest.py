@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TypeVar
 
@@ -95,6 +96,20 @@ def pid_alive(pid: int) -> bool:
             return file.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def shim_proxy_plugin(folder: Path) -> None:
+    """Make `poetry-proxy` findable from *folder*, should the installed tend not name it.
+
+    pyproject.toml names the entry point, but an install made before it did (a stale
+    .venv) would not have it: then a `tend_plugins/` file in *folder* stands in.
+    """
+    if not entry_points(group="tend.plugins", name="poetry-proxy"):
+        plugins = folder / "tend_plugins"
+        plugins.mkdir(exist_ok=True)
+        (plugins / "poetry_proxy.py").write_text(
+            "from tend.poetry.plugin import proxy_service_maker as proxy_service_maker\n"
+        )
 
 
 class Tend:

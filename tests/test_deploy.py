@@ -10,11 +10,10 @@ import signal
 import subprocess
 import textwrap
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Tend, fetch, pid_alive, wait_until
+from conftest import POEM, TEND, Tend, fetch, pid_alive, shim_proxy_plugin, wait_until
 
 from tend.deploy import DeploymentError, load_deployment
 from tend.service import MultiService
@@ -58,16 +57,6 @@ class RecorderMaker(tend.ServiceMaker):
 
 recorder = RecorderMaker()
 """
-
-
-def shim_proxy_plugin(folder: Path) -> None:
-    """Make `poetry-proxy` findable from *folder* until pyproject.toml names its entry point."""
-    if not entry_points(group="tend.plugins", name="poetry-proxy"):
-        plugins = folder / "tend_plugins"
-        plugins.mkdir(exist_ok=True)
-        (plugins / "poetry_proxy.py").write_text(
-            "from tend.poetry.plugin import proxy_service_maker as proxy_service_maker\n"
-        )
 
 
 def write(path: Path, text: str) -> Path:

@@ -14,11 +14,10 @@ import re
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Tend, fetch, wait_until, wait_until_async
+from conftest import POEM, TEND, Tend, fetch, shim_proxy_plugin, wait_until, wait_until_async
 
 import tend
 
@@ -28,16 +27,6 @@ FOREGROUND = ["--nodaemon", "--pidfile", ""]
 LOCAL = ["--port", "0", "--iface", "127.0.0.1"]
 
 Behaviour = Callable[["Upstream", int, asyncio.StreamWriter], Awaitable[None]]
-
-
-def shim_proxy_plugin(folder: Path) -> None:
-    """Make `poetry-proxy` findable from *folder* until pyproject.toml names its entry point."""
-    if not entry_points(group="tend.plugins", name="poetry-proxy"):
-        plugins = folder / "tend_plugins"
-        plugins.mkdir(exist_ok=True)
-        (plugins / "poetry_proxy.py").write_text(
-            "from tend.poetry.plugin import proxy_service_maker as proxy_service_maker\n"
-        )
 
 
 class Upstream:

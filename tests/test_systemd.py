@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, pid_alive, wait_until
+from conftest import POEM, TEND, Tend, pid_alive, wait_until
 
 from tend.endpoints import SystemdEndpoint, parse_endpoint
 from tend.errors import StartupError
@@ -639,13 +639,19 @@ def test_a_passed_datagram_socket_is_refused(activate: Callable[..., Activated])
 # The runner tells systemd: end to end with a real NOTIFY_SOCKET
 
 
-def skip_unless_ready(receiver: NotifySocket, stop: Callable[[], object]) -> tuple[int, str]:
-    """The READY=1 datagram; if none comes, stop tend cleanly (workers too) and skip."""
+def wait_for_ready(receiver: NotifySocket, output: Callable[[], str]) -> tuple[int, str]:
+    """The READY=1 datagram; if none comes, fail with what did come and tend's *output()*."""
     try:
         return receiver.wait_for("READY=1", timeout=10)
     except TimeoutError:
-        stop()
-        pytest.skip("runner integration pending")
+        raise AssertionError(
+            f"no READY=1 within 10 s; the notify socket received {receiver.received!r}\n{output()}"
+        ) from None
+
+
+def output_of(tend: Tend) -> str:
+    """What *tend* wrote, for a failure message."""
+    return f"tend's stdout:\n{tend.stdout}\ntend's stderr:\n{tend.stderr}"
 
 
 def test_foreground_tend_reports_ready_watchdog_and_stopping(run_tend, notify_socket):
@@ -659,7 +665,7 @@ def test_foreground_tend_reports_ready_watchdog_and_stopping(run_tend, notify_so
     }
     tend = run_tend(*FOREGROUND, "poetry", "--port", "tcp:0:interface=127.0.0.1", env=env)
     port = tend.wait_for_port()
-    sender, text = skip_unless_ready(notify_socket, tend.stop)
+    sender, text = wait_for_ready(notify_socket, lambda: output_of(tend))
     assert sender == tend.pid
     assert re.search(rf"^STATUS=.*127\.0\.0\.1:{port}", text, re.MULTILINE), text
     for _ in range(2):
@@ -684,7 +690,13 @@ def test_detached_tend_reports_its_daemon_as_the_main_pid(tmp_path, notify_socke
     assert launcher.returncode == 0, errors
     daemon = int((tmp_path / "tend.pid").read_text())
     daemons.append(daemon)
-    sender, text = skip_unless_ready(notify_socket, lambda: os.kill(daemon, signal.SIGTERM))
+    log = tmp_path / "tend.log"
+
+    def output() -> str:
+        text = log.read_text(errors="replace") if log.exists() else "(none)"
+        return f"the launcher's stderr:\n{errors}\ntend.log:\n{text}"
+
+    sender, text = wait_for_ready(notify_socket, output)
     assert sender == launcher.pid
     assert f"MAINPID={daemon}" in text.split("\n")
     os.kill(daemon, signal.SIGTERM)
@@ -701,7 +713,7 @@ def test_supervisor_not_a_worker_reports_ready(run_tend, notify_socket):
         *FOREGROUND, "-u", "nobody", "poetry", "--port", "tcp:0:interface=127.0.0.1", env=env
     )
     tend.wait_for_port()
-    sender, _ = skip_unless_ready(notify_socket, tend.stop)
+    sender, _ = wait_for_ready(notify_socket, lambda: output_of(tend))
     assert sender == tend.pid
     tend.process.send_signal(signal.SIGTERM)
     assert notify_socket.wait_for("STOPPING=1")[0] == tend.pid
@@ -784,7 +796,7 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(run_tend, notify_socket, 
     app.write_text(BLOCKING_APP)
     env = {**os.environ, "NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000"}
     tend = run_tend(*FOREGROUND, "--workers", str(workers), "-y", str(app), env=env)
-    skip_unless_ready(notify_socket, tend.stop)
+    wait_for_ready(notify_socket, lambda: output_of(tend))
     for _ in range(3):
         notify_socket.wait_for("WATCHDOG=1")
     target = tend.pid

@@ -1,12 +1,26 @@
-"""Fixtures: real `tend` processes, real sockets on 127.0.0.1, waits with deadlines."""
+"""Fixtures: real `tend` processes, real sockets on 127.0.0.1, waits with deadlines.
+
+Teardown never signals a bare pid: by then the process a pid named may have exited and been
+reaped, and the pid given to an unrelated process (the risk tend itself avoids with pidfds).
+
+- `daemons` holds each detached daemon by a pidfd from the moment `daemons.add(pid)` is
+  called. At teardown, a daemon still running is killed with the rest of its session (a
+  supervisor's workers): the session is found by number in /proc, each member held by a
+  pidfd checked against /proc again once open, and all of it trusted only if the daemon
+  still runs after the scan, so its session's id could not have been given away meanwhile.
+  Each process held gets SIGKILL through its pidfd, and teardown polls the pidfds until
+  every one has exited before closing them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import inspect
+import math
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -91,11 +105,104 @@ def fetch(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
 
 def pid_alive(pid: int) -> bool:
     """True if *pid* names a process that is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command: state, ppid, pgrp, session, ..."""
     try:
         with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+            return file.read().rsplit(")", 1)[1].split()
+    except OSError:  # gone, or going (reading a dying process's stat can say ESRCH)
+        return None
+
+
+def _session_of(pid: int) -> int | None:
+    fields = _stat(pid)
+    return None if fields is None else int(fields[3])
+
+
+def _wait_exited(pidfds: list[int], timeout: float) -> list[int]:
+    """Wait until each pidfd's process has exited; return those still running at *timeout*.
+
+    A pidfd polls readable once its process has exited, reaped or not.
+    """
+    poller = select.poll()
+    for pidfd in pidfds:
+        poller.register(pidfd, select.POLLIN)
+    running = set(pidfds)
+    deadline = time.monotonic() + timeout
+    while running:
+        for pidfd, _ in poller.poll(math.ceil(max(0.0, deadline - time.monotonic()) * 1000)):
+            poller.unregister(pidfd)
+            running.discard(pidfd)
+        if time.monotonic() >= deadline:
+            break
+    return [pidfd for pidfd in pidfds if pidfd in running]
+
+
+def _exited(pidfd: int) -> bool:
+    return not _wait_exited([pidfd], 0)
+
+
+class Held:
+    """Processes a test started, each held by a pidfd, so that teardown signals only them.
+
+    A pid may name an unrelated process once the one it named has been reaped; a pidfd
+    always names the process it was opened on, and signalling it once it is gone fails.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[int, int]] = []  # (pid, pidfd)
+
+    def hold(self, pid: int) -> None:
+        """Open a pidfd on *pid* now; a pid already gone is fine (nothing to kill)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.held.append((pid, os.pidfd_open(pid)))
+
+    def hold_session(self, session: int, pinned: Callable[[], bool]) -> None:
+        """Hold every process in *session*, as found by number in /proc.
+
+        Each pidfd is checked against /proc after it is opened, as the number might have
+        been reused before. And what is found counts only if *pinned()* says afterwards that
+        the session's id stayed allocated throughout: while a process of the session is
+        left, not even a reaped leader's pid can be reused, and no other session can get it.
+        """
+        if session in (0, os.getsid(0)):
+            return  # never pytest's own session
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or _session_of(int(name)) != session:
+                continue
+            try:
+                pidfd = os.pidfd_open(int(name))
+            except ProcessLookupError:
+                continue
+            if _session_of(int(name)) == session:
+                found.append((int(name), pidfd))
+            else:
+                os.close(pidfd)
+        if pinned():
+            self.held.extend(found)
+        else:
+            for _, pidfd in found:
+                os.close(pidfd)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL every process held, wait until each has exited, then close the pidfds."""
+        try:
+            for _, pidfd in self.held:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            running = _wait_exited([pidfd for _, pidfd in self.held], timeout)
+            left = [pid for pid, pidfd in self.held if pidfd in running]
+        finally:
+            for _, pidfd in self.held:
+                os.close(pidfd)
+            self.held.clear()
+        if left:
+            raise AssertionError(f"still running {timeout} s after SIGKILL: pids {left}")
 
 
 def shim_proxy_plugin(folder: Path) -> None:
@@ -201,11 +308,34 @@ def run_tend(tmp_path: Path) -> Iterator[Callable[..., Tend]]:
         handle.kill()
 
 
+class Daemons(list[int]):
+    """Pids of detached daemons a test started, each held by a pidfd from when it is added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held = Held()
+
+    def add(self, pid: int) -> None:
+        """Record the daemon *pid* (read from its pidfile, say) and hold it by a pidfd now."""
+        super().append(pid)
+        self._held.hold(pid)
+
+    append = add  # so tests written for the plain list of pids keep working
+
+    def kill(self) -> None:
+        """SIGKILL each daemon still running, with its session (workers), and wait for them."""
+        for pid, pidfd in list(self._held.held):
+            session = _session_of(pid)
+            if session is not None and not _exited(pidfd):
+                # Read by number, the session is the daemon's if the daemon still runs
+                # after the scan: its pid was never free to name another process meanwhile.
+                self._held.hold_session(session, pinned=lambda pidfd=pidfd: not _exited(pidfd))
+        self._held.kill()
+
+
 @pytest.fixture
-def daemons() -> Iterator[list[int]]:
-    """Pids of detached daemons a test started; each still alive at the end is killed."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def daemons() -> Iterator[Daemons]:
+    """Detached daemons a test started (`daemons.add(pid)`); all killed at the end."""
+    started = Daemons()
+    yield started
+    started.kill()

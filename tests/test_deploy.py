@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Tend, fetch, pid_alive, shim_proxy_plugin, wait_until
+from conftest import POEM, TEND, Daemons, Tend, fetch, pid_alive, shim_proxy_plugin, wait_until
 
 from tend.deploy import DeploymentError, load_deployment
 from tend.service import MultiService
@@ -88,7 +88,7 @@ def run_once(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_example_serves_two_poems_and_a_proxy_as_a_daemon(
-    run_tend: Callable[..., Tend], tmp_path: Path, daemons: list[int]
+    run_tend: Callable[..., Tend], tmp_path: Path, daemons: Daemons
 ) -> None:
     """examples/deploy.toml, started from elsewhere: pidfile, log and poem path beside it."""
     upstream = run_tend("--nodaemon", "--pidfile", "", "poetry", "-p", "0", "--iface", "127.0.0.1")
@@ -111,7 +111,7 @@ def test_example_serves_two_poems_and_a_proxy_as_a_daemon(
     result = run_once("-c", str(deploy), cwd=elsewhere)
     pidfile = tmp_path / "examples" / "tend.pid"
     if pidfile.exists():
-        daemons.append(int(pidfile.read_text()))
+        daemons.add(int(pidfile.read_text()))
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("", "")
     log = tmp_path / "examples" / "tend.log"

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Tend, pid_alive, wait_until
+from conftest import POEM, TEND, Daemons, Tend, pid_alive, wait_until
 
 from tend.endpoints import SystemdEndpoint, parse_endpoint
 from tend.errors import StartupError
@@ -513,7 +513,7 @@ def test_a_detached_tend_serves_the_passed_socket(
     activate: Callable[..., Activated],
     listener: socket.socket,
     tmp_path: Path,
-    daemons: list[int],
+    daemons: Daemons,
 ) -> None:
     """Without --nodaemon the launcher, which LISTEN_PID names, takes the sockets; its daemon
     serves them."""
@@ -527,7 +527,7 @@ def test_a_detached_tend_serves_the_passed_socket(
             poem = read_all(client)
     finally:
         assert activated.process.wait(15) == 0, activated.stderr
-        daemons.append(int((tmp_path / "tend.pid").read_text()))
+        daemons.add(int((tmp_path / "tend.pid").read_text()))
     assert poem == POEM.read_bytes()
 
 
@@ -689,7 +689,7 @@ def test_detached_tend_reports_its_daemon_as_the_main_pid(tmp_path, notify_socke
     _, errors = launcher.communicate(timeout=60)
     assert launcher.returncode == 0, errors
     daemon = int((tmp_path / "tend.pid").read_text())
-    daemons.append(daemon)
+    daemons.add(daemon)
     log = tmp_path / "tend.log"
 
     def output() -> str:

@@ -3,6 +3,12 @@
 Teardown never signals a bare pid: by then the process a pid named may have exited and been
 reaped, and the pid given to an unrelated process (the risk tend itself avoids with pidfds).
 
+- `run_tend` starts each `tend` as the leader of a new session (`Spawned`), as systemd
+  starts a service, so that its workers, and anything else it starts, share its session.
+  Until the test reaps it, the leader's pid, which is the session's id, cannot be given to
+  another process. Teardown kills every process found in the session by number in /proc,
+  each held by a pidfd opened and then checked against /proc again, before reaping the
+  leader; `Tend.wait()` likewise holds what an exited leader left behind, for teardown.
 - `daemons` holds each detached daemon by a pidfd from the moment `daemons.add(pid)` is
   called. At teardown, a daemon still running is killed with the rest of its session (a
   supervisor's workers): the session is found by number in /proc, each member held by a
@@ -219,17 +225,40 @@ def shim_proxy_plugin(folder: Path) -> None:
         )
 
 
-class Tend:
-    """A `tend` subprocess whose output goes to files that the test can read as it runs."""
+class Spawned:
+    """A subprocess started as the leader of a new session, as systemd starts a service, its
+    output going to files that the test can read as it runs.
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None) -> None:
+    Its session holds what it starts (workers, a process per connection); kill() kills
+    them all. A detached daemon leaves the session: record it with `daemons`.
+    """
+
+    name = "the process"  # for failure messages
+
+    def __init__(
+        self,
+        command: list[str],
+        cwd: Path,
+        env: dict[str, str] | None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.cwd = cwd
         self.stdout_path = cwd / f"stdout.{id(self)}"
         self.stderr_path = cwd / f"stderr.{id(self)}"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
-                [*TEND, *args], cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env
+                command,
+                cwd=cwd,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                pass_fds=pass_fds,
+                start_new_session=True,
             )
+        # Until we reap it, a child's pid, and so its session's id, cannot name another.
+        self._pidfd = os.pidfd_open(self.process.pid)
+        self._leftovers = Held()
 
     @property
     def pid(self) -> int:
@@ -243,6 +272,16 @@ class Tend:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    @property
+    def output(self) -> str:
+        """Both outputs, for a failure message."""
+        return f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+    @property
+    def exited(self) -> bool:
+        """True once the process has exited; unlike Popen.poll(), this does not reap it."""
+        return self.process.returncode is not None or _exited(self._pidfd)
+
     def wait_for_output(
         self, pattern: str, timeout: float = 10.0, source: str = "stdout"
     ) -> re.Match[str]:
@@ -251,37 +290,63 @@ class Tend:
         def look() -> re.Match[str] | None:
             text = getattr(self, source) if source in ("stdout", "stderr") else _read(source)
             match = re.search(pattern, text, re.MULTILINE)
-            if match is None and self.process.poll() is not None:
+            if match is None and self.exited:
                 text = getattr(self, source) if source in ("stdout", "stderr") else _read(source)
                 match = re.search(pattern, text, re.MULTILINE)
                 if match is None:
                     raise AssertionError(
-                        f"tend exited ({self.process.returncode}) before printing {pattern!r}\n"
-                        f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+                        f"{self.name} exited ({self.wait()}) "
+                        f"before printing {pattern!r}\n{self.output}"
                     )
             return match
 
-        match = wait_until(look, timeout)
-        assert isinstance(match, re.Match)
-        return match
+        return wait_until(look, timeout)
+
+    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the process and wait for its exit status."""
+        if not self.exited:
+            with contextlib.suppress(ProcessLookupError):  # it has just exited
+                signal.pidfd_send_signal(self._pidfd, signal_number)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        """Wait for the exit status; kill() later kills what it left in its session."""
+        if self.process.returncode is None:
+            if _wait_exited([self._pidfd], timeout):
+                raise subprocess.TimeoutExpired(self.process.args, timeout)
+            # Exited but not reaped: its session's id is still ours to look for.
+            self._leftovers.hold_session(self.pid, pinned=self._unreaped)
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the process and all in its session, and wait until every one has exited."""
+        try:
+            if self.process.returncode is None:
+                self._leftovers.hold_session(self.pid, pinned=self._unreaped)
+            self._leftovers.kill()
+        finally:
+            if self.process.returncode is None:
+                self.process.kill()  # safe: Popen signals only a child it has not reaped
+                self.process.wait()
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    def _unreaped(self) -> bool:
+        return self.process.returncode is None
+
+
+class Tend(Spawned):
+    """A `tend` subprocess (see Spawned)."""
+
+    name = "tend"
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None) -> None:
+        super().__init__([*TEND, *args], cwd, env)
 
     def wait_for_port(self, timeout: float = 10.0, source: str = "stdout") -> int:
         """Wait for the listener's start line and return the port it bound."""
         return int(self.wait_for_output(r"starting on (\d+)", timeout, source).group(1))
-
-    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Signal the process and wait for its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal_number)
-        return self.process.wait(timeout)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def _read(path: str) -> str:
@@ -304,8 +369,9 @@ def run_tend(tmp_path: Path) -> Iterator[Callable[..., Tend]]:
         return handle
 
     yield start
-    for handle in started:
-        handle.kill()
+    with contextlib.ExitStack() as stack:  # each is killed even if killing another fails
+        for handle in started:
+            stack.callback(handle.kill)
 
 
 class Daemons(list[int]):

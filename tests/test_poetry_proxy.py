@@ -116,8 +116,8 @@ async def upstream() -> AsyncIterator[Callable[[Behaviour], Awaitable[Upstream]]
 
 async def port_of(process: Tend) -> int:
     def look() -> re.Match[str] | None:
-        if process.process.poll() is not None:
-            raise AssertionError(f"tend exited:\n{process.stdout}\n{process.stderr}")
+        if process.exited:
+            raise AssertionError(f"tend exited:\n{process.output}")
         return re.search(r"starting on (\d+)", process.stdout)
 
     match = await wait_until_async(look)

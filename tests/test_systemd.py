@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Daemons, Tend, pid_alive, wait_until
+from conftest import POEM, TEND, Daemons, Spawned, pid_alive, wait_until
 
 from tend.endpoints import SystemdEndpoint, parse_endpoint
 from tend.errors import StartupError
@@ -313,8 +313,10 @@ def test_parses_systemd_endpoints(description: str, expected: SystemdEndpoint) -
 # Socket activation: tend under the real systemd-socket-activate
 
 
-class Activated:
-    """`systemd-socket-activate ... tend ...`, its output in files, killed at the end."""
+class Activated(Spawned):
+    """`systemd-socket-activate ... tend ...` (see Spawned)."""
+
+    name = "systemd-socket-activate"
 
     def __init__(
         self,
@@ -346,51 +348,17 @@ class Activated:
             # on, so the test can bind port 0 itself: move the socket to descriptor 3.
             command = [sys.executable, "-c", PASS_SOCKET, str(passed.fileno()), *command]
             pass_fds = (passed.fileno(),)
-        self.stdout_path = cwd / f"stdout.{id(self)}"
-        self.stderr_path = cwd / f"stderr.{id(self)}"
         environment = {
             key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")
         }
         environment["PYTHONUNBUFFERED"] = "1"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(
-                command,
-                cwd=cwd,
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                pass_fds=pass_fds,
-                env=environment,
-            )
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        super().__init__(command, cwd, environment, pass_fds=pass_fds)
 
     def wait_for_stderr(self, pattern: str) -> re.Match[str]:
-        return self.wait_for(pattern, "stderr")
+        return self.wait_for_output(pattern, source="stderr")
 
     def wait_for_stdout(self, pattern: str) -> re.Match[str]:
-        return self.wait_for(pattern, "stdout")
-
-    def wait_for(self, pattern: str, source: str) -> re.Match[str]:
-        def look() -> re.Match[str] | None:
-            text = getattr(self, source)
-            match = re.search(pattern, text, re.MULTILINE)
-            if match is None and self.process.poll() is not None:
-                text = getattr(self, source)
-                match = re.search(pattern, text, re.MULTILINE)
-                if match is None:
-                    raise AssertionError(f"exited before {pattern!r}:\n{self.stderr}")
-            return match
-
-        match = wait_until(look)
-        assert isinstance(match, re.Match)
-        return match
+        return self.wait_for_output(pattern, source="stdout")
 
     def program(self) -> str:
         """The name of the program the process runs now (it execs tend in place)."""
@@ -399,11 +367,6 @@ class Activated:
     def tend_stderr(self) -> list[str]:
         """What tend wrote to standard error, after systemd-socket-activate's own lines."""
         return self.stderr.split("\nExecing ", 1)[1].splitlines()[1:]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture
@@ -416,8 +379,9 @@ def activate(tmp_path: Path) -> Iterator[Callable[..., Activated]]:
         return handle
 
     yield start
-    for handle in started:
-        handle.kill()
+    with contextlib.ExitStack() as stack:  # each is killed even if killing another fails
+        for handle in started:
+            stack.callback(handle.kill)
 
 
 @pytest.fixture
@@ -649,11 +613,6 @@ def wait_for_ready(receiver: NotifySocket, output: Callable[[], str]) -> tuple[i
         ) from None
 
 
-def output_of(tend: Tend) -> str:
-    """What *tend* wrote, for a failure message."""
-    return f"tend's stdout:\n{tend.stdout}\ntend's stderr:\n{tend.stderr}"
-
-
 def test_foreground_tend_reports_ready_watchdog_and_stopping(run_tend, notify_socket):
     """Under Type=notify: READY=1 with a STATUS once serving, WATCHDOG=1 pings, STOPPING=1 on
     SIGTERM, every one from tend's own pid (so NotifyAccess=main accepts them)."""
@@ -665,7 +624,7 @@ def test_foreground_tend_reports_ready_watchdog_and_stopping(run_tend, notify_so
     }
     tend = run_tend(*FOREGROUND, "poetry", "--port", "tcp:0:interface=127.0.0.1", env=env)
     port = tend.wait_for_port()
-    sender, text = wait_for_ready(notify_socket, lambda: output_of(tend))
+    sender, text = wait_for_ready(notify_socket, lambda: tend.output)
     assert sender == tend.pid
     assert re.search(rf"^STATUS=.*127\.0\.0\.1:{port}", text, re.MULTILINE), text
     for _ in range(2):
@@ -713,7 +672,7 @@ def test_supervisor_not_a_worker_reports_ready(run_tend, notify_socket):
         *FOREGROUND, "-u", "nobody", "poetry", "--port", "tcp:0:interface=127.0.0.1", env=env
     )
     tend.wait_for_port()
-    sender, _ = wait_for_ready(notify_socket, lambda: output_of(tend))
+    sender, _ = wait_for_ready(notify_socket, lambda: tend.output)
     assert sender == tend.pid
     tend.process.send_signal(signal.SIGTERM)
     assert notify_socket.wait_for("STOPPING=1")[0] == tend.pid
@@ -796,7 +755,7 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(run_tend, notify_socket, 
     app.write_text(BLOCKING_APP)
     env = {**os.environ, "NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000"}
     tend = run_tend(*FOREGROUND, "--workers", str(workers), "-y", str(app), env=env)
-    wait_for_ready(notify_socket, lambda: output_of(tend))
+    wait_for_ready(notify_socket, lambda: tend.output)
     for _ in range(3):
         notify_socket.wait_for("WATCHDOG=1")
     target = tend.pid

@@ -1,17 +1,41 @@
-"""Fixtures: real `tend` processes, real sockets on 127.0.0.1, waits with deadlines."""
+"""Fixtures: real `tend` processes, real sockets on 127.0.0.1, waits with deadlines.
+
+Teardown never signals a bare pid: by then the process a pid named may have exited and been
+reaped, and the pid given to an unrelated process (the risk tend itself avoids with pidfds).
+
+- `run_tend` starts each `tend` as the leader of a new session (`Spawned`), as systemd
+  starts a service, so that its workers, and anything else it starts, share its session.
+  Until the test reaps it, the leader's pid, which is the session's id, cannot be given to
+  another process. Teardown kills every process found in the session by number in /proc,
+  each held by a pidfd opened and then checked against /proc again, before reaping the
+  leader; `Tend.wait()` likewise holds what an exited leader left behind, for teardown.
+- `daemons` holds each detached daemon by a pidfd from the moment `daemons.add(pid)` is
+  called. At teardown, a daemon still running is killed with the rest of its session (a
+  supervisor's workers): the session is found by number in /proc, each member held by a
+  pidfd checked against /proc again once open, and all of it trusted only if the daemon
+  still runs after the scan, so its session's id could not have been given away meanwhile.
+  Each process held gets SIGKILL through its pidfd, and teardown polls the pidfds until
+  every one has exited before closing them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
+import math
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -19,18 +43,61 @@ TEND = [sys.executable, "-m", "tend"]
 POEM = Path(__file__).resolve().parent.parent / "src" / "tend" / "poetry" / "poems" / "ecstasy.txt"
 
 
-def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
-) -> object:
-    """Poll *predicate* until it returns something true; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll *predicate* until it returns something true, and return that; fail after *timeout* s."""
+    deadline = _Deadline(predicate, timeout)
+    while not (value := predicate()):
+        deadline.check(value)
+        time.sleep(interval)
+    return value
+
+
+async def wait_until_async(
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,  # noqa: ASYNC109 -- wait_until's twin: the same call, the same message
+    interval: float = 0.02,
+) -> T:
+    """wait_until for a test in the event loop: the loop runs on between polls.
+
+    *predicate* may return an awaitable (a coroutine function that makes a connection, say),
+    whose result is then the value tested.
+    """
+    deadline = _Deadline(predicate, timeout)
     while True:
         value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
-        time.sleep(interval)
+        result = await value if inspect.isawaitable(value) else value
+        if result:
+            return result
+        deadline.check(result)
+        await asyncio.sleep(interval)
+
+
+class _Deadline:
+    """When a wait gives up, and what it says then; shared by wait_until and its async twin."""
+
+    def __init__(self, predicate: Callable[[], object], timeout: float) -> None:
+        self.predicate = predicate
+        self.timeout = timeout
+        self.end = time.monotonic() + timeout
+
+    def check(self, last: object) -> None:
+        """Fail if the deadline has passed, naming what was awaited and its *last* value."""
+        if time.monotonic() > self.end:
+            raise AssertionError(
+                f"timed out after {self.timeout} s waiting for {_describe(self.predicate)} "
+                f"(last returned {last!r})"
+            )
+
+
+def _describe(predicate: Callable[[], object]) -> str:
+    """A lambda's source line, which says more than its repr; other callables' repr."""
+    if getattr(predicate, "__name__", None) == "<lambda>":
+        with contextlib.suppress(OSError, TypeError):
+            return " ".join(inspect.getsource(predicate).split())
+    return repr(predicate)
 
 
 def fetch(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
@@ -44,24 +111,154 @@ def fetch(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
 
 def pid_alive(pid: int) -> bool:
     """True if *pid* names a process that is not a zombie."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command: state, ppid, pgrp, session, ..."""
     try:
         with open(f"/proc/{pid}/stat") as file:
-            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+            return file.read().rsplit(")", 1)[1].split()
+    except OSError:  # gone, or going (reading a dying process's stat can say ESRCH)
+        return None
 
 
-class Tend:
-    """A `tend` subprocess whose output goes to files that the test can read as it runs."""
+def _session_of(pid: int) -> int | None:
+    fields = _stat(pid)
+    return None if fields is None else int(fields[3])
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None) -> None:
+
+def _wait_exited(pidfds: list[int], timeout: float) -> list[int]:
+    """Wait until each pidfd's process has exited; return those still running at *timeout*.
+
+    A pidfd polls readable once its process has exited, reaped or not.
+    """
+    poller = select.poll()
+    for pidfd in pidfds:
+        poller.register(pidfd, select.POLLIN)
+    running = set(pidfds)
+    deadline = time.monotonic() + timeout
+    while running:
+        for pidfd, _ in poller.poll(math.ceil(max(0.0, deadline - time.monotonic()) * 1000)):
+            poller.unregister(pidfd)
+            running.discard(pidfd)
+        if time.monotonic() >= deadline:
+            break
+    return [pidfd for pidfd in pidfds if pidfd in running]
+
+
+def _exited(pidfd: int) -> bool:
+    return not _wait_exited([pidfd], 0)
+
+
+class Held:
+    """Processes a test started, each held by a pidfd, so that teardown signals only them.
+
+    A pid may name an unrelated process once the one it named has been reaped; a pidfd
+    always names the process it was opened on, and signalling it once it is gone fails.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[int, int]] = []  # (pid, pidfd)
+
+    def hold(self, pid: int) -> None:
+        """Open a pidfd on *pid* now; a pid already gone is fine (nothing to kill)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.held.append((pid, os.pidfd_open(pid)))
+
+    def hold_session(self, session: int, pinned: Callable[[], bool]) -> None:
+        """Hold every process in *session*, as found by number in /proc.
+
+        Each pidfd is checked against /proc after it is opened, as the number might have
+        been reused before. And what is found counts only if *pinned()* says afterwards that
+        the session's id stayed allocated throughout: while a process of the session is
+        left, not even a reaped leader's pid can be reused, and no other session can get it.
+        """
+        if session in (0, os.getsid(0)):
+            return  # never pytest's own session
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or _session_of(int(name)) != session:
+                continue
+            try:
+                pidfd = os.pidfd_open(int(name))
+            except ProcessLookupError:
+                continue
+            if _session_of(int(name)) == session:
+                found.append((int(name), pidfd))
+            else:
+                os.close(pidfd)
+        if pinned():
+            self.held.extend(found)
+        else:
+            for _, pidfd in found:
+                os.close(pidfd)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL every process held, wait until each has exited, then close the pidfds."""
+        try:
+            for _, pidfd in self.held:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            running = _wait_exited([pidfd for _, pidfd in self.held], timeout)
+            left = [pid for pid, pidfd in self.held if pidfd in running]
+        finally:
+            for _, pidfd in self.held:
+                os.close(pidfd)
+            self.held.clear()
+        if left:
+            raise AssertionError(f"still running {timeout} s after SIGKILL: pids {left}")
+
+
+def shim_proxy_plugin(folder: Path) -> None:
+    """Make `poetry-proxy` findable from *folder*, should the installed tend not name it.
+
+    pyproject.toml names the entry point, but an install made before it did (a stale
+    .venv) would not have it: then a `tend_plugins/` file in *folder* stands in.
+    """
+    if not entry_points(group="tend.plugins", name="poetry-proxy"):
+        plugins = folder / "tend_plugins"
+        plugins.mkdir(exist_ok=True)
+        (plugins / "poetry_proxy.py").write_text(
+            "from tend.poetry.plugin import proxy_service_maker as proxy_service_maker\n"
+        )
+
+
+class Spawned:
+    """A subprocess started as the leader of a new session, as systemd starts a service, its
+    output going to files that the test can read as it runs.
+
+    Its session holds what it starts (workers, a process per connection); kill() kills
+    them all. A detached daemon leaves the session: record it with `daemons`.
+    """
+
+    name = "the process"  # for failure messages
+
+    def __init__(
+        self,
+        command: list[str],
+        cwd: Path,
+        env: dict[str, str] | None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         self.cwd = cwd
         self.stdout_path = cwd / f"stdout.{id(self)}"
         self.stderr_path = cwd / f"stderr.{id(self)}"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
-                [*TEND, *args], cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env
+                command,
+                cwd=cwd,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                pass_fds=pass_fds,
+                start_new_session=True,
             )
+        # Until we reap it, a child's pid, and so its session's id, cannot name another.
+        self._pidfd = os.pidfd_open(self.process.pid)
+        self._leftovers = Held()
 
     @property
     def pid(self) -> int:
@@ -75,6 +272,16 @@ class Tend:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    @property
+    def output(self) -> str:
+        """Both outputs, for a failure message."""
+        return f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+
+    @property
+    def exited(self) -> bool:
+        """True once the process has exited; unlike Popen.poll(), this does not reap it."""
+        return self.process.returncode is not None or _exited(self._pidfd)
+
     def wait_for_output(
         self, pattern: str, timeout: float = 10.0, source: str = "stdout"
     ) -> re.Match[str]:
@@ -83,37 +290,63 @@ class Tend:
         def look() -> re.Match[str] | None:
             text = getattr(self, source) if source in ("stdout", "stderr") else _read(source)
             match = re.search(pattern, text, re.MULTILINE)
-            if match is None and self.process.poll() is not None:
+            if match is None and self.exited:
                 text = getattr(self, source) if source in ("stdout", "stderr") else _read(source)
                 match = re.search(pattern, text, re.MULTILINE)
                 if match is None:
                     raise AssertionError(
-                        f"tend exited ({self.process.returncode}) before printing {pattern!r}\n"
-                        f"stdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+                        f"{self.name} exited ({self.wait()}) "
+                        f"before printing {pattern!r}\n{self.output}"
                     )
             return match
 
-        match = wait_until(look, timeout)
-        assert isinstance(match, re.Match)
-        return match
+        return wait_until(look, timeout)
+
+    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the process and wait for its exit status."""
+        if not self.exited:
+            with contextlib.suppress(ProcessLookupError):  # it has just exited
+                signal.pidfd_send_signal(self._pidfd, signal_number)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        """Wait for the exit status; kill() later kills what it left in its session."""
+        if self.process.returncode is None:
+            if _wait_exited([self._pidfd], timeout):
+                raise subprocess.TimeoutExpired(self.process.args, timeout)
+            # Exited but not reaped: its session's id is still ours to look for.
+            self._leftovers.hold_session(self.pid, pinned=self._unreaped)
+        return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the process and all in its session, and wait until every one has exited."""
+        try:
+            if self.process.returncode is None:
+                self._leftovers.hold_session(self.pid, pinned=self._unreaped)
+            self._leftovers.kill()
+        finally:
+            if self.process.returncode is None:
+                self.process.kill()  # safe: Popen signals only a child it has not reaped
+                self.process.wait()
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
+
+    def _unreaped(self) -> bool:
+        return self.process.returncode is None
+
+
+class Tend(Spawned):
+    """A `tend` subprocess (see Spawned)."""
+
+    name = "tend"
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None) -> None:
+        super().__init__([*TEND, *args], cwd, env)
 
     def wait_for_port(self, timeout: float = 10.0, source: str = "stdout") -> int:
         """Wait for the listener's start line and return the port it bound."""
         return int(self.wait_for_output(r"starting on (\d+)", timeout, source).group(1))
-
-    def stop(self, signal_number: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Signal the process and wait for its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal_number)
-        return self.process.wait(timeout)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 def _read(path: str) -> str:
@@ -136,15 +369,39 @@ def run_tend(tmp_path: Path) -> Iterator[Callable[..., Tend]]:
         return handle
 
     yield start
-    for handle in started:
-        handle.kill()
+    with contextlib.ExitStack() as stack:  # each is killed even if killing another fails
+        for handle in started:
+            stack.callback(handle.kill)
+
+
+class Daemons(list[int]):
+    """Pids of detached daemons a test started, each held by a pidfd from when it is added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held = Held()
+
+    def add(self, pid: int) -> None:
+        """Record the daemon *pid* (read from its pidfile, say) and hold it by a pidfd now."""
+        super().append(pid)
+        self._held.hold(pid)
+
+    append = add  # so tests written for the plain list of pids keep working
+
+    def kill(self) -> None:
+        """SIGKILL each daemon still running, with its session (workers), and wait for them."""
+        for pid, pidfd in list(self._held.held):
+            session = _session_of(pid)
+            if session is not None and not _exited(pidfd):
+                # Read by number, the session is the daemon's if the daemon still runs
+                # after the scan: its pid was never free to name another process meanwhile.
+                self._held.hold_session(session, pinned=lambda pidfd=pidfd: not _exited(pidfd))
+        self._held.kill()
 
 
 @pytest.fixture
-def daemons() -> Iterator[list[int]]:
-    """Pids of detached daemons a test started; each still alive at the end is killed."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def daemons() -> Iterator[Daemons]:
+    """Detached daemons a test started (`daemons.add(pid)`); all killed at the end."""
+    started = Daemons()
+    yield started
+    started.kill()

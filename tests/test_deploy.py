@@ -10,11 +10,10 @@ import signal
 import subprocess
 import textwrap
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Tend, fetch, pid_alive, wait_until
+from conftest import POEM, TEND, Daemons, Tend, fetch, pid_alive, shim_proxy_plugin, wait_until
 
 from tend.deploy import DeploymentError, load_deployment
 from tend.service import MultiService
@@ -60,16 +59,6 @@ recorder = RecorderMaker()
 """
 
 
-def shim_proxy_plugin(folder: Path) -> None:
-    """Make `poetry-proxy` findable from *folder* until pyproject.toml names its entry point."""
-    if not entry_points(group="tend.plugins", name="poetry-proxy"):
-        plugins = folder / "tend_plugins"
-        plugins.mkdir(exist_ok=True)
-        (plugins / "poetry_proxy.py").write_text(
-            "from tend.poetry.plugin import proxy_service_maker as proxy_service_maker\n"
-        )
-
-
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text))
@@ -99,7 +88,7 @@ def run_once(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_example_serves_two_poems_and_a_proxy_as_a_daemon(
-    run_tend: Callable[..., Tend], tmp_path: Path, daemons: list[int]
+    run_tend: Callable[..., Tend], tmp_path: Path, daemons: Daemons
 ) -> None:
     """examples/deploy.toml, started from elsewhere: pidfile, log and poem path beside it."""
     upstream = run_tend("--nodaemon", "--pidfile", "", "poetry", "-p", "0", "--iface", "127.0.0.1")
@@ -122,7 +111,7 @@ def test_example_serves_two_poems_and_a_proxy_as_a_daemon(
     result = run_once("-c", str(deploy), cwd=elsewhere)
     pidfile = tmp_path / "examples" / "tend.pid"
     if pidfile.exists():
-        daemons.append(int(pidfile.read_text()))
+        daemons.add(int(pidfile.read_text()))
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("", "")
     log = tmp_path / "examples" / "tend.log"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until_async
 
 from tend.endpoints import ListenError, TCPEndpoint
 from tend.net import StreamServer, TCPServer, UNIXServer, reset, stopping_by
@@ -148,15 +149,6 @@ def recording(
         return protocol
 
     return made, make
-
-
-async def wait_until(predicate: Callable[[], object], seconds: float = 5.0) -> None:
-    """Let the loop run until *predicate* is true; fail after *seconds*."""
-    async with asyncio.timeout(seconds):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.005)
 
 
 async def connect(port: int | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -314,10 +306,10 @@ async def test_stop_lets_an_open_connection_finish(serve: Serve) -> None:
     server.grace_period = 30
     port = server.port
     reader, writer = await connect(port)
-    await wait_until(lambda: server.connection_count == 1)
+    await wait_until_async(lambda: server.connection_count == 1)
 
     stopping = asyncio.create_task(server.stop_service())
-    await wait_until(lambda: not server.addresses)
+    await wait_until_async(lambda: not server.addresses)
     assert await refused(port)
     assert not stopping.done()
 
@@ -340,7 +332,7 @@ async def test_drain_deadline_resets_a_connection_still_open(
     server.grace_period = 0.2
     port = server.port
     reader, writer = await connect(port)
-    await wait_until(lambda: server.connection_count == 1)
+    await wait_until_async(lambda: server.connection_count == 1)
 
     async with asyncio.timeout(10):
         await server.stop_service()
@@ -373,7 +365,7 @@ async def test_stop_deadline_wins_over_grace_period(
         reader, writer = await connect(server.port)
         readers.append(reader)
         writers.append(writer)
-    await wait_until(lambda: server.connection_count == 2)
+    await wait_until_async(lambda: server.connection_count == 2)
 
     with stopping_by(asyncio.get_running_loop().time() + 0.2):
         async with asyncio.timeout(10):
@@ -401,14 +393,14 @@ async def test_counts_open_connections(serve: Serve) -> None:
     """connection_count follows connections as they open and close."""
     server = await serve(StreamServer(LOCAL, Holder))
     clients = [await connect(server.port) for _ in range(3)]
-    await wait_until(lambda: server.connection_count == 3)
+    await wait_until_async(lambda: server.connection_count == 3)
 
     for reader, writer in clients:
         writer.write(b"bye")
         assert await reader.read() == b"done"
         await close(writer)
 
-    await wait_until(lambda: server.connection_count == 0)
+    await wait_until_async(lambda: server.connection_count == 0)
 
 
 async def test_protocol_receives_end_of_file(serve: Serve) -> None:
@@ -444,7 +436,7 @@ async def test_protocol_is_told_to_pause_and_resume_writing(
     made, factory = recording(Flooder)
     server = await serve(StreamServer(LOCAL, factory))
     reader, writer = await connect(server.port)
-    await wait_until(lambda: made and made[0].paused)
+    await wait_until_async(lambda: made and made[0].paused)
 
     data = await reader.read()
 
@@ -502,7 +494,7 @@ async def test_unix_server_drains_by_abort(serve: Serve, short_dir: Path) -> Non
     server = await serve(UNIXServer(str(path), factory))
     server.grace_period = 0.2
     reader, writer = await asyncio.open_unix_connection(str(path))
-    await wait_until(lambda: server.connection_count == 1)
+    await wait_until_async(lambda: server.connection_count == 1)
 
     async with asyncio.timeout(10):
         await server.stop_service()

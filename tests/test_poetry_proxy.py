@@ -14,11 +14,10 @@ import re
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Tend, fetch, wait_until
+from conftest import POEM, TEND, Tend, fetch, shim_proxy_plugin, wait_until, wait_until_async
 
 import tend
 
@@ -28,16 +27,6 @@ FOREGROUND = ["--nodaemon", "--pidfile", ""]
 LOCAL = ["--port", "0", "--iface", "127.0.0.1"]
 
 Behaviour = Callable[["Upstream", int, asyncio.StreamWriter], Awaitable[None]]
-
-
-def shim_proxy_plugin(folder: Path) -> None:
-    """Make `poetry-proxy` findable from *folder* until pyproject.toml names its entry point."""
-    if not entry_points(group="tend.plugins", name="poetry-proxy"):
-        plugins = folder / "tend_plugins"
-        plugins.mkdir(exist_ok=True)
-        (plugins / "poetry_proxy.py").write_text(
-            "from tend.poetry.plugin import proxy_service_maker as proxy_service_maker\n"
-        )
 
 
 class Upstream:
@@ -125,24 +114,13 @@ async def upstream() -> AsyncIterator[Callable[[Behaviour], Awaitable[Upstream]]
         await server.close()
 
 
-async def eventually(predicate: Callable[[], object], within: float = 10.0) -> object:
-    """Poll *predicate* without blocking the loop; fail after *within* seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not (value := predicate()):
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {predicate}")
-        await asyncio.sleep(0.02)
-    return value
-
-
 async def port_of(process: Tend) -> int:
     def look() -> re.Match[str] | None:
-        if process.process.poll() is not None:
-            raise AssertionError(f"tend exited:\n{process.stdout}\n{process.stderr}")
+        if process.exited:
+            raise AssertionError(f"tend exited:\n{process.output}")
         return re.search(r"starting on (\d+)", process.stdout)
 
-    match = await eventually(look)
+    match = await wait_until_async(look)
     assert isinstance(match, re.Match)
     return int(match.group(1))
 
@@ -212,7 +190,7 @@ async def test_fifty_clients_at_once_share_one_upstream_fetch(
     proxy = start_proxy(run_tend, tmp_path, up.port, loop=loop)
     port = await port_of(proxy)
     clients = [asyncio.ensure_future(attempt(port)) for _ in range(50)]
-    await eventually(
+    await wait_until_async(
         lambda: (
             count(proxy, "proxying poem from") == 1
             and count(proxy, "waits for the poem already on its way") == 49
@@ -222,12 +200,12 @@ async def test_fifty_clients_at_once_share_one_upstream_fetch(
     up.release.set()
     assert await asyncio.gather(*clients) == [WHOLE] * 50
     assert up.connections == 1
-    await eventually(
+    await wait_until_async(
         lambda: count(proxy, f"fetched 2807 bytes of poetry from 127.0.0.1:{up.port}") == 1
     )
     # Later clients get the cached poem at once.
     assert await attempt(port) == WHOLE
-    await eventually(lambda: "serving cached poem to 127.0.0.1:" in proxy.stdout)
+    await wait_until_async(lambda: "serving cached poem to 127.0.0.1:" in proxy.stdout)
     assert up.connections == 1
     assert proxy.stop() == 0
 
@@ -254,12 +232,12 @@ async def test_a_client_that_leaves_while_waiting_costs_nothing(
     proxy = start_proxy(run_tend, tmp_path, up.port)
     port = await port_of(proxy)
     _, writer = await asyncio.open_connection("127.0.0.1", port)
-    await eventually(lambda: "proxying poem from" in proxy.stdout)
+    await wait_until_async(lambda: "proxying poem from" in proxy.stdout)
     writer.close()
     await writer.wait_closed()
-    await eventually(lambda: "left before the poem arrived" in proxy.stdout)
+    await wait_until_async(lambda: "left before the poem arrived" in proxy.stdout)
     second = asyncio.ensure_future(attempt(port))
-    await eventually(lambda: "waits for the poem already on its way" in proxy.stdout)
+    await wait_until_async(lambda: "waits for the poem already on its way" in proxy.stdout)
     up.release.set()
     assert await second == WHOLE
     assert up.connections == 1
@@ -284,15 +262,15 @@ async def test_a_poem_cut_by_a_reset_is_not_cached_or_sent(
     proxy = start_proxy(run_tend, tmp_path, up.port, loop=loop)
     port = await port_of(proxy)
     clients = [asyncio.ensure_future(attempt(port)) for _ in range(5)]
-    await eventually(lambda: count(proxy, "waits for the poem already on its way") == 4)
+    await wait_until_async(lambda: count(proxy, "waits for the poem already on its way") == 4)
     up.release.set()
     assert await asyncio.gather(*clients) == [NOTHING] * 5
-    await eventually(
+    await wait_until_async(
         lambda: re.search(
             rf"cannot fetch poem from 127\.0\.0\.1:{up.port}: connection reset", proxy.stdout
         )
     )
-    await eventually(lambda: count(proxy, "resetting the connection to 127.0.0.1:") == 5)
+    await wait_until_async(lambda: count(proxy, "resetting the connection to 127.0.0.1:") == 5)
     # The next client tries the upstream again, and gets the whole poem this time.
     assert await attempt(port) == WHOLE
     assert up.connections == 2
@@ -320,7 +298,7 @@ async def test_an_upstream_failure_resets_the_client_and_the_next_one_retries(
     proxy = start_proxy(run_tend, tmp_path, up.port, *extra)
     port = await port_of(proxy)
     assert await attempt(port) == NOTHING
-    await eventually(
+    await wait_until_async(
         lambda: f"cannot fetch poem from 127.0.0.1:{up.port}: {reason}" in proxy.stdout
     )
     assert await attempt(port) == NOTHING
@@ -338,7 +316,7 @@ async def test_a_refusing_upstream_resets_the_client(
         port = await port_of(proxy)
         assert await attempt(port) == NOTHING
         assert await attempt(port) == NOTHING
-        await eventually(lambda: count(proxy, "connection refused") == 2)
+        await wait_until_async(lambda: count(proxy, "connection refused") == 2)
         assert count(proxy, "proxying poem from") == 2
         assert proxy.stop() == 0
 
@@ -374,11 +352,7 @@ async def test_cache_ttl_keeps_the_poem_then_lets_it_expire(
         assert await attempt(port) == WHOLE
         return up.connections == 2
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 10
-    while not await refetched():
-        assert loop.time() < deadline, "the cached poem never expired"
-        await asyncio.sleep(0.02)
+    await wait_until_async(refetched)  # until the cached poem has expired
     assert short.stop() == 0
 
     long = start_proxy(run_tend, tmp_path, up.port, "--cache-ttl", "3600")
@@ -386,7 +360,7 @@ async def test_cache_ttl_keeps_the_poem_then_lets_it_expire(
     assert await attempt(port) == WHOLE
     assert await attempt(port) == WHOLE
     assert up.connections == 3
-    await eventually(lambda: "serving cached poem to" in long.stdout)
+    await wait_until_async(lambda: "serving cached poem to" in long.stdout)
     assert long.stop() == 0
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import pytest
+from conftest import wait_until_async
 
 from tend.errors import TendError
 from tend.service import Application, MultiService, Service, ServiceError, walk
@@ -65,19 +65,10 @@ class RecordingMultiService(MultiService):
         await super().stop_service()
 
 
-async def wait_until(predicate: Callable[[], object], seconds: float = 5.0) -> None:
-    """Let the loop run until *predicate* is true; fail after *seconds*."""
-    async with asyncio.timeout(seconds):
-        while True:
-            if predicate():
-                return
-            await asyncio.sleep(0.001)
-
-
 async def settle() -> None:
     """Let the loop run until no task but the current one is left."""
     current = asyncio.current_task()
-    await wait_until(lambda: asyncio.all_tasks() <= {current})
+    await wait_until_async(lambda: asyncio.all_tasks() <= {current})
 
 
 async def start(app: MultiService) -> None:
@@ -177,7 +168,7 @@ async def test_child_added_to_running_collection_is_started() -> None:
 
     late = RecordingService("late", log)
     late.set_service_parent(collection)
-    await wait_until(lambda: late.running)
+    await wait_until_async(lambda: late.running)
 
     assert log == ["privileged:late", "start:late"]
     await collection.stop_service()
@@ -203,7 +194,7 @@ async def test_child_that_fails_to_start_late_is_logged(caplog: pytest.LogCaptur
     await start(collection)
 
     RecordingService("late", log, fail_start=True).set_service_parent(collection)
-    await wait_until(lambda: any(r.exc_info for r in caplog.records))
+    await wait_until_async(lambda: any(r.exc_info for r in caplog.records))
 
     (record,) = [r for r in caplog.records if r.exc_info]
     assert record.levelno == logging.ERROR
@@ -237,7 +228,7 @@ async def test_removing_running_child_stops_it() -> None:
     log.clear()
 
     collection.remove_service(b)
-    await wait_until(lambda: not b.running)
+    await wait_until_async(lambda: not b.running)
 
     assert log == ["stop:b"]
     assert b.parent is None
@@ -268,7 +259,7 @@ async def test_disowning_a_running_child_stops_it() -> None:
     a = collection.get_service_named("a")
 
     a.disown_service_parent()
-    await wait_until(lambda: not a.running)
+    await wait_until_async(lambda: not a.running)
 
     assert log[-1] == "stop:a"
     assert a.parent is None

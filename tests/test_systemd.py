@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, pid_alive, wait_until
+from conftest import POEM, TEND, Daemons, Spawned, pid_alive, wait_until
 
 from tend.endpoints import SystemdEndpoint, parse_endpoint
 from tend.errors import StartupError
@@ -313,8 +313,10 @@ def test_parses_systemd_endpoints(description: str, expected: SystemdEndpoint) -
 # Socket activation: tend under the real systemd-socket-activate
 
 
-class Activated:
-    """`systemd-socket-activate ... tend ...`, its output in files, killed at the end."""
+class Activated(Spawned):
+    """`systemd-socket-activate ... tend ...` (see Spawned)."""
+
+    name = "systemd-socket-activate"
 
     def __init__(
         self,
@@ -346,51 +348,17 @@ class Activated:
             # on, so the test can bind port 0 itself: move the socket to descriptor 3.
             command = [sys.executable, "-c", PASS_SOCKET, str(passed.fileno()), *command]
             pass_fds = (passed.fileno(),)
-        self.stdout_path = cwd / f"stdout.{id(self)}"
-        self.stderr_path = cwd / f"stderr.{id(self)}"
         environment = {
             key: value for key, value in os.environ.items() if not key.startswith("LISTEN_")
         }
         environment["PYTHONUNBUFFERED"] = "1"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.process = subprocess.Popen(
-                command,
-                cwd=cwd,
-                stdout=out,
-                stderr=err,
-                stdin=subprocess.DEVNULL,
-                pass_fds=pass_fds,
-                env=environment,
-            )
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        super().__init__(command, cwd, environment, pass_fds=pass_fds)
 
     def wait_for_stderr(self, pattern: str) -> re.Match[str]:
-        return self.wait_for(pattern, "stderr")
+        return self.wait_for_output(pattern, source="stderr")
 
     def wait_for_stdout(self, pattern: str) -> re.Match[str]:
-        return self.wait_for(pattern, "stdout")
-
-    def wait_for(self, pattern: str, source: str) -> re.Match[str]:
-        def look() -> re.Match[str] | None:
-            text = getattr(self, source)
-            match = re.search(pattern, text, re.MULTILINE)
-            if match is None and self.process.poll() is not None:
-                text = getattr(self, source)
-                match = re.search(pattern, text, re.MULTILINE)
-                if match is None:
-                    raise AssertionError(f"exited before {pattern!r}:\n{self.stderr}")
-            return match
-
-        match = wait_until(look)
-        assert isinstance(match, re.Match)
-        return match
+        return self.wait_for_output(pattern, source="stdout")
 
     def program(self) -> str:
         """The name of the program the process runs now (it execs tend in place)."""
@@ -399,11 +367,6 @@ class Activated:
     def tend_stderr(self) -> list[str]:
         """What tend wrote to standard error, after systemd-socket-activate's own lines."""
         return self.stderr.split("\nExecing ", 1)[1].splitlines()[1:]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture
@@ -416,8 +379,9 @@ def activate(tmp_path: Path) -> Iterator[Callable[..., Activated]]:
         return handle
 
     yield start
-    for handle in started:
-        handle.kill()
+    with contextlib.ExitStack() as stack:  # each is killed even if killing another fails
+        for handle in started:
+            stack.callback(handle.kill)
 
 
 @pytest.fixture
@@ -513,7 +477,7 @@ def test_a_detached_tend_serves_the_passed_socket(
     activate: Callable[..., Activated],
     listener: socket.socket,
     tmp_path: Path,
-    daemons: list[int],
+    daemons: Daemons,
 ) -> None:
     """Without --nodaemon the launcher, which LISTEN_PID names, takes the sockets; its daemon
     serves them."""
@@ -527,7 +491,7 @@ def test_a_detached_tend_serves_the_passed_socket(
             poem = read_all(client)
     finally:
         assert activated.process.wait(15) == 0, activated.stderr
-        daemons.append(int((tmp_path / "tend.pid").read_text()))
+        daemons.add(int((tmp_path / "tend.pid").read_text()))
     assert poem == POEM.read_bytes()
 
 
@@ -639,13 +603,14 @@ def test_a_passed_datagram_socket_is_refused(activate: Callable[..., Activated])
 # The runner tells systemd: end to end with a real NOTIFY_SOCKET
 
 
-def skip_unless_ready(receiver: NotifySocket, stop: Callable[[], object]) -> tuple[int, str]:
-    """The READY=1 datagram; if none comes, stop tend cleanly (workers too) and skip."""
+def wait_for_ready(receiver: NotifySocket, output: Callable[[], str]) -> tuple[int, str]:
+    """The READY=1 datagram; if none comes, fail with what did come and tend's *output()*."""
     try:
         return receiver.wait_for("READY=1", timeout=10)
     except TimeoutError:
-        stop()
-        pytest.skip("runner integration pending")
+        raise AssertionError(
+            f"no READY=1 within 10 s; the notify socket received {receiver.received!r}\n{output()}"
+        ) from None
 
 
 def test_foreground_tend_reports_ready_watchdog_and_stopping(run_tend, notify_socket):
@@ -659,7 +624,7 @@ def test_foreground_tend_reports_ready_watchdog_and_stopping(run_tend, notify_so
     }
     tend = run_tend(*FOREGROUND, "poetry", "--port", "tcp:0:interface=127.0.0.1", env=env)
     port = tend.wait_for_port()
-    sender, text = skip_unless_ready(notify_socket, tend.stop)
+    sender, text = wait_for_ready(notify_socket, lambda: tend.output)
     assert sender == tend.pid
     assert re.search(rf"^STATUS=.*127\.0\.0\.1:{port}", text, re.MULTILINE), text
     for _ in range(2):
@@ -683,8 +648,14 @@ def test_detached_tend_reports_its_daemon_as_the_main_pid(tmp_path, notify_socke
     _, errors = launcher.communicate(timeout=60)
     assert launcher.returncode == 0, errors
     daemon = int((tmp_path / "tend.pid").read_text())
-    daemons.append(daemon)
-    sender, text = skip_unless_ready(notify_socket, lambda: os.kill(daemon, signal.SIGTERM))
+    daemons.add(daemon)
+    log = tmp_path / "tend.log"
+
+    def output() -> str:
+        text = log.read_text(errors="replace") if log.exists() else "(none)"
+        return f"the launcher's stderr:\n{errors}\ntend.log:\n{text}"
+
+    sender, text = wait_for_ready(notify_socket, output)
     assert sender == launcher.pid
     assert f"MAINPID={daemon}" in text.split("\n")
     os.kill(daemon, signal.SIGTERM)
@@ -701,7 +672,7 @@ def test_supervisor_not_a_worker_reports_ready(run_tend, notify_socket):
         *FOREGROUND, "-u", "nobody", "poetry", "--port", "tcp:0:interface=127.0.0.1", env=env
     )
     tend.wait_for_port()
-    sender, _ = skip_unless_ready(notify_socket, tend.stop)
+    sender, _ = wait_for_ready(notify_socket, lambda: tend.output)
     assert sender == tend.pid
     tend.process.send_signal(signal.SIGTERM)
     assert notify_socket.wait_for("STOPPING=1")[0] == tend.pid
@@ -784,7 +755,7 @@ def test_a_blocked_event_loop_stops_the_watchdog_pings(run_tend, notify_socket, 
     app.write_text(BLOCKING_APP)
     env = {**os.environ, "NOTIFY_SOCKET": notify_socket.address, "WATCHDOG_USEC": "200000"}
     tend = run_tend(*FOREGROUND, "--workers", str(workers), "-y", str(app), env=env)
-    skip_unless_ready(notify_socket, tend.stop)
+    wait_for_ready(notify_socket, lambda: tend.output)
     for _ in range(3):
         notify_socket.wait_for("WATCHDOG=1")
     # The supervisor runs the tree in workers (one or more): block the first one's loop.

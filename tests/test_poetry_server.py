@@ -29,7 +29,7 @@ def ports_of(tend: Tend, count: int) -> list[int]:
 
     def look() -> list[int] | None:
         ports = [int(port) for port in re.findall(r"starting on (\d+)", tend.stdout)]
-        if len(ports) < count and tend.process.poll() is not None:
+        if len(ports) < count and tend.exited:
             raise AssertionError(f"tend exited:\n{tend.stdout}\n{tend.stderr}")
         return ports if len(ports) >= count else None
 

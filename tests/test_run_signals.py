@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import Tend, wait_until
 
 SLOW_APP = """
@@ -78,8 +77,8 @@ def test_a_stop_signal_during_the_start_stops_cleanly(
     env = {**os.environ, "MARKS": str(tmp_path), "SLOW_PHASE": phase, marker: "1"}
     mode = [] if detached else ["--nodaemon"]
     tend = run_tend(*mode, "-y", str(app), env=env)
-    wait_until(lambda: (tmp_path / phase).exists() or tend.process.poll() is not None)
-    assert tend.process.poll() is None, tend.stderr
+    wait_until(lambda: (tmp_path / phase).exists() or tend.exited)
+    assert not tend.exited, tend.stderr
     os.kill(tend.pid, signal_number)
     assert tend.wait(timeout=20) == 1
     name = signal.Signals(signal_number).name

@@ -133,24 +133,20 @@ def test_notifies_an_abstract_socket(abstract_notify_socket: NotifySocket) -> No
 
 
 def test_each_notification_sends_its_lines(notify_socket: NotifySocket) -> None:
-    """stopping, status, mainpid, watchdog and send each send one datagram of KEY=VALUE lines."""
+    """stopping, watchdog, ready and send each send one datagram of KEY=VALUE lines."""
     notifier = Notifier(notify_socket.address)
     try:
         notifier.stopping()
         notifier.stopping("draining 3 connections")
-        notifier.status("serving\non two lines")
-        notifier.mainpid(1234)
         notifier.watchdog()
         notifier.ready("up", mainpid=1234)
         notifier.send("RELOADING=1", "STATUS=reloading")
-        texts = [notify_socket.receive()[1] for _ in range(7)]
+        texts = [notify_socket.receive()[1] for _ in range(5)]
     finally:
         notifier.close()
     assert texts == [
         "STOPPING=1",
         "STOPPING=1\nSTATUS=draining 3 connections",
-        "STATUS=serving on two lines",
-        "MAINPID=1234",
         "WATCHDOG=1",
         "MAINPID=1234\nREADY=1\nSTATUS=up",
         "RELOADING=1\nSTATUS=reloading",
@@ -428,7 +424,7 @@ def test_serves_a_client_that_connected_before_tend_started(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as later:
         assert read_all(later) == POEM.read_bytes()
     activated.process.send_signal(signal.SIGTERM)
-    assert activated.process.wait(15) == 0
+    assert activated.wait(15) == 0
     assert activated.tend_stderr() == []
 
 
@@ -467,7 +463,7 @@ def test_serves_a_passed_unix_socket_and_leaves_its_file(
         assert read_all(client) == POEM.read_bytes()
     activated.wait_for_stdout(f"PoetryFactory starting on {re.escape(str(path))}$")
     activated.process.send_signal(signal.SIGTERM)
-    assert activated.process.wait(15) == 0
+    assert activated.wait(15) == 0
     assert f"(UNIX Port {path} Closed)" in activated.stdout
     assert path.is_socket()
 
@@ -490,7 +486,7 @@ def test_a_detached_tend_serves_the_passed_socket(
         with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
             poem = read_all(client)
     finally:
-        assert activated.process.wait(15) == 0, activated.stderr
+        assert activated.wait(15) == 0, activated.stderr
         daemons.add(int((tmp_path / "tend.pid").read_text()))
     assert poem == POEM.read_bytes()
 
@@ -575,7 +571,7 @@ def test_a_passed_socket_that_does_not_fit_is_one_line_and_exit_1(
         # In --accept mode systemd-socket-activate runs on, starting tend per connection.
         activated.wait_for_stderr(f"^{re.escape(expected)}$")
         return
-    assert activated.process.wait(15) == 1
+    assert activated.wait(15) == 1
     assert activated.tend_stderr() == [expected]
 
 
@@ -593,7 +589,7 @@ def test_a_passed_datagram_socket_is_refused(activate: Callable[..., Activated])
     activated.wait_for_stderr(r"^Listening on ")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.sendto(b"wake up", ("127.0.0.1", port))
-    assert activated.process.wait(15) == 1
+    assert activated.wait(15) == 1
     assert activated.tend_stderr() == [
         f"tend: systemd:index=0 is socket 0 ('unknown', 127.0.0.1:{port}), which is not a "
         "stream socket; tend serves streams: use ListenStream= in the .socket unit"

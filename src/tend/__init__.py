@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from tend.addresses import format_address, host_and_port
     from tend.endpoints import EndpointSyntaxError, parse_endpoint
     from tend.errors import StartupError, TendError, UsageError
     from tend.net import StreamServer, TCPServer, UNIXServer, reset
@@ -29,6 +30,8 @@ _HOMES = {
     "UNIXServer": "tend.net",
     "reset": "tend.net",
     "EndpointSyntaxError": "tend.endpoints",
+    "format_address": "tend.addresses",
+    "host_and_port": "tend.addresses",
     "parse_endpoint": "tend.endpoints",
     "Flag": "tend.options",
     "Option": "tend.options",
@@ -55,6 +58,8 @@ __all__ = [
     "UNIXServer",
     "UsageError",
     "__version__",
+    "format_address",
+    "host_and_port",
     "parse_endpoint",
     "positive_seconds",
     "reset",

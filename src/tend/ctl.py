@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from tend import __version__
+from tend.addresses import host_and_port
 from tend.options import seconds
 from tend.pidfile import PidfileError, PidfileState, read_pidfile
 
@@ -260,7 +261,7 @@ def _inet_address(text: str, family: socket.AddressFamily) -> str:
     packed = b"".join(word[::-1] if sys.byteorder == "little" else word for word in words)
     host = socket.inet_ntop(family, packed)
     port = int(port_hex, 16)
-    return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    return host_and_port(host, port)
 
 
 def describe_duration(seconds: float) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tend import systemd
+from tend.addresses import format_address, host_and_port
 from tend.errors import StartupError, TendError
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ class TCPEndpoint:
     interface: str = ""
     backlog: int = DEFAULT_BACKLOG
     reuse_port: bool = False
+
+    passed_by_systemd = False
 
     def __str__(self) -> str:
         return host_and_port(self.interface or "0.0.0.0", self.port)
@@ -83,6 +86,8 @@ class UNIXEndpoint:
     mode: int | None = None
     backlog: int = DEFAULT_BACKLOG
 
+    passed_by_systemd = False
+
     def __str__(self) -> str:
         return self.path
 
@@ -106,6 +111,8 @@ class TLSEndpoint:
     interface: str = ""
     backlog: int = DEFAULT_BACKLOG
     reuse_port: bool = False
+
+    passed_by_systemd = False
 
     def __str__(self) -> str:
         return str(self.tcp)
@@ -140,6 +147,9 @@ class SystemdEndpoint:
     name: str | None = None
     domain: str | None = None
     backlog: int = DEFAULT_BACKLOG
+
+    # The sockets come from systemd: they must be taken in the process it started.
+    passed_by_systemd = True
 
     def __str__(self) -> str:
         if self.name is not None:
@@ -207,6 +217,13 @@ class Listening:
         return None
 
     @property
+    def where(self) -> str:
+        """Where it listens, as twistd's start line says it: the port, else the path."""
+        if self.port is not None:
+            return str(self.port)
+        return ", ".join(self.addresses)
+
+    @property
     def label(self) -> str:
         """twistd's name for the port: ``TCP Port 10000`` or ``UNIX Port /run/x.sock``."""
         if self.port is not None:
@@ -271,11 +288,6 @@ class _SocketFile:
                     os.unlink(self.name, dir_fd=self.folder)
         with contextlib.suppress(OSError):
             os.close(self.folder)
-
-
-def host_and_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets: ``[::1]:10000``."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # twistd's systemd endpoint names address families as its domain= values.
@@ -670,7 +682,4 @@ def _reason(error: OSError) -> str:
 
 def describe_socket(sock: socket.socket) -> str:
     """Name the address a listening socket is bound to: ``127.0.0.1:10000`` or a path."""
-    address = sock.getsockname()
-    if sock.family == socket.AF_UNIX:
-        return str(address)
-    return host_and_port(address[0], address[1])
+    return format_address(sock.getsockname())

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from tend import __version__, daemon
-from tend.endpoints import SystemdEndpoint
 from tend.errors import StartupError, TendError
 from tend.launcher import Launcher, detach
 from tend.logs import open_log
@@ -98,7 +97,7 @@ def run(settings: Settings, build_tree: BuildTree, abandon: Callable[[str], NoRe
             settings.gid if settings.gid is not None else application.gid,
         )
         check_can_switch(identity)
-        if any(isinstance(server.endpoint, SystemdEndpoint) for server in listeners(application)):
+        if any(server.endpoint.passed_by_systemd for server in listeners(application)):
             from tend.systemd import inherited_sockets
 
             # Taken now: LISTEN_PID names this process, not the daemon it may fork.

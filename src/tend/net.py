@@ -127,7 +127,7 @@ class StreamServer(Service):
         loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        log.info("%s starting on %s", factory_name(self.protocol_factory), self._where())
+        log.info("%s starting on %s", factory_name(self.protocol_factory), listening.where)
         try:
             for sock in listening.sockets:
                 # asyncio calls listen() again with this, and accepts up to this many per wakeup.
@@ -139,13 +139,6 @@ class StreamServer(Service):
             self._close()
             raise
         await super().start_service()
-
-    def _where(self) -> str:
-        if isinstance(self.endpoint, UNIXEndpoint):
-            return self.endpoint.path
-        if self.port is not None:
-            return str(self.port)
-        return ", ".join(self.addresses) or str(self.endpoint)
 
     def _make_protocol(self) -> asyncio.BaseProtocol:
         protocol = self.protocol_factory()

@@ -19,6 +19,7 @@ import stat
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from tend.addresses import format_address
 from tend.errors import StartupError
 
 log = logging.getLogger("tend")
@@ -139,14 +140,6 @@ class Notifier:
         if status is not None:
             lines.append(f"STATUS={_one_line(status)}")
         return self.send(*lines)
-
-    def status(self, text: str) -> bool:
-        """Set the one line ``systemctl status`` shows (``STATUS=...``)."""
-        return self.send(f"STATUS={_one_line(text)}")
-
-    def mainpid(self, pid: int) -> bool:
-        """Tell systemd that *pid* is now the service's main process (``MAINPID=N``)."""
-        return self.send(f"MAINPID={pid}")
 
     def watchdog(self) -> bool:
         """Ping the watchdog (``WATCHDOG=1``): the service is still alive and serving."""
@@ -312,12 +305,6 @@ def _describe_address(sock: socket.socket) -> str:
         address = sock.getsockname()
     except OSError:
         return "unbound"
-    if sock.family == socket.AF_UNIX:
-        if isinstance(address, bytes):
-            return "@" + address[1:].decode(errors="replace")
-        return str(address) or "unnamed"
-    if sock.family == socket.AF_INET6:
-        return f"[{address[0]}]:{address[1]}"
-    if sock.family == socket.AF_INET:
-        return f"{address[0]}:{address[1]}"
-    return str(address)
+    if sock.family == socket.AF_UNIX and not address:
+        return "unnamed"
+    return format_address(address)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tend import positive_seconds
+from tend import host_and_port, positive_seconds
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -38,11 +38,6 @@ class PoetryError(Exception):
         self.received = received
 
 
-def format_address(host: str, port: int) -> str:
-    """``HOST:PORT``, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 # `timeout=` is the documented way to bound a fetch (one number, as the command line has);
 # inside, asyncio.timeout() enforces it, which is what ASYNC109 asks for.
 async def get_poetry(
@@ -56,7 +51,7 @@ async def get_poetry(
     Raises:
         PoetryError: the connection was refused, reset or timed out, or no poetry came.
     """
-    address = format_address(host, port)
+    address = host_and_port(host, port)
     chunks: list[bytes] = []
     received = 0
     try:
@@ -119,7 +114,7 @@ class Server:
     port: int
 
     def __str__(self) -> str:
-        return format_address(self.host, self.port)
+        return host_and_port(self.host, self.port)
 
 
 def parse_address(text: str) -> Server:

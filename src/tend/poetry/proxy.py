@@ -18,8 +18,8 @@ import asyncio
 import logging
 from typing import cast
 
-from tend import Service, reset
-from tend.poetry.client import DEFAULT_TIMEOUT, PoetryError, format_address, get_poetry
+from tend import Service, host_and_port, reset
+from tend.poetry.client import DEFAULT_TIMEOUT, PoetryError, get_poetry
 from tend.poetry.server import WHOLE_POEM_LIMIT, Peer, PoemSender
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class ProxyService(Service):
         super().__init__()
         self.host = host
         self.port = port
-        self.address = format_address(host, port)
+        self.address = host_and_port(host, port)
         self.timeout = timeout
         self.cache_ttl = cache_ttl
         self.poem: bytes | None = None

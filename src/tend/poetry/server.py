@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import cast
 
-from tend import Service, StartupError
+from tend import Service, StartupError, format_address
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,7 @@ class Peer:
         self.address = address
 
     def __str__(self) -> str:
-        address = self.address
-        if isinstance(address, tuple) and len(address) >= 2:
-            host = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
-            return f"{host}:{address[1]}"
-        return str(address) or "unix socket"
+        return format_address(self.address)
 
 
 class PoetryService(Service):

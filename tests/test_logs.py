@@ -27,7 +27,6 @@ from tend.logs import (
     LogConfig,
     LogError,
     LogSink,
-    install_fast_records,
     open_log,
     parse_syslog_address,
 )
@@ -1115,76 +1114,25 @@ def test_handler_filters_still_drop_records(open_sink: OpenSink, attach: Attach)
     assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["public"]
 
 
-@pytest.fixture
-def fast_records() -> Iterator[None]:
-    """install_fast_records(), with the record factory restored at the end."""
-    factory = logging.getLogRecordFactory()
-    logging.setLogRecordFactory(logging.LogRecord)
-    install_fast_records()
-    yield
-    logging.setLogRecordFactory(factory)
-
-
-@pytest.mark.usefixtures("fast_records")
-@pytest.mark.parametrize("details", [True, False])
-def test_fast_records_have_the_attributes_of_log_records(
-    monkeypatch: pytest.MonkeyPatch, details: bool
+def test_a_user_formatter_on_the_handler_sees_where_each_call_was_made(
+    open_sink: OpenSink,
 ) -> None:
-    """Every LogRecord attribute exists with the same value, with thread details or without."""
-    for flag in ("logThreads", "logProcesses", "logMultiprocessing"):
-        monkeypatch.setattr(logging, flag, details)
-    arguments: list[tuple[object, ...]] = [
-        ("a.b", logging.WARNING, "/src/pkg/mod.py", 7, "%(n)s", ({"n": 1},), None, "f", "st"),
-        ("a", 25, "(unknown file)", 0, "%d %s", (1, "x"), None, "(unknown function)", None),
-        ("a", logging.ERROR, None, 0, "m", (), (ValueError, ValueError(), None)),
-        ("a", logging.DEBUG, ["not", "a", "path"], 0, "m", (), None),
-    ]
-    for args in arguments:
-        fast = logging.getLogRecordFactory()(*args)
-        slow = logging.LogRecord(*args)  # type: ignore[arg-type]
-        assert type(fast) is not logging.LogRecord
-        assert isinstance(fast, logging.LogRecord)
-        assert fast.__dict__.keys() == slow.__dict__.keys()
-        for key, value in slow.__dict__.items():
-            if key not in ("created", "msecs", "relativeCreated"):
-                assert fast.__dict__[key] == value, key
-        assert abs(fast.created - slow.created) < 1
-        assert fast.msecs == int((fast.created - int(fast.created)) * 1000)
-        assert fast.relativeCreated == pytest.approx(
-            slow.relativeCreated + (fast.created - slow.created) * 1000
-        )
-        assert fast.getMessage() == slow.getMessage()
-
-
-def test_fast_records_leave_an_application_factory_alone() -> None:
-    """An application's own record factory stays in place."""
-    factory = logging.getLogRecordFactory()
-
-    def custom(*args: object, **kwargs: object) -> logging.LogRecord:
-        return logging.LogRecord(*args, **kwargs)  # type: ignore[arg-type]
-
-    logging.setLogRecordFactory(custom)
-    try:
-        install_fast_records()
-        assert logging.getLogRecordFactory() is custom
-    finally:
-        logging.setLogRecordFactory(factory)
-
-
-@pytest.mark.usefixtures("fast_records")
-def test_fast_records_reach_the_log_with_user_format_fields(open_sink: OpenSink) -> None:
-    """A user's formatter may name any record field; fast records fill them in."""
+    """tend changes nothing in how logging makes records: file, function and line are true."""
     out = io.StringIO()
     sink = open_sink(LogConfig(), out)
     sink.handler.setFormatter(
-        logging.Formatter("%(filename)s %(module)s %(funcName)s %(levelname)s %(message)s")
+        logging.Formatter(
+            "%(filename)s %(module)s %(funcName)s %(lineno)d %(levelname)s %(message)s"
+        )
     )
     sink.install()
+    line = sys._getframe().f_lineno + 1
     logging.getLogger("tend.poetry.server").warning("hello %s", "there")
     assert out.getvalue().splitlines()[-1] == (
-        "test_logs.py test_logs test_fast_records_reach_the_log_with_user_format_fields "
-        "WARNING hello there"
+        "test_logs.py test_logs test_a_user_formatter_on_the_handler_sees_where_each_call_was_made "
+        f"{line} WARNING hello there"
     )
+    assert logging.getLogRecordFactory() is logging.LogRecord
 
 
 async def test_a_thread_writes_at_once_while_the_loop_has_a_write_scheduled(

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO
 
 from tend.errors import StartupError
 
@@ -32,7 +32,6 @@ __all__ = [
     "LogConfig",
     "LogError",
     "LogSink",
-    "install_fast_records",
     "open_log",
     "parse_syslog_address",
 ]
@@ -208,102 +207,6 @@ class LogSink:
         if not isinstance(self.handler, _BufferedHandler):
             raise RuntimeError(f"{self!r} cannot write formatted lines")
         self.handler.write_lines(lines)
-
-
-# Records
-
-
-def install_fast_records() -> None:
-    """Make `logging` create `_FastLogRecord`s, unless a record factory is already set.
-
-    For the runner to call before logging starts. A record then costs about a third less to
-    make, and the most with `logging.logThreads`, `logProcesses` and `logMultiprocessing`
-    False. A factory the application set is left alone.
-    """
-    if logging.getLogRecordFactory() is logging.LogRecord:
-        logging.setLogRecordFactory(_FastLogRecord)
-
-
-# pathname: (filename, module). Source files are few (with logging._srcfile None, there is
-# one: "(unknown file)"), and splitting a path costs more than the rest of a record.
-_names_of_path: dict[str, tuple[str, str]] = {}
-
-# When `logging` was imported, for relativeCreated; read once rather than per record.
-_logging_start: float = getattr(logging, "_startTime", time.time())
-
-
-class _FastLogRecord(logging.LogRecord):
-    """A `logging.LogRecord` with the same attributes and values, made more cheaply.
-
-    `logging.LogRecord.__init__` splits the source path per record and reads the thread and
-    process even when the attributes are then set to None; this caches the split per path
-    and reads only what `logging.logThreads`, `logProcesses` and `logMultiprocessing` ask.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        level: int,
-        pathname: str,
-        lineno: int,
-        msg: object,
-        args: Any,
-        exc_info: Any,
-        func: str | None = None,
-        sinfo: str | None = None,
-        **kwargs: object,
-    ) -> None:
-        created = time.time()
-        self.name = name
-        self.msg = msg
-        if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
-            # log.info("%(key)s", {"key": value}), as LogRecord does.
-            args = args[0]
-        self.args = args
-        self.levelname = logging.getLevelName(level)
-        self.levelno = level
-        self.pathname = pathname
-        try:
-            self.filename, self.module = _names_of_path[pathname]
-        except (KeyError, TypeError):  # a path not seen before, or not a string at all
-            self.filename, self.module = _split_path(pathname)
-        self.exc_info = exc_info
-        self.exc_text = None
-        self.stack_info = sinfo
-        self.lineno = lineno
-        self.funcName = func  # type: ignore[assignment]  # None, as LogRecord sets it
-        self.created = created
-        self.msecs = int((created - int(created)) * 1000) + 0.0  # as LogRecord (gh-89047)
-        self.relativeCreated = (created - _logging_start) * 1000
-        if logging.logThreads:
-            self.thread = threading.get_ident()
-            self.threadName = threading.current_thread().name
-        else:
-            self.thread = None
-            self.threadName = None
-        self.processName = _process_name() if logging.logMultiprocessing else None
-        self.process = os.getpid() if logging.logProcesses else None
-
-
-def _split_path(pathname: str) -> tuple[str, str]:
-    """*pathname*'s filename and module, as `logging.LogRecord` finds them; remembered."""
-    try:
-        filename = os.path.basename(pathname)
-        names = (filename, os.path.splitext(filename)[0])
-    except (TypeError, ValueError, AttributeError):
-        names = (pathname, "Unknown module")
-    with contextlib.suppress(TypeError):  # an unhashable pathname is not remembered
-        _names_of_path[pathname] = names
-    return names
-
-
-def _process_name() -> str:
-    """The multiprocessing process name, as `logging.LogRecord` finds it."""
-    multiprocessing = sys.modules.get("multiprocessing")
-    if multiprocessing is not None:
-        with contextlib.suppress(Exception):
-            return str(multiprocessing.current_process().name)
-    return "MainProcess"
 
 
 # Formatters

@@ -114,7 +114,7 @@ def open_log(config: LogConfig, stdout: IO[str] | None = None) -> LogSink:
         raise LogError(f"cannot keep {config.backups} rotated logs: use 0 or more")
     json_format = config.format == "json"
 
-    handler: logging.Handler
+    handler: _LogHandler
     if config.syslog:
         handler = _open_syslog(config)
         handler.setFormatter(_JsonFormatter() if json_format else _TextFormatter())
@@ -138,13 +138,11 @@ def open_log(config: LogConfig, stdout: IO[str] | None = None) -> LogSink:
 class LogSink:
     """An opened log destination, which the runner installs, reopens on SIGUSR1 and closes."""
 
-    handler: logging.Handler
+    handler: _LogHandler
     description: str  # for messages: "/var/log/tend.log", "standard output", "syslog at ..."
     level: int
 
-    def __init__(
-        self, handler: logging.Handler, description: str, level: int = logging.INFO
-    ) -> None:
+    def __init__(self, handler: _LogHandler, description: str, level: int = logging.INFO) -> None:
         self.handler = handler
         self.description = description
         self.level = level
@@ -171,8 +169,7 @@ class LogSink:
         Raises:
             LogError: the path cannot be opened; logging continues into the moved file.
         """
-        if isinstance(self.handler, _FileHandler):
-            self.handler.reopen()
+        self.handler.reopen()
 
     def flush(self) -> None:
         """Write out every buffered line now."""
@@ -188,24 +185,22 @@ class LogSink:
 
     def fileno(self) -> int | None:
         """The descriptor of the open log file, which detaching must keep open; else None."""
-        if isinstance(self.handler, _FileHandler):
-            return self.handler.fileno()
-        return None
+        return self.handler.fileno()
 
     def relay_to(self, fd: int) -> None:
         """In a forked worker: send formatted lines to *fd*, a pipe, instead of the file.
 
         The supervisor reads the pipe and passes the lines to its own sink's `write_lines`,
         so one process alone writes and rotates the file.
+
+        Raises:
+            RuntimeError: the destination is not a file (standard output and syslog are
+                shared by the workers as they are).
         """
-        if not isinstance(self.handler, _FileHandler):
-            raise RuntimeError(f"{self!r} cannot relay: only a log file's lines are relayed")
         self.handler.relay_to(fd)
 
     def write_lines(self, lines: list[str]) -> None:
         """Write lines another process formatted (without their newlines), now, in order."""
-        if not isinstance(self.handler, _BufferedHandler):
-            raise RuntimeError(f"{self!r} cannot write formatted lines")
         self.handler.write_lines(lines)
 
 
@@ -405,6 +400,29 @@ class _JsonFormatter(logging.Formatter):
 # Handlers
 
 
+class _LogHandler(logging.Handler):
+    """A `logging.Handler` that answers what a `LogSink` asks of any destination.
+
+    The defaults are a destination without a file: nothing to reopen, no descriptor to keep,
+    no lines to relay or take. Each handler overrides what it can do.
+    """
+
+    def reopen(self) -> None:
+        """Reopen the destination by its path (SIGUSR1); nothing to do by default."""
+
+    def fileno(self) -> int | None:
+        """The descriptor that detaching must keep open, if any."""
+        return None
+
+    def relay_to(self, fd: int) -> None:
+        """In a forked worker: send formatted lines to *fd*, a pipe, for the supervisor."""
+        raise RuntimeError(f"{self!r} cannot relay: only a log file's lines are relayed")
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Write lines formatted in another process (without their newlines), in order."""
+        raise RuntimeError(f"{self!r} cannot write formatted lines")
+
+
 # Every buffered handler, for _forget_scheduled_writes.
 _buffered_handlers: weakref.WeakSet[_BufferedHandler] = weakref.WeakSet()
 
@@ -419,7 +437,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_scheduled_writes)
 
 
-class _BufferedHandler(logging.Handler):
+class _BufferedHandler(_LogHandler):
     """Formats records into memory and writes them in bursts.
 
     The first record after a quiet spell schedules a write with `loop.call_soon`, so it
@@ -803,7 +821,7 @@ def _open_syslog(config: LogConfig) -> _SyslogHandler:
         raise LogError(f"cannot reach syslog at {config.syslog_address}: {reason}") from error
 
 
-class _SyslogHandler(logging.Handler):
+class _SyslogHandler(_LogHandler):
     """Sends RFC 3164 messages as `logging.handlers.SysLogHandler` does, tagged like twistd.
 
     Each line of a record is its own message, ``<PRI>tend[PID]: [context] line``, as twistd's

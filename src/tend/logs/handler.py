@@ -1,0 +1,41 @@
+"""What a `LogSink` asks of its handler, with the answers of a destination without a file.
+
+Owns `LogHandler`, the base of tend's handlers, and `LogError`, which they raise when a
+destination cannot be opened. Stays out of formatting, buffering and any particular
+destination: each handler overrides what it can do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tend.errors import StartupError
+
+__all__ = ["LogError", "LogHandler"]
+
+
+class LogError(StartupError):
+    """A log destination could not be opened or reached, or its settings are wrong."""
+
+
+class LogHandler(logging.Handler):
+    """A `logging.Handler` that answers what a `LogSink` asks of any destination.
+
+    The defaults are a destination without a file: nothing to reopen, no descriptor to keep,
+    no lines to relay or take.
+    """
+
+    def reopen(self) -> None:
+        """Reopen the destination by its path (SIGUSR1); nothing to do by default."""
+
+    def fileno(self) -> int | None:
+        """The descriptor that detaching must keep open, if any."""
+        return None
+
+    def relay_to(self, fd: int) -> None:
+        """In a forked worker: send formatted lines to *fd*, a pipe, for the supervisor."""
+        raise RuntimeError(f"{self!r} cannot relay: only a log file's lines are relayed")
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Write lines formatted in another process (without their newlines), in order."""
+        raise RuntimeError(f"{self!r} cannot write formatted lines")

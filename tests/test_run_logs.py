@@ -106,11 +106,14 @@ handler = logging.FileHandler("app.log")
 handler.setFormatter(logging.Formatter("%(filename)s:%(lineno)d %(funcName)s %(message)s"))
 log = logging.getLogger("greeter")
 log.addHandler(handler)
+access = tend.AccessLog("greeter")
+tend.AccessLog.subscribe(handler)
 
 
 class Greeter(tend.Service):
     async def start_service(self):
         log.info("greeter starting")
+        access.info("greeter access line")
         await super().start_service()
 
 
@@ -120,12 +123,16 @@ Greeter().set_service_parent(application)
 
 
 def test_an_app_handler_sees_the_app_files_name_line_and_function(run_tend, tmp_path):
-    """tend leaves logging's records alone: an app's own handler shows where it logged."""
+    """tend leaves logging's records alone: an app's own handler shows where it logged, and
+    so does a handler subscribed to the access log."""
     (tmp_path / "app.py").write_text(APP_WITH_ITS_OWN_HANDLER)
-    line = APP_WITH_ITS_OWN_HANDLER.splitlines().index('        log.info("greeter starting")') + 1
+    lines = APP_WITH_ITS_OWN_HANDLER.splitlines()
+    logged = lines.index('        log.info("greeter starting")') + 1
+    accessed = lines.index('        access.info("greeter access line")') + 1
     tend = run_tend("--nodaemon", "--pidfile=", "-y", "app.py")
-    tend.wait_for_output(r"\[greeter\] greeter starting")
+    tend.wait_for_output(r"\[greeter\] greeter starting\n.* \[greeter\] greeter access line$")
     assert tend.stop() == 0
     assert (tmp_path / "app.log").read_text().splitlines() == [
-        f"app.py:{line} start_service greeter starting"
+        f"app.py:{logged} start_service greeter starting",
+        f"app.py:{accessed} start_service greeter access line",
     ]

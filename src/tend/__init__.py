@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from tend.endpoints import EndpointSyntaxError, parse_endpoint
     from tend.errors import StartupError, TendError, UsageError
+    from tend.logs.access import AccessLog
     from tend.net import StreamServer, TCPServer, UNIXServer, reset
     from tend.plugins import Flag, Option, ServiceMaker
     from tend.service import Application, MultiService, Service, walk
@@ -35,9 +36,11 @@ _HOMES = {
     "StartupError": "tend.errors",
     "TendError": "tend.errors",
     "UsageError": "tend.errors",
+    "AccessLog": "tend.logs.access",
 }
 
 __all__ = [
+    "AccessLog",
     "Application",
     "EndpointSyntaxError",
     "Flag",

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import IO
 
+from tend.logs import access
 from tend.logs.buffered import StreamHandler
 from tend.logs.formats import (
     JournaldFormatter,
@@ -138,12 +139,13 @@ class LogSink:
         return f"<LogSink {self.description}>"
 
     def install(self) -> None:
-        """Send every log record here: attach to the root logger and set its level."""
+        """Send every log record and access line here: attach to the root logger, set its level."""
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         root = logging.getLogger()
         root.addHandler(self.handler)
         root.setLevel(self.level)
+        access.add_destination(self.handler)
         logging.getLogger("tend").info("Log opened.")
 
     def reopen(self) -> None:
@@ -166,6 +168,7 @@ class LogSink:
         if self._closed:
             return
         self._closed = True
+        access.remove_destination(self.handler)
         logging.getLogger().removeHandler(self.handler)
         self.handler.close()
 

@@ -18,7 +18,8 @@ import time
 import weakref
 from typing import IO
 
-from tend.logs.handler import LogHandler
+from tend.logs.formats import LineFormatter
+from tend.logs.handler import LogHandler, fields_record
 
 __all__ = ["BufferedHandler", "StreamHandler"]
 
@@ -57,14 +58,18 @@ class BufferedHandler(LogHandler):
     write is immediate, as it is for ERROR and above (the process may be about to die), past
     `_FLUSH_THRESHOLD`, and on `flush()` and `close()`.
 
-    `handle` holds `self.lock` around `emit`, as `logging.Handler.handle` does; the scheduled
-    write takes it too, so threads never interleave inside the buffer or a write. It stays an
-    RLock: a message argument's ``__str__`` may itself log, re-entering `emit`.
+    The access log's lines (`write_fields`) join the same buffer, formatted from their fields
+    without a LogRecord, so they reach the destination in order with every other line.
+
+    `handle` holds `self.lock` around `emit`, as `logging.Handler.handle` does;
+    `write_fields` and the scheduled write take it too, so threads never interleave inside
+    the buffer or a write. It stays an RLock: a message argument's ``__str__`` may itself
+    log, re-entering `emit`.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._buffer: list[str] = []
+        self._buffer: list[str] = []  # formatted lines, each ending in a newline
         self._buffered_chars = 0
         # The loop a write is scheduled on, if any. A loop closed with the write still pending
         # is not this thread's running loop, so the next record schedules again: nothing waits
@@ -101,11 +106,32 @@ class BufferedHandler(LogHandler):
         except Exception:
             self.handleError(record)
             return
+        self._last_record = record
+        self._add(text, record.levelno)
+
+    def write_fields(self, name: str, levelno: int, msg: str, args: tuple[object, ...]) -> bool:
+        """Format an access line from its fields and buffer it, as `emit` does a record's."""
+        formatter = self.formatter
+        if self.filters or not isinstance(formatter, LineFormatter):
+            return False
+        with self.lock:  # type: ignore[union-attr]  # as in handle
+            if self._closed:
+                return True
+            try:
+                text = formatter.format_fields(name, levelno, time.time(), msg, args)
+            except Exception:
+                self.handleError(fields_record(name, levelno, msg, args))
+                return True
+            self._last_record = None
+            self._add(text, levelno)
+        return True
+
+    def _add(self, text: str, levelno: int) -> None:
+        """Buffer a formatted line and write or schedule; the caller holds the lock."""
         line = text + "\n"
         self._buffer.append(line)
         self._buffered_chars += len(line)
-        self._last_record = record
-        if record.levelno >= logging.ERROR or self._buffered_chars >= _FLUSH_THRESHOLD:
+        if levelno >= logging.ERROR or self._buffered_chars >= _FLUSH_THRESHOLD:
             self._write_buffer()
             return
         # A write already scheduled on a loop running in this thread takes this line too. This

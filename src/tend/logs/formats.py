@@ -2,23 +2,27 @@
 
 Owns the formatters: twistd's ``2026-11-25 20:57:14+0000 [context] message``, the
 ``<6>[context] message`` that journald reads a priority from, the bare ``[context] message``
-that syslog stamps itself, and one JSON object per line. Stays out of where lines go and
-when they are written (the handlers), and out of `logging`'s own state: everything cached
-here (timestamps, line heads, contexts) is cached on the formatter.
+that syslog stamps itself, and one JSON object per line. Each formats a record (`format`)
+or, for the access log, a line's bare fields (`format_fields`), and both read alike. Stays
+out of where lines go and when they are written (the handlers), and out of `logging`'s own
+state: everything cached here (timestamps, line heads, contexts) is cached on the formatter.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 __all__ = [
     "JournaldFormatter",
     "JsonFormatter",
+    "LineFormatter",
     "TextFormatter",
     "TimestampedFormatter",
     "context_of",
     "journald_priority",
+    "message_of",
 ]
 
 # The attributes every LogRecord has; any other attribute came from `extra=` (JSON puts those at
@@ -35,45 +39,97 @@ def context_of(name: str) -> str:
     return "-" if name in ("root", "tend") else name
 
 
-class TextFormatter(logging.Formatter):
+class LineFormatter(logging.Formatter):
+    """A tend formatter: formats a record, or a line's bare fields (the access log's).
+
+    `format_fields` gives what `format` gives for a record with the same fields, no exception
+    and no extras, so an access line reads like any other line.
+    """
+
+    def format_fields(
+        self, name: str, levelno: int, created: float, msg: str, args: tuple[object, ...]
+    ) -> str:
+        """Format a line from logger *name* without a LogRecord; *created* as time.time()."""
+        raise NotImplementedError
+
+
+def message_of(msg: str, args: tuple[object, ...]) -> str:
+    """*msg* % *args*, as `logging.LogRecord.getMessage` makes a message.
+
+    One non-empty mapping is the argument itself (``"%(peer)s", {"peer": peer}``), as
+    LogRecord takes it.
+    """
+    if not args:
+        return msg
+    if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+        return msg % args[0]
+    return msg % args
+
+
+class TextFormatter(LineFormatter):
     """``[context] message``, every line of the message and traceback prefixed alike.
 
-    Used bare for syslog, which stamps the time itself; subclasses add a line head. Prefixing
+    Used bare for syslog, which stamps the time itself; subclasses add a stamp. Prefixing
     each traceback line (twistd indents them with a tab instead) lets grep by time or context
     find a whole record, and keeps a rotated file from starting mid-record unreadably.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        # Logger names are few; computing each one's context once keeps emit cheap.
+        # Logger names are few; computing each one's context once keeps formatting cheap.
         self._contexts: dict[str, str] = {}
 
-    def head(self, record: logging.LogRecord) -> str:
-        """What comes before ``[context]`` on every line of *record*."""
+    def context(self, name: str) -> str:
+        """The bracketed context of logger *name*'s lines."""
+        context = self._contexts.get(name)
+        if context is None:
+            context = self._contexts[name] = context_of(name)
+        return context
+
+    def stamp(self, levelno: int, created: float) -> str:
+        """What comes before ``[context]``: nothing here; a time or a priority in subclasses."""
         return ""
 
+    def line_head(self, name: str, levelno: int, created: float) -> str:
+        """Everything before the message on each line of a record: ``STAMP[context] ``."""
+        return f"{self.stamp(levelno, created)}[{self.context(name)}] "
+
     def format(self, record: logging.LogRecord) -> str:
+        # Not `record.__dict__`: reading it makes every later attribute read of the record slower.
         context = getattr(record, "context", None)
         if context is None:
-            context = self._contexts.get(record.name)
-            if context is None:
-                context = self._contexts[record.name] = context_of(record.name)
-        prefix = f"{self.head(record)}[{context}] "
+            head = self.line_head(record.name, record.levelno, record.created)
+        else:
+            head = f"{self.stamp(record.levelno, record.created)}[{context}] "
         text = record.getMessage()
-        if record.exc_info and not record.exc_text:
-            # Cached on the record, as logging.Formatter does, for the other handlers.
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            text = f"{text}\n{record.exc_text}"
-        if record.stack_info:
-            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        if record.exc_info or record.exc_text or record.stack_info:
+            if record.exc_info and not record.exc_text:
+                # Cached on the record, as logging.Formatter does, for the other handlers.
+                record.exc_text = self.formatException(record.exc_info)
+            if record.exc_text:
+                text = f"{text}\n{record.exc_text}"
+            if record.stack_info:
+                text = f"{text}\n{self.formatStack(record.stack_info)}"
         if "\n" not in text:
-            return prefix + text
-        return "\n".join(prefix + line for line in text.splitlines())
+            return head + text
+        return "\n".join(head + line for line in text.splitlines())
+
+    def format_fields(
+        self, name: str, levelno: int, created: float, msg: str, args: tuple[object, ...]
+    ) -> str:
+        head = self.line_head(name, levelno, created)
+        text = message_of(msg, args)
+        if "\n" not in text:
+            return head + text
+        return "\n".join(head + line for line in text.splitlines())
 
 
 class TimestampedFormatter(TextFormatter):
-    """twistd's line: ``2026-11-25 20:57:14+0000 [context] message``, in local time."""
+    """twistd's line: ``2026-11-25 20:57:14+0000 [context] message``, in local time.
+
+    The common line (one logger, one second) costs one dict look-up for its head: at a line
+    per connection, this is a busy server's hot path.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -87,41 +143,24 @@ class TimestampedFormatter(TextFormatter):
         # holding the previous pair still builds right heads.
         self._heads: tuple[int, dict[str, str]] = (-1, {})
 
-    def head(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+    def stamp(self, levelno: int, created: float) -> str:
+        second = int(created)
         cached_second, stamp = self._stamp
         if second != cached_second:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S%z ", time.localtime(second))
             self._stamp = (second, stamp)
         return stamp
 
-    def format(self, record: logging.LogRecord) -> str:
-        # The common record (one line, no traceback, no context of its own) is one dict
-        # look-up and a concatenation: at a line per connection, this is a server's hot path.
-        # Not `record.__dict__`: reading it makes every later attribute read of the record slower.
-        if (
-            record.exc_info
-            or record.exc_text
-            or record.stack_info
-            or getattr(record, "context", None) is not None
-        ):
-            return super().format(record)
-        second = int(record.created)
+    def line_head(self, name: str, levelno: int, created: float) -> str:
+        second = int(created)
         cached_second, heads = self._heads
         if second != cached_second:
             heads = {}
             self._heads = (second, heads)
-        name = record.name
         head = heads.get(name)
         if head is None:
-            context = self._contexts.get(name)
-            if context is None:
-                context = self._contexts[name] = context_of(name)
-            head = heads[name] = f"{self.head(record)}[{context}] "
-        text = record.getMessage()
-        if "\n" in text:
-            return "\n".join(head + line for line in text.splitlines())
-        return head + text
+            head = heads[name] = f"{self.stamp(levelno, created)}[{self.context(name)}] "
+        return head
 
 
 def journald_priority(level: int) -> int:
@@ -140,11 +179,11 @@ def journald_priority(level: int) -> int:
 class JournaldFormatter(TextFormatter):
     """``<6>[context] message``: journald stamps the time and reads the priority."""
 
-    def head(self, record: logging.LogRecord) -> str:
-        return f"<{journald_priority(record.levelno)}>"
+    def stamp(self, levelno: int, created: float) -> str:
+        return f"<{journald_priority(levelno)}>"
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(LineFormatter):
     """One JSON object per line: time, level, logger, message, extra fields, exception."""
 
     def __init__(self) -> None:
@@ -195,3 +234,16 @@ class JsonFormatter(logging.Formatter):
             core = ("time", "level", "logger", "message", "exception", "stack")
             plain = {key: value if key in core else str(value) for key, value in document.items()}
             return self._encoder.encode(plain)
+
+    def format_fields(
+        self, name: str, levelno: int, created: float, msg: str, args: tuple[object, ...]
+    ) -> str:
+        # Four strings: nothing the encoder can refuse.
+        return self._encoder.encode(
+            {
+                "time": self.rfc3339(created),
+                "level": logging.getLevelName(levelno).lower(),
+                "logger": name,
+                "message": message_of(msg, args),
+            }
+        )

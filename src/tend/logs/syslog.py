@@ -13,8 +13,10 @@ import logging
 import logging.handlers
 import os
 import socket
+import time
 
-from tend.logs.handler import LogHandler
+from tend.logs.formats import LineFormatter
+from tend.logs.handler import LogHandler, fields_record
 
 __all__ = ["SyslogHandler"]
 
@@ -63,15 +65,31 @@ class SyslogHandler(LogHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = self.format(record)
-            level = logging.handlers.SysLogHandler.priority_map.get(record.levelname, "warning")
-            priority = (self.facility << 3) | logging.handlers.SysLogHandler.priority_names[level]
-            head = f"<{priority}>{self.tag}[{os.getpid()}]: " if self.tag else f"<{priority}>"
-            for line in text.split("\n"):
-                # The trailing NUL is SysLogHandler's default (append_nul).
-                self._send(f"{head}{line}\000".encode("utf-8", "backslashreplace"))
+            self._send_lines(self.format(record), record.levelname)
         except Exception:
             self.handleError(record)
+
+    def write_fields(self, name: str, levelno: int, msg: str, args: tuple[object, ...]) -> bool:
+        """Send an access line formatted from its fields, as `emit` sends a record's."""
+        formatter = self.formatter
+        if self.filters or not isinstance(formatter, LineFormatter):
+            return False
+        with self.lock:  # type: ignore[union-attr]  # Handler.createLock always made one
+            try:
+                text = formatter.format_fields(name, levelno, time.time(), msg, args)
+                self._send_lines(text, logging.getLevelName(levelno))
+            except Exception:
+                self.handleError(fields_record(name, levelno, msg, args))
+        return True
+
+    def _send_lines(self, text: str, levelname: str) -> None:
+        """Send each line of *text* as a message at the priority of *levelname*."""
+        level = logging.handlers.SysLogHandler.priority_map.get(levelname, "warning")
+        priority = (self.facility << 3) | logging.handlers.SysLogHandler.priority_names[level]
+        head = f"<{priority}>{self.tag}[{os.getpid()}]: " if self.tag else f"<{priority}>"
+        for line in text.split("\n"):
+            # The trailing NUL is SysLogHandler's default (append_nul).
+            self._send(f"{head}{line}\000".encode("utf-8", "backslashreplace"))
 
     def _send(self, message: bytes) -> None:
         if self._sockaddr is not None:

@@ -4,7 +4,7 @@ Owns the public surface (`LogConfig`, `LogError`, `LogSink`, `open_log`,
 `parse_syslog_address`) and the routing: which handler and formatter a `LogConfig` asks
 for, and the checks on its settings. Only installs handlers; never prints, and changes
 nothing in `logging` but what `LogSink.install` is for: its handler on the root logger and
-the root level (``--log-level``). Everything else in tend logs through the standard
+the root level (`LogConfig.level`). Everything else in tend logs through the standard
 `logging` API, or through `tend.AccessLog` for a line per connection.
 
 One module per job: `formats` (how a line reads), `buffered` (writing in bursts, standard

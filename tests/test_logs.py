@@ -1,4 +1,4 @@
-"""Tests for tend.logs: formats, files and rotation, syslog, journald, batching."""
+"""Tests for tend.logs: formats, files and rotation, syslog, journald, batching, access log."""
 
 from __future__ import annotations
 
@@ -22,15 +22,16 @@ from pathlib import Path
 
 import pytest
 
+import tend
 from tend.errors import StartupError
 from tend.logs import (
     LogConfig,
     LogError,
     LogSink,
-    install_fast_records,
     open_log,
     parse_syslog_address,
 )
+from tend.logs.access import AccessLog
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}"
 OpenSink = Callable[..., LogSink]
@@ -1115,76 +1116,25 @@ def test_handler_filters_still_drop_records(open_sink: OpenSink, attach: Attach)
     assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["public"]
 
 
-@pytest.fixture
-def fast_records() -> Iterator[None]:
-    """install_fast_records(), with the record factory restored at the end."""
-    factory = logging.getLogRecordFactory()
-    logging.setLogRecordFactory(logging.LogRecord)
-    install_fast_records()
-    yield
-    logging.setLogRecordFactory(factory)
-
-
-@pytest.mark.usefixtures("fast_records")
-@pytest.mark.parametrize("details", [True, False])
-def test_fast_records_have_the_attributes_of_log_records(
-    monkeypatch: pytest.MonkeyPatch, details: bool
+def test_a_user_formatter_on_the_handler_sees_where_each_call_was_made(
+    open_sink: OpenSink,
 ) -> None:
-    """Every LogRecord attribute exists with the same value, with thread details or without."""
-    for flag in ("logThreads", "logProcesses", "logMultiprocessing"):
-        monkeypatch.setattr(logging, flag, details)
-    arguments: list[tuple[object, ...]] = [
-        ("a.b", logging.WARNING, "/src/pkg/mod.py", 7, "%(n)s", ({"n": 1},), None, "f", "st"),
-        ("a", 25, "(unknown file)", 0, "%d %s", (1, "x"), None, "(unknown function)", None),
-        ("a", logging.ERROR, None, 0, "m", (), (ValueError, ValueError(), None)),
-        ("a", logging.DEBUG, ["not", "a", "path"], 0, "m", (), None),
-    ]
-    for args in arguments:
-        fast = logging.getLogRecordFactory()(*args)
-        slow = logging.LogRecord(*args)  # type: ignore[arg-type]
-        assert type(fast) is not logging.LogRecord
-        assert isinstance(fast, logging.LogRecord)
-        assert fast.__dict__.keys() == slow.__dict__.keys()
-        for key, value in slow.__dict__.items():
-            if key not in ("created", "msecs", "relativeCreated"):
-                assert fast.__dict__[key] == value, key
-        assert abs(fast.created - slow.created) < 1
-        assert fast.msecs == int((fast.created - int(fast.created)) * 1000)
-        assert fast.relativeCreated == pytest.approx(
-            slow.relativeCreated + (fast.created - slow.created) * 1000
-        )
-        assert fast.getMessage() == slow.getMessage()
-
-
-def test_fast_records_leave_an_application_factory_alone() -> None:
-    """An application's own record factory stays in place."""
-    factory = logging.getLogRecordFactory()
-
-    def custom(*args: object, **kwargs: object) -> logging.LogRecord:
-        return logging.LogRecord(*args, **kwargs)  # type: ignore[arg-type]
-
-    logging.setLogRecordFactory(custom)
-    try:
-        install_fast_records()
-        assert logging.getLogRecordFactory() is custom
-    finally:
-        logging.setLogRecordFactory(factory)
-
-
-@pytest.mark.usefixtures("fast_records")
-def test_fast_records_reach_the_log_with_user_format_fields(open_sink: OpenSink) -> None:
-    """A user's formatter may name any record field; fast records fill them in."""
+    """tend changes nothing in how logging makes records: file, function and line are true."""
     out = io.StringIO()
     sink = open_sink(LogConfig(), out)
     sink.handler.setFormatter(
-        logging.Formatter("%(filename)s %(module)s %(funcName)s %(levelname)s %(message)s")
+        logging.Formatter(
+            "%(filename)s %(module)s %(funcName)s %(lineno)d %(levelname)s %(message)s"
+        )
     )
     sink.install()
+    line = sys._getframe().f_lineno + 1
     logging.getLogger("tend.poetry.server").warning("hello %s", "there")
     assert out.getvalue().splitlines()[-1] == (
-        "test_logs.py test_logs test_fast_records_reach_the_log_with_user_format_fields "
-        "WARNING hello there"
+        "test_logs.py test_logs test_a_user_formatter_on_the_handler_sees_where_each_call_was_made "
+        f"{line} WARNING hello there"
     )
+    assert logging.getLogRecordFactory() is logging.LogRecord
 
 
 async def test_a_thread_writes_at_once_while_the_loop_has_a_write_scheduled(
@@ -1244,4 +1194,375 @@ def test_a_message_argument_may_log_while_formatted(open_sink: OpenSink, attach:
     assert [line.split("] ")[1] for line in out.getvalue().splitlines()] == [
         "inner",
         "outer noisy",
+    ]
+
+
+# The access log
+
+
+class RecordingHandler(logging.Handler):
+    """An application's own handler: keeps every record it is handed."""
+
+    def __init__(self, level: int = logging.NOTSET) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+Subscribe = Callable[[logging.Handler], None]
+
+
+@pytest.fixture
+def subscribe() -> Iterator[Subscribe]:
+    """AccessLog.subscribe, with every handler unsubscribed at the end."""
+    subscribed: list[logging.Handler] = []
+
+    def subscribe_(handler: logging.Handler) -> None:
+        AccessLog.subscribe(handler)
+        subscribed.append(handler)
+
+    yield subscribe_
+    for handler in subscribed:
+        AccessLog.unsubscribe(handler)
+
+
+@pytest.fixture
+def set_level() -> Iterator[Callable[[str, int], None]]:
+    """Logger.setLevel, with each logger's level restored at the end."""
+    changed: list[tuple[logging.Logger, int]] = []
+
+    def set_level_(name: str, level: int) -> None:
+        logger = logging.getLogger(name)
+        changed.append((logger, logger.level))
+        logger.setLevel(level)
+
+    yield set_level_
+    for logger, level in reversed(changed):
+        logger.setLevel(level)
+
+
+def test_access_log_is_public() -> None:
+    """tend.AccessLog is the public name of the access log."""
+    assert "AccessLog" in tend.__all__
+    assert tend.AccessLog is AccessLog
+    assert repr(AccessLog("tend.poetry.server")) == "<AccessLog tend.poetry.server>"
+
+
+@pytest.mark.parametrize("kind", ["text", "json", "journald"])
+def test_access_lines_read_like_logging_lines(
+    open_sink: OpenSink,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    """An access line is the line logging.getLogger(name) would have written, in each format,
+    written without a LogRecord."""
+    if kind == "journald":
+        status = os.fstat(2)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+    out = io.StringIO()
+    config = LogConfig(format="json" if kind == "json" else "text", level=logging.DEBUG)
+    sink = open_sink(config, out)
+    sink.install()
+    name = "app.access.formats"
+    log, access = logging.getLogger(name), AccessLog(name)
+
+    def written(call: Callable[..., None], *args: object) -> list[object]:
+        start = len(out.getvalue())
+        call(*args)
+        text = out.getvalue()[start:]
+        assert text
+        if kind == "json":
+            documents = [json.loads(line) for line in text.splitlines()]
+            return [{**document, "time": "T"} for document in documents]
+        return [re.sub(STAMP, "T", line) for line in text.splitlines()]
+
+    calls: list[tuple[str, tuple[object, ...]]] = [
+        ("debug", ("one %s",)),
+        ("info", ("sending %d bytes of poetry to %s", 3003, "127.0.0.1:58208")),
+        ("warning", ("two\nlines from %s", "127.0.0.1:1")),
+        ("info", ("%(peer)s left", {"peer": "127.0.0.1:2"})),
+        ("info", ("100% of %s",)),
+    ]
+    for method, args in calls:
+        assert written(getattr(access, method), *args) == written(getattr(log, method), *args)
+    if kind == "journald":
+        assert written(access.warning, "w") == ["<4>[app.access.formats] w"]
+    # pytest's handler on the root logger saw logging's records only: access lines make none.
+    assert len([r for r in caplog.records if r.name == name]) == len(calls)
+
+
+def test_access_lines_reach_syslog_as_logging_lines_do(
+    open_sink: OpenSink, syslog_socket: tuple[str, socket.socket]
+) -> None:
+    """Through syslog, an access line is sent as the same messages as a logging line."""
+    path, server = syslog_socket
+    sink = open_sink(LogConfig(syslog=True, syslog_address=path, syslog_facility="daemon"))
+    sink.install()
+    server.recv(4096)  # Log opened.
+    name = "app.access.syslog"
+    for level in ("info", "warning"):
+        getattr(logging.getLogger(name), level)("to %s\nand on", "127.0.0.1:1")
+        getattr(AccessLog(name), level)("to %s\nand on", "127.0.0.1:1")
+        expected = [server.recv(4096), server.recv(4096)]
+        assert [server.recv(4096), server.recv(4096)] == expected
+    assert expected[0] == f"<28>tend[{os.getpid()}]: [{name}] to 127.0.0.1:1\0".encode()
+
+
+def test_access_lines_honour_the_log_level(open_sink: OpenSink) -> None:
+    """A log opened at WARNING (--log-level warning) silences access lines at INFO."""
+    out = io.StringIO()
+    open_sink(LogConfig(level=logging.WARNING), out).install()
+    access = AccessLog("app.access.level")
+    access.info("hidden")
+    access.warning("shown")
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["shown"]
+
+
+def test_access_lines_honour_each_loggers_level(
+    open_sink: OpenSink, set_level: Callable[[str, int], None]
+) -> None:
+    """A level set on the logger or a parent, or logging.disable, applies as to logging."""
+    out = io.StringIO()
+    open_sink(LogConfig(), out).install()
+    access = AccessLog("app.quiet.server")
+    set_level("app.quiet.server", logging.WARNING)
+    access.info("hidden by its own level")
+    set_level("app.quiet.server", logging.NOTSET)
+    set_level("app.quiet", logging.WARNING)
+    access.info("hidden by its parent's level")
+    set_level("app.quiet", logging.DEBUG)
+    access.debug("shown at debug")
+    logging.disable(logging.INFO)
+    try:
+        access.info("hidden by logging.disable")
+    finally:
+        logging.disable(logging.NOTSET)
+    access.info("shown")
+    messages = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()[1:]]
+    assert messages == ["shown at debug", "shown"]
+
+
+def test_access_line_arguments_are_formatted_only_when_written(open_sink: OpenSink) -> None:
+    """A silenced line costs no formatting: its arguments' __str__ is never called."""
+    formatted: list[str] = []
+
+    class Peer:
+        def __str__(self) -> str:
+            formatted.append("peer")
+            return "127.0.0.1:1"
+
+    out = io.StringIO()
+    open_sink(LogConfig(level=logging.WARNING), out).install()
+    AccessLog("app.access.lazy").info("sending to %s", Peer())
+    assert formatted == []
+    AccessLog("app.access.lazy").warning("slow client %s", Peer())
+    assert formatted == ["peer"]
+    assert out.getvalue().endswith("[app.access.lazy] slow client 127.0.0.1:1\n")
+
+
+async def test_access_lines_join_the_file_in_order_with_every_other_line(
+    open_sink: OpenSink, tmp_path: Path
+) -> None:
+    """Access and logging lines share one buffer: one file, rotated alike, in call order."""
+    path = tmp_path / "tend.log"
+    max_bytes = 4096
+    sink = open_sink(LogConfig(logfile=str(path), max_bytes=max_bytes))
+    sink.install()
+    log, access = logging.getLogger("app.mixed"), AccessLog("app.mixed")
+    expected = []
+    for number in range(1_000):
+        if number % 3 == 0:
+            log.info("logging %04d", number)
+        elif number % 100 == 1:
+            log.error("error %04d", number)  # written at once, with what is buffered
+        else:
+            access.info("access %04d", number)
+        expected.append(number)
+        if number % 17 == 0:
+            await asyncio.sleep(0)
+    sink.close()
+    files = log_files(path)
+    assert len(files) > 5
+    assert all(file.stat().st_size <= max_bytes for file in files)
+    lines = [line for file in files for line in read_log(file)][1:]  # after Log opened.
+    pattern = re.compile(rf"{STAMP} \[app\.mixed\] (logging|error|access) (\d{{4}})")
+    matches = [pattern.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    assert [int(match.group(2)) for match in matches if match] == expected
+
+
+def test_access_lines_fall_back_to_logging_without_a_sink(
+    caplog: pytest.LogCaptureFixture, open_sink: OpenSink
+) -> None:
+    """With no sink installed (a library, a test) an access line is a logging call."""
+    caplog.set_level(logging.INFO, logger="app.access.fallback")
+    access = AccessLog("app.access.fallback")
+    line = sys._getframe().f_lineno + 1
+    access.info("sending %d bytes of poetry to %s", 3003, "127.0.0.1:1")
+    (record,) = [r for r in caplog.records if r.name == "app.access.fallback"]
+    assert (record.levelno, record.getMessage()) == (
+        logging.INFO,
+        "sending 3003 bytes of poetry to 127.0.0.1:1",
+    )
+    assert (record.filename, record.lineno, record.funcName) == (
+        "test_logs.py",
+        line,
+        "test_access_lines_fall_back_to_logging_without_a_sink",
+    )
+    # Once a sink is closed, its lines go back to logging too.
+    sink = open_sink(LogConfig(), io.StringIO())
+    sink.install()
+    access.info("to the sink")
+    sink.close()
+    access.info("after the close")
+    messages = [r.getMessage() for r in caplog.records if r.name == "app.access.fallback"]
+    assert messages == ["sending 3003 bytes of poetry to 127.0.0.1:1", "after the close"]
+
+
+def test_a_subscriber_receives_a_record_of_each_access_line(
+    open_sink: OpenSink, subscribe: Subscribe
+) -> None:
+    """A subscribed handler is handed a true LogRecord: name, level, message and caller."""
+    out = io.StringIO()
+    open_sink(LogConfig(), out).install()
+    everything, warnings = RecordingHandler(), RecordingHandler(logging.WARNING)
+    subscribe(everything)
+    subscribe(warnings)
+    subscribe(everything)  # once is enough
+    access = AccessLog("app.access.subscribed")
+    line = sys._getframe().f_lineno + 1
+    access.info("sending %d bytes of poetry to %s", 3003, "127.0.0.1:1")
+    access.debug("below the log's level: no one sees it")
+    access.warning("slow client %s", "127.0.0.1:2")
+
+    first, second = everything.records
+    assert (first.name, first.levelno, first.levelname) == (
+        "app.access.subscribed",
+        logging.INFO,
+        "INFO",
+    )
+    assert first.getMessage() == "sending 3003 bytes of poetry to 127.0.0.1:1"
+    assert (first.filename, first.lineno, first.funcName) == (
+        "test_logs.py",
+        line,
+        "test_a_subscriber_receives_a_record_of_each_access_line",
+    )
+    assert second.getMessage() == "slow client 127.0.0.1:2"
+    assert warnings.records == [second]
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == [
+        "Log opened.",
+        "sending 3003 bytes of poetry to 127.0.0.1:1",
+        "slow client 127.0.0.1:2",
+    ]
+    AccessLog.unsubscribe(everything)
+    access.info("after unsubscribing")
+    assert len(everything.records) == 2
+
+
+def test_a_subscriber_also_on_a_logger_gets_each_access_line_once(
+    caplog: pytest.LogCaptureFixture, subscribe: Subscribe
+) -> None:
+    """Without a sink, a subscriber that logging reaches anyway is not handed the line twice."""
+    caplog.set_level(logging.INFO, logger="app.access.once")
+    on_the_logger, elsewhere = RecordingHandler(), RecordingHandler()
+    logger = logging.getLogger("app.access")
+    logger.addHandler(on_the_logger)
+    try:
+        subscribe(on_the_logger)
+        subscribe(elsewhere)
+        AccessLog("app.access.once").info("hello")
+    finally:
+        logger.removeHandler(on_the_logger)
+    assert [r.getMessage() for r in on_the_logger.records] == ["hello"]
+    assert elsewhere.records == on_the_logger.records
+    assert [r.getMessage() for r in caplog.records if r.name == "app.access.once"] == ["hello"]
+
+
+def test_filters_and_a_user_formatter_still_apply_to_access_lines(
+    open_sink: OpenSink,
+) -> None:
+    """A filter on the logger or on tend's handler, or a formatter of the user's, sees access
+    lines as records, so each still does its work."""
+    out = io.StringIO()
+    sink = open_sink(LogConfig(), out)
+    sink.install()
+    access = AccessLog("app.access.filtered")
+    logger = logging.getLogger("app.access.filtered")
+
+    def no_secrets(record: logging.LogRecord) -> bool:
+        return "secret" not in record.getMessage()
+
+    sink.handler.addFilter(no_secrets)
+    access.info("public one")
+    access.info("a secret")
+    sink.handler.removeFilter(no_secrets)
+    logger.addFilter(no_secrets)
+    try:
+        access.info("public two")
+        access.info("another secret")
+    finally:
+        logger.removeFilter(no_secrets)
+    sink.handler.setFormatter(logging.Formatter("%(funcName)s:%(lineno)d %(message)s"))
+    line = sys._getframe().f_lineno + 1
+    access.info("formatted by the user")
+    lines = out.getvalue().splitlines()[1:]
+    assert [line.split("] ", 1)[1] for line in lines[:2]] == ["public one", "public two"]
+    assert lines[2:] == [
+        f"test_filters_and_a_user_formatter_still_apply_to_access_lines:{line} "
+        "formatted by the user"
+    ]
+
+
+def test_an_access_line_with_bad_arguments_is_reported_and_logging_goes_on(
+    open_sink: OpenSink, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Arguments that do not fit the message are reported as logging reports them."""
+    out = io.StringIO()
+    open_sink(LogConfig(), out).install()
+    access = AccessLog("app.access.bad")
+    access.info("%d bytes", "many")
+    access.info("%d bytes", 10)
+    assert out.getvalue().splitlines()[-1].endswith("[app.access.bad] 10 bytes")
+    error = capsys.readouterr().err
+    assert "--- Logging error ---" in error
+    assert "Message: '%d bytes'" in error
+
+
+def test_access_lines_are_relayed_from_a_forked_worker(open_sink: OpenSink, tmp_path: Path) -> None:
+    """A worker's access lines go down its relay pipe with its other lines, in order."""
+    path = tmp_path / "tend.log"
+    sink = open_sink(LogConfig(logfile=str(path)))
+    sink.install()
+    log, access = logging.getLogger("app.worker"), AccessLog("app.worker")
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover -- runs in the worker
+        status = 1
+        try:
+            os.close(read_end)
+            sink.relay_to(write_end)
+            for number in range(1_000):
+                if number % 2:
+                    access.info("access %04d", number)
+                else:
+                    log.info("logging %04d", number)
+            sink.close()
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    pending = b""
+    with open(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65_536):
+            complete, _, pending = (pending + chunk).rpartition(b"\n")
+            if complete:
+                sink.write_lines(complete.decode().split("\n"))
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+    sink.close()
+    assert [line.split("] ", 1)[1] for line in read_log(path)] == [
+        "Log opened.",
+        *(f"{'access' if n % 2 else 'logging'} {n:04d}" for n in range(1_000)),
     ]

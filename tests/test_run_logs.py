@@ -95,3 +95,44 @@ def test_bad_log_options_are_usage_errors(tmp_path, option):
     assert result.returncode == 2
     assert f"argument {option[0]}" in result.stderr
     assert not os.path.exists(tmp_path / "tend.pid")
+
+
+APP_WITH_ITS_OWN_HANDLER = """\
+import logging
+
+import tend
+
+handler = logging.FileHandler("app.log")
+handler.setFormatter(logging.Formatter("%(filename)s:%(lineno)d %(funcName)s %(message)s"))
+log = logging.getLogger("greeter")
+log.addHandler(handler)
+access = tend.AccessLog("greeter")
+tend.AccessLog.subscribe(handler)
+
+
+class Greeter(tend.Service):
+    async def start_service(self):
+        log.info("greeter starting")
+        access.info("greeter access line")
+        await super().start_service()
+
+
+application = tend.Application("greeter")
+Greeter().set_service_parent(application)
+"""
+
+
+def test_an_app_handler_sees_the_app_files_name_line_and_function(run_tend, tmp_path):
+    """tend leaves logging's records alone: an app's own handler shows where it logged, and
+    so does a handler subscribed to the access log."""
+    (tmp_path / "app.py").write_text(APP_WITH_ITS_OWN_HANDLER)
+    lines = APP_WITH_ITS_OWN_HANDLER.splitlines()
+    logged = lines.index('        log.info("greeter starting")') + 1
+    accessed = lines.index('        access.info("greeter access line")') + 1
+    tend = run_tend("--nodaemon", "--pidfile=", "-y", "app.py")
+    tend.wait_for_output(r"\[greeter\] greeter starting\n.* \[greeter\] greeter access line$")
+    assert tend.stop() == 0
+    assert (tmp_path / "app.log").read_text().splitlines() == [
+        f"app.py:{logged} start_service greeter starting",
+        f"app.py:{accessed} start_service greeter access line",
+    ]

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from tend.addresses import format_address, host_and_port
     from tend.endpoints import EndpointSyntaxError, parse_endpoint
     from tend.errors import StartupError, TendError, UsageError
+    from tend.logs.access import AccessLog
     from tend.net import StreamServer, TCPServer, UNIXServer, reset
     from tend.options import Flag, Option, positive_seconds, seconds
     from tend.plugins import ServiceMaker
@@ -41,9 +42,11 @@ _HOMES = {
     "StartupError": "tend.errors",
     "TendError": "tend.errors",
     "UsageError": "tend.errors",
+    "AccessLog": "tend.logs.access",
 }
 
 __all__ = [
+    "AccessLog",
     "Application",
     "EndpointSyntaxError",
     "Flag",

@@ -18,11 +18,13 @@ import asyncio
 import logging
 from typing import cast
 
-from tend import Service, host_and_port, reset
+from tend import AccessLog, Service, host_and_port, reset
 from tend.poetry.client import DEFAULT_TIMEOUT, PoetryError, get_poetry
 from tend.poetry.server import WHOLE_POEM_LIMIT, Peer, PoemSender
 
 log = logging.getLogger(__name__)
+# The lines written per client connection: the cheap path into the same log.
+access = AccessLog(__name__)
 
 
 class ProxyService(Service):
@@ -81,7 +83,7 @@ class ProxyService(Service):
         """
         fetch = self._fetch
         if fetch is not None and not fetch.done():
-            log.info("%s waits for the poem already on its way from %s", peer, self.address)
+            access.info("%s waits for the poem already on its way from %s", peer, self.address)
             return fetch
         log.info("proxying poem from %s for %s", self.address, peer)
         fetch = asyncio.get_running_loop().create_task(self._fetch_poem())
@@ -139,7 +141,7 @@ class PoetryProxyProtocol(PoemSender):
         poem = self.service.cached_poem()
         peer = Peer(transport.get_extra_info("peername"))
         if poem is not None:
-            log.info("serving cached poem to %s", peer)
+            access.info("serving cached poem to %s", peer)
             self.send_poem(transport, poem)
             return
         self._client = transport
@@ -155,11 +157,11 @@ class PoetryProxyProtocol(PoemSender):
         peer = Peer(transport.get_extra_info("peername"))
         if fetch.cancelled() or fetch.exception() is not None:
             # Reset, not close: a clean end-of-file would tell the client "that was all".
-            log.info("resetting the connection to %s: there is no poem to send", peer)
+            access.info("resetting the connection to %s: there is no poem to send", peer)
             reset(transport)
             return
         poem = fetch.result()
-        log.info("sending %d bytes of poetry to %s", len(poem), peer)
+        access.info("sending %d bytes of poetry to %s", len(poem), peer)
         self.send_poem(transport, poem)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -168,7 +170,7 @@ class PoetryProxyProtocol(PoemSender):
             self._waiting.remove_done_callback(self._poem_arrived)
             self._waiting = None
             if self._client is not None:
-                log.info(
+                access.info(
                     "%s left before the poem arrived",
                     Peer(self._client.get_extra_info("peername")),
                 )

@@ -1,0 +1,113 @@
+"""The syslog client: RFC 3164 messages over a unix socket or UDP, tagged like twistd's.
+
+Owns `SyslogHandler`: the framing ``<PRI>tag[PID]: line``, one message per line of a
+record, and the socket (datagram or stream, reconnected once when syslog restarts).
+Stays out of what a line looks like (`tend.logs.formats`) and of reading the settings,
+which `tend.logs.open_log` checks.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import logging.handlers
+import os
+import socket
+import time
+
+from tend.logs.formats import LineFormatter
+from tend.logs.handler import LogHandler, fields_record
+
+__all__ = ["SyslogHandler"]
+
+
+class SyslogHandler(LogHandler):
+    """Sends RFC 3164 messages as `logging.handlers.SysLogHandler` does, tagged like twistd.
+
+    Each line of a record is its own message, ``<PRI>tend[PID]: [context] line``, as twistd's
+    SyslogObserver sends them. The pid is read per message: the daemon forks after opening.
+    Unlike SysLogHandler, a missing unix socket is an error at once, not silently later, and a
+    UDP host is resolved once rather than per message.
+    """
+
+    def __init__(self, address: str | tuple[str, int], facility: int, tag: str) -> None:
+        self.address = address
+        self.facility = facility
+        self.tag = tag
+        self._sockaddr: tuple[object, ...] | None = None  # resolved UDP address
+        self._socket = self._connect()
+        # Only now: Handler.__init__ registers the handler for logging.shutdown().
+        super().__init__()
+
+    def _connect(self) -> socket.socket:
+        if isinstance(self.address, str):
+            # Datagram, else stream, as SysLogHandler tries (some syslog-ng /dev/log are streams).
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.connect(self.address)
+            except OSError as error:
+                sock.close()
+                if error.errno != errno.EPROTOTYPE:
+                    raise
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(self.address)
+                except OSError:
+                    sock.close()
+                    raise
+            return sock
+        host, port = self.address
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        # Not connected: a connected UDP socket would report the ICMP errors of a syslog
+        # server that is down as failures of later, unrelated records.
+        self._sockaddr = sockaddr
+        return socket.socket(family, kind, proto)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send_lines(self.format(record), record.levelname)
+        except Exception:
+            self.handleError(record)
+
+    def write_fields(self, name: str, levelno: int, msg: str, args: tuple[object, ...]) -> bool:
+        """Send an access line formatted from its fields, as `emit` sends a record's."""
+        formatter = self.formatter
+        if self.filters or not isinstance(formatter, LineFormatter):
+            return False
+        with self.lock:  # type: ignore[union-attr]  # Handler.createLock always made one
+            try:
+                text = formatter.format_fields(name, levelno, time.time(), msg, args)
+                self._send_lines(text, logging.getLevelName(levelno))
+            except Exception:
+                self.handleError(fields_record(name, levelno, msg, args))
+        return True
+
+    def _send_lines(self, text: str, levelname: str) -> None:
+        """Send each line of *text* as a message at the priority of *levelname*."""
+        level = logging.handlers.SysLogHandler.priority_map.get(levelname, "warning")
+        priority = (self.facility << 3) | logging.handlers.SysLogHandler.priority_names[level]
+        head = f"<{priority}>{self.tag}[{os.getpid()}]: " if self.tag else f"<{priority}>"
+        for line in text.split("\n"):
+            # The trailing NUL is SysLogHandler's default (append_nul).
+            self._send(f"{head}{line}\000".encode("utf-8", "backslashreplace"))
+
+    def _send(self, message: bytes) -> None:
+        if self._sockaddr is not None:
+            self._socket.sendto(message, self._sockaddr)
+            return
+        try:
+            self._socket.sendall(message)
+        except OSError:
+            # The syslog daemon restarted and made a new socket: reconnect once, as
+            # SysLogHandler does.
+            self._socket.close()
+            self._socket = self._connect()
+            self._socket.sendall(message)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self._socket.close()
+        finally:
+            self.release()
+        super().close()

@@ -9,7 +9,11 @@ DEV_INSTALLED := $(VENV)/.dev-installed
 # Debian programs the tests run for real, with the package that brings each one.
 SYSTEM_TOOLS := systemd-socket-activate:systemd openssl:openssl ss:iproute2 setpriv:util-linux cc:gcc
 
-.PHONY: run test bench clean system-tools
+# A second Python for `make test-3.13`: python3.13 on PATH, else pyenv's, else none.
+PYTHON313 ?= $(firstword $(shell command -v python3.13 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+VENV313 := .venv-3.13
+
+.PHONY: run test test-3.13 bench clean system-tools
 
 run: $(INSTALLED)
 	$(BIN)/tend --nodaemon poetry
@@ -19,6 +23,22 @@ test: $(DEV_INSTALLED) system-tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict src/
 	$(BIN)/pytest
+
+# The same checks and tests under Python 3.13, in .venv-3.13 (tend supports 3.11 and newer).
+test-3.13: system-tools
+	@if [ -z "$(PYTHON313)" ]; then \
+		echo "test-3.13: skipped: no python3.13 found (on PATH or in pyenv); give PYTHON313=/path/to/python3.13"; \
+		exit 0; \
+	fi; \
+	set -e; \
+	[ -x $(VENV313)/bin/python ] || $(PYTHON313) -m venv $(VENV313); \
+	[ -f $(VENV313)/.dev-installed ] && [ $(VENV313)/.dev-installed -nt pyproject.toml ] || { \
+		$(VENV313)/bin/python -m pip install --quiet --upgrade pip; \
+		$(VENV313)/bin/python -m pip install --quiet -e '.[dev]'; \
+		touch $(VENV313)/.dev-installed; }; \
+	echo "test-3.13: $$($(VENV313)/bin/python --version)"; \
+	$(VENV313)/bin/mypy --strict --python-version 3.13 src/; \
+	$(VENV313)/bin/pytest -p no:cacheprovider
 
 bench: $(DEV_INSTALLED)
 	$(MAKE) -C bench PYTHON=$(abspath $(BIN)/python)
@@ -51,4 +71,4 @@ system-tools:
 	fi
 
 clean:
-	rm -rf $(VENV) build dist bench/build
+	rm -rf $(VENV) $(VENV313) build dist bench/build

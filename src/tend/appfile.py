@@ -1,6 +1,6 @@
 """App files: Python files that define ``application`` (twistd: tac files).
 
-Running an app file only builds a service tree; nothing starts until the runner says so,
+Running an app file only builds a service tree; nothing starts until tend runs it,
 which is why ``python app.py`` does nothing at all.
 """
 
@@ -46,8 +46,9 @@ def load_application(path: str) -> Application:
         sys.path.insert(0, folder)
     try:
         exec(code, module.__dict__)
-    except TendError:
-        raise  # already one line for the user (a stop signal, an error of tend's)
+    except TendError as error:
+        # tend's own complaint (a duplicate service name, say), about this file's code.
+        raise AppFileError(f"{path}: {error}") from None
     except Exception as error:
         log.exception("error while running app file %s", path)
         raise AppFileError(

@@ -1,4 +1,4 @@
-"""The ``tend`` command: parse the command line, pick the tree, hand it to the runner.
+"""The ``tend`` command: parse the command line, pick the tree, hand it to the lifecycle.
 
 This is the only module that prints to the terminal or exits. Errors a user can fix are
 one line on standard error (``tend: ...``): exit 2 for a command-line mistake, 1 for a

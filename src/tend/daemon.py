@@ -17,6 +17,11 @@ def fork() -> int:
     return os.fork()
 
 
+def exit_child(status: int) -> None:
+    """End a forked child now, with *status*: its parent's exit handlers are not its own."""
+    os._exit(status)
+
+
 def detach() -> int | None:
     """Fork twice with setsid between, so the daemon has no controlling terminal.
 

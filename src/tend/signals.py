@@ -76,7 +76,10 @@ class Signals:
         with contextlib.suppress(BlockingIOError, OSError):
             while os.read(self._read, 4096):
                 pass
-        taken, self._received[:] = self._received[:], []
+        # Swap the list rather than copy and clear it: a handler that runs in between
+        # appends to one list or the other, and neither loses the signal.
+        taken = self._received
+        self._received = []
         return taken
 
     def peek(self) -> list[int]:

@@ -28,7 +28,7 @@ from tend.logs import LogError, LogSink
 from tend.net import describe_serving, listeners
 from tend.pidfile import Pidfile
 from tend.privileges import Identity
-from tend.serve import LoopFactory
+from tend.serve import LoopFactory, starting
 from tend.service import Application
 from tend.signals import STOP, Signals, name_of
 from tend.supervision import Supervision
@@ -139,9 +139,10 @@ class Supervisor:
 
     def bind(self) -> None:
         """Bind every listener, one copy per worker, then run the privileged starts."""
-        for server in listeners(self.application):
-            server.listen(self.count)
-        self.application.privileged_start_service()
+        with starting(self.application):
+            for server in listeners(self.application):
+                server.listen(self.count)
+            self.application.privileged_start_service()
         self.status_line = describe_serving(self.application)
 
     # -- the loop ------------------------------------------------------------------------
@@ -155,6 +156,7 @@ class Supervisor:
         """
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signals.wakeup_fd, selectors.EVENT_READ, None)
+        self._handle_signals()  # any that came during the start-up steps
         try:
             while not self.core.finished:
                 for number in self.core.to_start():
@@ -265,7 +267,7 @@ class Supervisor:
                 self._forget_in_worker(ours, log_read)
                 status = run_worker(plan, theirs, log_write, worker_signals, self.sink)
             finally:
-                os._exit(status)
+                daemon.exit_child(status)
         theirs.close()
         if log_write is not None:
             os.close(log_write)

@@ -6,7 +6,7 @@ lines (readiness, status, the watchdog), and ``LISTEN_PID``/``LISTEN_FDS``/
 ``LISTEN_FDNAMES`` describe listening sockets handed over from descriptor 3 on. The
 same variables are set by ``systemd-socket-activate``, ``systemd-notify --ready``'s
 peers and container runtimes that speak the protocol. This module knows nothing of
-services, endpoints or event loops; the runner decides when to notify.
+services, endpoints or event loops; the supervisor and the launcher decide when to notify.
 """
 
 from __future__ import annotations

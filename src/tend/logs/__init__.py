@@ -1,4 +1,4 @@
-"""tend's log: what goes where, and the sink the runner installs.
+"""tend's log: what goes where, and the sink a run installs.
 
 Owns the public surface (`LogConfig`, `LogError`, `LogSink`, `open_log`,
 `parse_syslog_address`) and the routing: which handler and formatter a `LogConfig` asks
@@ -123,7 +123,7 @@ def open_log(config: LogConfig, stdout: IO[str] | None = None) -> LogSink:
 
 
 class LogSink:
-    """An opened log destination, which the runner installs, reopens on SIGUSR1 and closes."""
+    """An opened log destination, which a run installs, reopens on SIGUSR1 and closes."""
 
     handler: LogHandler
     description: str  # for messages: "/var/log/tend.log", "standard output", "syslog at ..."

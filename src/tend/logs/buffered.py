@@ -89,7 +89,7 @@ class BufferedHandler(LogHandler):
         if self.filters:
             result = self.filter(record)
             if not result:
-                return result
+                return False
             if isinstance(result, logging.LogRecord):  # Python 3.12: a filter may replace it
                 record = result
         # Handler.createLock always made one, and forking re-creates it.

@@ -1,0 +1,210 @@
+"""Tests for tend.supervision: the supervisor's decisions, on a clock the test turns."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from tend.channel import message
+from tend.supervision import (
+    RESTART_FIRST,
+    RESTART_MAX,
+    RESTART_RESET,
+    STOP_OVERRUN,
+    Supervision,
+    describe_exit,
+)
+
+
+class Clock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def running(count: int, clock: Clock, shutdown_timeout: float = 10.0) -> Supervision:
+    """Workers 1..count started as pids 1001.., every one ready, ready reported."""
+    core = Supervision(count, clock, shutdown_timeout)
+    for number in core.to_start():
+        core.started(number, 1000 + number)
+        core.said(1000 + number, message(READY=1))
+    assert core.ready_to_report()
+    return core
+
+
+def test_every_worker_is_started_at_first_and_then_none() -> None:
+    """At first each worker number is due; once started, none is."""
+    clock = Clock()
+    core = Supervision(3, clock, 10.0)
+    assert core.to_start() == [1, 2, 3]
+    for number in (1, 2, 3):
+        core.started(number, 1000 + number)
+    assert core.to_start() == []
+    assert core.next_wakeup() is None
+
+
+def test_ready_is_reported_once_when_every_worker_is_ready() -> None:
+    """READY from some workers is not enough; from all, it is reported exactly once."""
+    clock = Clock()
+    core = Supervision(2, clock, 10.0)
+    core.started(1, 1001)
+    core.started(2, 1002)
+    core.said(1001, message(READY=1))
+    assert not core.ready_to_report()
+    core.said(1002, message(READY=1))
+    assert core.ready_to_report()
+    assert not core.ready_to_report()
+
+
+def test_an_error_before_ready_fails_the_start() -> None:
+    """ERROR from a worker before all are ready is the start's failure; nothing restarts."""
+    core = Supervision(2, Clock(), 10.0)
+    core.started(1, 1001)
+    core.started(2, 1002)
+    core.said(1002, message(ERROR="cannot read poem file 'x': No such file or directory"))
+    assert core.failure == "cannot read poem file 'x': No such file or directory"
+    assert not core.ready_to_report()
+    assert core.exited(1002, 1) is None
+    assert core.to_start() == []
+    assert core.stop()
+    assert core.exited(1001, 0) is None
+    assert core.finished
+
+
+def test_an_exit_before_ready_without_a_word_is_named() -> None:
+    """A worker that dies before READY without an ERROR fails the start, saying how it died."""
+    core = Supervision(1, Clock(), 10.0)
+    core.started(1, 1001)
+    core.exited(1001, -signal.SIGKILL)
+    assert core.failure == "worker 1 exited with signal SIGKILL before it was ready"
+
+
+def test_a_worker_that_dies_young_is_restarted_after_a_doubling_pause() -> None:
+    """0.5 s, 1 s, 2 s ... up to 30 s while it keeps dying young."""
+    clock = Clock()
+    core = running(1, clock)
+    pid = 1001
+    expected = RESTART_FIRST
+    for _ in range(10):
+        clock.advance(1)
+        exit_ = core.exited(pid, 1)
+        assert exit_ is not None
+        assert exit_.restart_in == min(expected, RESTART_MAX)
+        assert exit_.how == "status 1"
+        assert core.next_wakeup() == clock.now + exit_.restart_in
+        clock.advance(exit_.restart_in - 0.01)
+        assert core.to_start() == []
+        clock.advance(0.01)
+        assert core.to_start() == [1]
+        pid += 1
+        core.started(1, pid)
+        expected *= 2
+
+
+def test_a_worker_that_lived_long_is_restarted_at_once_and_the_pause_resets() -> None:
+    """After RESTART_RESET seconds of life a death counts as the first."""
+    clock = Clock()
+    core = running(1, clock)
+    clock.advance(1)
+    assert core.exited(1001, 1).restart_in == RESTART_FIRST  # type: ignore[union-attr]
+    clock.advance(RESTART_FIRST)
+    core.started(1, 1002)
+    clock.advance(RESTART_RESET + 1)
+    exit_ = core.exited(1002, -signal.SIGTERM)
+    assert exit_ is not None
+    assert exit_.restart_in == 0.0
+    assert exit_.how == "signal SIGTERM"
+    assert core.to_start() == [1]
+
+
+def test_each_worker_number_keeps_its_own_pause() -> None:
+    """Worker 2 dying young does not lengthen worker 1's pause."""
+    clock = Clock()
+    core = running(2, clock)
+    clock.advance(1)
+    assert core.exited(1002, 1).restart_in == RESTART_FIRST  # type: ignore[union-attr]
+    clock.advance(RESTART_FIRST)
+    core.started(2, 1003)
+    clock.advance(1)
+    assert core.exited(1003, 1).restart_in == 2 * RESTART_FIRST  # type: ignore[union-attr]
+    assert core.exited(1001, 1).restart_in == RESTART_FIRST  # type: ignore[union-attr]
+
+
+def test_a_stop_cancels_pending_restarts_and_kills_once_after_the_drain() -> None:
+    """No restart after a stop; SIGKILL is due once, past the drain and its overrun."""
+    clock = Clock()
+    core = running(2, clock, shutdown_timeout=10.0)
+    clock.advance(1)
+    core.exited(1001, 1)
+    assert core.stop()
+    assert not core.stop()  # a second signal is not a new stop
+    assert core.to_start() == []
+    assert core.next_wakeup() == clock.now + 10.0 + STOP_OVERRUN
+    clock.advance(10.0 + STOP_OVERRUN - 0.01)
+    assert not core.kill_due()
+    clock.advance(0.01)
+    assert core.kill_due()
+    assert not core.kill_due()
+    assert core.status == 1
+    assert core.exited(1002, -signal.SIGKILL) is None
+    assert core.finished
+
+
+def test_a_clean_stop_has_status_zero_and_an_unclean_worker_makes_it_one() -> None:
+    """The exit status tells how the workers' stop went."""
+    clock = Clock()
+    core = running(2, clock)
+    core.stop()
+    core.exited(1001, 0)
+    assert core.status == 0
+    assert not core.finished
+    core.exited(1002, 1)
+    assert core.status == 1
+    assert core.finished
+
+
+def test_a_worker_replaced_earlier_does_not_count_against_the_stop() -> None:
+    """A worker that died and was replaced while serving leaves the stop's status alone."""
+    clock = Clock()
+    core = running(1, clock)
+    core.exited(1001, -signal.SIGKILL)
+    clock.advance(RESTART_FIRST)
+    core.started(1, 1002)
+    core.stop()
+    core.exited(1002, 0)
+    assert core.status == 0
+
+
+def test_the_watchdog_is_due_only_when_every_worker_has_pinged() -> None:
+    """One silent worker holds the pings back; once all have pinged, one ping is due."""
+    core = running(2, Clock())
+    assert not core.watchdog_due()
+    core.said(1001, message(WATCHDOG=1))
+    core.said(1001, message(WATCHDOG=1))
+    assert not core.watchdog_due()
+    core.said(1002, message(WATCHDOG=1))
+    assert core.watchdog_due()
+    assert not core.watchdog_due()
+
+
+def test_messages_from_unknown_pids_are_ignored() -> None:
+    """A message or exit of a pid the core never started changes nothing."""
+    core = running(1, Clock())
+    core.said(4242, message(ERROR="not mine"))
+    assert core.exited(4242, 1) is None
+    assert core.failure is None
+
+
+@pytest.mark.parametrize(
+    ("code", "text"), [(0, "status 0"), (3, "status 3"), (-9, "signal SIGKILL")]
+)
+def test_exits_are_described(code: int, text: str) -> None:
+    assert describe_exit(code) == text

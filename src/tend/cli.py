@@ -1,8 +1,8 @@
 """The ``tend`` command: parse the command line, pick the tree, hand it to the lifecycle.
 
-This is the only module that prints to the terminal or exits. Errors a user can fix are
-one line on standard error (``tend: ...``): exit 2 for a command-line mistake, 1 for a
-failed start.
+With ctl.py and the poetry client, the only modules that print to the terminal or exit.
+Errors a user can fix are one line on standard error (``tend: ...``): exit 2 for a
+command-line mistake, 1 for a failed start.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ log = logging.getLogger("tend")
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
-# How long connections in flight may run on after a stop, unless the stop in progress says otherwise (see stopping_by).
+# How long connections in flight may run on after a stop, unless the stop in progress
+# gives its own deadline (see stopping_by).
 DEFAULT_GRACE_PERIOD = 10.0
 
 _LINGER_RESET = struct.pack("ii", 1, 0)

@@ -15,6 +15,7 @@ import pytest
 from conftest import TEND, pid_alive, wait_until
 
 from tend.ctl import describe_duration, listening_addresses
+from tend.errors import quote
 
 TENDCTL = [sys.executable, "-m", "tend.ctl"]
 LOCAL = ["--port", "tcp:0:interface=127.0.0.1"]
@@ -230,9 +231,8 @@ def test_stop_refuses_a_pid_that_does_not_hold_the_locked_pidfile(
 
     assert result.returncode == 1
     assert result.stderr == (
-        f"tendctl: pidfile {pidfile} is locked, but pid {bystander.pid} it names does not "
-        "hold it (is tend running in another pid namespace, such as a container?); "
-        f"not signalling pid {bystander.pid}\n"
+        f"tendctl: not signalling pid {bystander.pid}: it does not hold the locked pidfile "
+        f"{quote(str(pidfile))} (another pid namespace, such as a container?)\n"
     )
     assert pending_signals(bystander.pid) == 0
 

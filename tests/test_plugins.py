@@ -165,17 +165,24 @@ def test_non_text_default_arrives_as_it_is() -> None:
     assert Maker().parse_options([], "tend maker")["thing"] is marker
 
 
-def test_required_option_missing_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    """A required option left out exits with status 2, naming the option."""
+def usage_error(call: Callable[[], object]) -> tuple[str, str]:
+    """The one line and the hint of the usage error *call* raises."""
+    with pytest.raises(UsageError) as caught:
+        call()
+    assert caught.value.prog is not None
+    assert caught.value.hint == f"try `{caught.value.prog} --help`"
+    return f"{caught.value.prog}: {caught.value}", caught.value.hint
+
+
+def test_required_option_missing_is_a_usage_error() -> None:
+    """A required option left out is a usage error naming the option, with a hint."""
 
     class Maker(ServiceMaker):
         options = (Option("poem", None, None, "The poem.", required=True),)
 
-    with pytest.raises(SystemExit) as caught:
-        Maker().parse_options([], "tend maker")
-
-    assert caught.value.code == 2
-    assert "the following arguments are required: --poem" in capsys.readouterr().err
+    line, hint = usage_error(lambda: Maker().parse_options([], "tend maker"))
+    assert line == "tend maker: error: the following arguments are required: --poem"
+    assert hint == "try `tend maker --help`"
 
 
 def test_required_option_given_is_accepted() -> None:
@@ -187,53 +194,35 @@ def test_required_option_given_is_accepted() -> None:
     assert Maker().parse_options(["--poem", "x.txt"], "tend maker") == {"poem": "x.txt"}
 
 
-def test_bad_value_from_value_error_names_the_option(capsys: pytest.CaptureFixture[str]) -> None:
-    """A type that raises ValueError gives exit status 2 and argparse names the option."""
-    with pytest.raises(SystemExit) as caught:
-        CountingMaker().parse_options(["-p", "abc"], "tend counting")
-
-    assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert "tend counting: error: argument -p/--port: " in err
-    assert "'abc'" in err
+def test_bad_value_from_value_error_names_the_option() -> None:
+    """A type that raises ValueError gives a usage error naming the option."""
+    line, _ = usage_error(lambda: CountingMaker().parse_options(["-p", "abc"], "tend counting"))
+    assert line.startswith("tend counting: error: argument -p/--port: ")
+    assert "'abc'" in line
 
 
-def test_bad_value_from_argument_type_error_keeps_its_message(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_bad_value_from_argument_type_error_keeps_its_message() -> None:
     """A type raising ArgumentTypeError has its message shown after the option's name."""
 
     class Maker(ServiceMaker):
         options = (Option("count", "c", "2", type=even),)
 
-    with pytest.raises(SystemExit) as caught:
-        Maker().parse_options(["--count", "3"], "tend maker")
-
-    assert caught.value.code == 2
-    assert "tend maker: error: argument -c/--count: '3' is not even" in capsys.readouterr().err
+    line, _ = usage_error(lambda: Maker().parse_options(["--count", "3"], "tend maker"))
+    assert line == "tend maker: error: argument -c/--count: '3' is not even"
 
 
-def test_poetry_port_error_names_the_option(capsys: pytest.CaptureFixture[str]) -> None:
+def test_poetry_port_error_names_the_option() -> None:
     """The poetry plugin rejects a bad endpoint as `argument -p/--port: invalid endpoint`."""
     maker = find_plugin("poetry")
 
-    with pytest.raises(SystemExit) as caught:
-        maker.parse_options(["--port", "tcp:abc"], "tend poetry")
-
-    assert caught.value.code == 2
-    assert (
-        "tend poetry: error: argument -p/--port: invalid endpoint 'tcp:abc'"
-        in capsys.readouterr().err
-    )
+    line, _ = usage_error(lambda: maker.parse_options(["--port", "tcp:abc"], "tend poetry"))
+    assert line.startswith("tend poetry: error: argument -p/--port: invalid endpoint 'tcp:abc'")
 
 
-def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    """An option the plugin does not have exits with status 2, naming it."""
-    with pytest.raises(SystemExit) as caught:
-        CountingMaker().parse_options(["--colour", "blue"], "tend counting")
-
-    assert caught.value.code == 2
-    assert "unrecognized arguments: --colour blue" in capsys.readouterr().err
+def test_unknown_option_is_a_usage_error() -> None:
+    """An option the plugin does not have is a usage error naming it."""
+    line, _ = usage_error(lambda: CountingMaker().parse_options(["--colour", "blue"], "x"))
+    assert line == "x: error: unrecognized arguments: --colour blue"
 
 
 def test_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:

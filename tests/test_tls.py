@@ -188,7 +188,7 @@ def test_a_key_that_does_not_match_is_named(
     message = tls_error(describe(certificate, key=other_certificate.key))
     assert message == (
         f"cannot use TLS private key '{other_certificate.key}': it does not match "
-        f"the certificate in '{certificate.cert}'"
+        f"the certificate in '{certificate.cert.name}'"
     )
 
 
@@ -377,7 +377,7 @@ def test_tend_with_a_mismatched_key_says_so_in_one_line(
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"tend: cannot use TLS private key '{other_certificate.key}': it does not match "
-        f"the certificate in '{certificate.cert}'"
+        f"the certificate in '{certificate.cert.name}'"
     ]
 
 

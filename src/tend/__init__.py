@@ -14,10 +14,11 @@ __version__ = "0.2.0"
 if TYPE_CHECKING:
     from tend.addresses import format_address, host_and_port
     from tend.endpoints import EndpointSyntaxError, parse_endpoint
-    from tend.errors import StartupError, TendError, UsageError
+    from tend.errors import StartupError, TendError, UsageError, quote
+    from tend.files import read_file
     from tend.logs.access import AccessLog
     from tend.net import StreamServer, TCPServer, UNIXServer, reset
-    from tend.options import Flag, Option, positive_seconds, seconds
+    from tend.options import CommandParser, Flag, Option, positive_seconds, seconds
     from tend.plugins import ServiceMaker
     from tend.service import Application, MultiService, Service, walk
 
@@ -34,7 +35,9 @@ _HOMES = {
     "format_address": "tend.addresses",
     "host_and_port": "tend.addresses",
     "parse_endpoint": "tend.endpoints",
+    "CommandParser": "tend.options",
     "Flag": "tend.options",
+    "read_file": "tend.files",
     "Option": "tend.options",
     "positive_seconds": "tend.options",
     "seconds": "tend.options",
@@ -42,12 +45,14 @@ _HOMES = {
     "StartupError": "tend.errors",
     "TendError": "tend.errors",
     "UsageError": "tend.errors",
+    "quote": "tend.errors",
     "AccessLog": "tend.logs.access",
 }
 
 __all__ = [
     "AccessLog",
     "Application",
+    "CommandParser",
     "EndpointSyntaxError",
     "Flag",
     "MultiService",
@@ -65,6 +70,8 @@ __all__ = [
     "host_and_port",
     "parse_endpoint",
     "positive_seconds",
+    "quote",
+    "read_file",
     "reset",
     "seconds",
     "walk",

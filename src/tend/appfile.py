@@ -11,7 +11,7 @@ import os
 import sys
 from types import ModuleType
 
-from tend.errors import StartupError, TendError
+from tend.errors import StartupError, TendError, quote
 from tend.service import Application
 
 log = logging.getLogger("tend")
@@ -31,7 +31,7 @@ def load_application(path: str) -> Application:
         with open(path, "rb") as file:
             source = file.read()
     except OSError as error:
-        raise AppFileError(f"cannot read app file {path!r}: {error.strerror}") from None
+        raise AppFileError(f"cannot read app file {quote(path)}: {error.strerror}") from None
     try:
         code = compile(source, path, "exec")
     except SyntaxError as error:

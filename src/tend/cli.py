@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from tend.errors import TendError, UsageError
+from tend.errors import TendError, UsageError, one_line, quote
 
 if TYPE_CHECKING:
     from tend.plugins import ServiceMaker
@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         status = run_command(arguments)
     except UsageError as error:
-        _fail(str(error), 2)
+        say(f"{error.prog or PROG}: {error}", error.hint)
+        sys.exit(2)
     except TendError as error:
         _fail(str(error), 1)
     except KeyboardInterrupt:
@@ -37,11 +38,18 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(status)
 
 
-def _fail(message: str, status: int) -> NoReturn:
+def _fail(message: str, status: int, hint: str | None = None) -> NoReturn:
+    say(f"{PROG}: {message}", hint)
+    sys.exit(status)
+
+
+def say(line: str, hint: str | None = None) -> None:
+    """Print *line* for the user as one line on standard error, and the *hint* after it."""
     # stderr may already be /dev/null in a detached daemon; the log has the line anyway.
     with contextlib.suppress(OSError):
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
+        print(one_line(line), file=sys.stderr, flush=hint is None)
+        if hint is not None:
+            print(one_line(hint), file=sys.stderr, flush=True)
 
 
 DESCRIPTION = """\
@@ -58,10 +66,10 @@ rotated logs or syslog, dropped privileges and a clean stop on SIGTERM.
 def command_parser() -> argparse.ArgumentParser:
     """The parser for ``tend``'s own options, those before the plugin name."""
     from tend import __version__
-    from tend.options import add_options
+    from tend.options import CommandParser, add_options
     from tend.settings import SETTINGS
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=PROG,
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,8 +95,7 @@ def command_parser() -> argparse.ArgumentParser:
 
 def _abandon(message: str) -> NoReturn:
     """End the process now, from any thread, with *message* as the user's one line."""
-    with contextlib.suppress(OSError):
-        print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    say(f"{PROG}: {message}")
     os._exit(1)
 
 
@@ -103,7 +110,7 @@ def run_command(arguments: list[str]) -> int:
     if parsed.plugin is not None and (parsed.python or parsed.config):
         source = "-y" if parsed.python else "-c"
         raise UsageError(
-            f"give a plugin or {source}, not both: {parsed.plugin!r} was given with {source}"
+            f"give a plugin or {source}, not both: {quote(parsed.plugin)} was given with {source}"
         )
     from_file: Mapping[str, object] = {}
     build: Callable[[], Application]

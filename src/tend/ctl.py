@@ -24,7 +24,8 @@ from typing import NoReturn
 
 from tend import __version__
 from tend.addresses import host_and_port
-from tend.options import seconds
+from tend.errors import UsageError, one_line, quote
+from tend.options import CommandParser, seconds
 from tend.pidfile import PidfileError, PidfileState, read_pidfile
 
 PROG = "tendctl"
@@ -127,17 +128,16 @@ def find_server(state: PidfileState) -> Server:
         pidfd: int | None = os.pidfd_open(pid)
     except ProcessLookupError:
         raise ControlError(
-            f"pidfile {state.path} is locked, but pid {pid} it names is not running here "
-            "(is tend running in another pid namespace, such as a container?)"
+            f"pidfile {quote(state.path)} is locked, but its pid {pid} is not running here "
+            "(another pid namespace, such as a container?)"
         ) from None
     except OSError:  # no pidfds in this kernel: the checks below still hold
         pidfd = None
     try:
         if not holds_file(pid, state.path):
             raise ControlError(
-                f"pidfile {state.path} is locked, but pid {pid} it names does not hold it "
-                "(is tend running in another pid namespace, such as a container?); "
-                f"not signalling pid {pid}"
+                f"not signalling pid {pid}: it does not hold the locked pidfile "
+                f"{quote(state.path)} (another pid namespace, such as a container?)"
             )
     except PermissionError:
         _close(pidfd)
@@ -472,7 +472,7 @@ def _add_pidfile_option(parser: argparse.ArgumentParser, default: object) -> Non
 
 def parser() -> argparse.ArgumentParser:
     """The ``tendctl`` command line; --pidfile may come before or after the action."""
-    top = argparse.ArgumentParser(
+    top = CommandParser(
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _add_pidfile_option(top, "tend.pid")
@@ -523,8 +523,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     try:
         code = run(list(sys.argv[1:] if argv is None else argv), out)
     except ControlError as error:
-        print(f"{PROG}: {error}", file=sys.stderr, flush=True)
+        print(one_line(f"{PROG}: {error}"), file=sys.stderr, flush=True)
         code = error.status
+    except UsageError as error:
+        print(one_line(f"{error.prog or PROG}: {error}"), file=sys.stderr)
+        print(one_line(error.hint or f"try `{PROG} --help`"), file=sys.stderr, flush=True)
+        code = 2
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

@@ -28,7 +28,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tend.errors import StartupError, TendError
+from tend.errors import StartupError, TendError, quote
 from tend.options import Flag, InvalidValue, Option, convert, default_of, describe_value
 from tend.plugins import ServiceMaker, find_plugin, make_service
 from tend.service import Application
@@ -56,7 +56,7 @@ class ServiceEntry:
     @property
     def label(self) -> str:
         """How error messages name the entry: ``entry 2 ('poetry-2')``."""
-        return f"entry {self.index} ({self.name!r})"
+        return f"entry {self.index} ({quote(self.name)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ def load_deployment(path: str) -> Deployment:
         )
         kind = "table" if is_table else "key"
         raise DeploymentError(
-            f"{display}: unknown {kind} {key!r}"
+            f"{display}: unknown {kind} {quote(key)}"
             + _suggest(
                 key,
                 ["tend", "service"],
@@ -142,7 +142,7 @@ def _parse(path: str, display: str) -> dict[str, object]:
             data = file.read()
     except OSError as error:
         raise DeploymentError(
-            f"cannot read deployment file {display!r}: {error.strerror}"
+            f"cannot read deployment file {quote(display)}: {error.strerror}"
         ) from None
     try:
         text = data.decode("utf-8")
@@ -172,7 +172,7 @@ def _lower(text: str) -> str:
 
 def _suggest(word: str, choices: Iterable[str], otherwise: str = "") -> str:
     matches = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean {matches[0]!r}?" if matches else otherwise
+    return f"; did you mean {quote(matches[0])}?" if matches else otherwise
 
 
 # -- [tend] ---------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def _settings(table: Mapping[str, object], folder: str, where: str) -> dict[str,
         try:
             settings[option.key] = convert(option, value, folder)
         except InvalidValue as error:
-            raise DeploymentError(f"{where}: option {long!r}: {error}") from None
+            raise DeploymentError(f"{where}: option {quote(long)}: {error}") from None
     return settings
 
 
@@ -203,10 +203,11 @@ def _normalized(
             long = key
         if long not in known:
             choices = [name for name in known if name not in _ENTRY_KEYS]
-            raise DeploymentError(f"{where}: unknown {what} {key!r}" + _suggest(long, choices))
+            raise DeploymentError(f"{where}: unknown {what} {quote(key)}" + _suggest(long, choices))
         if long in seen:
             raise DeploymentError(
-                f"{where}: {what} {long!r} is given twice, as {seen[long]!r} and as {key!r}"
+                f"{where}: {what} {quote(long)} is given twice, "
+                f"as {quote(seen[long])} and as {quote(key)}"
             )
         seen[long] = key
         items.append((long, value))
@@ -240,7 +241,7 @@ def _entries(tables: object, folder: str, display: str) -> tuple[ServiceEntry, .
         entry = _entry(index, table, folder, display, makers)
         if entry.name in names:
             raise DeploymentError(
-                f"{display}: {entry.label}: the name {entry.name!r} is already used by "
+                f"{display}: {entry.label}: the name {quote(entry.name)} is already used by "
                 f"entry {names[entry.name]}; give each service its own name"
             )
         names[entry.name] = index
@@ -259,7 +260,7 @@ def _entry(
     name = table.get("name")
     if name is None and isinstance(plugin, str) and plugin:
         name = f"{plugin}-{index}"
-    label = f"entry {index} ({name!r})" if isinstance(name, str) else f"entry {index}"
+    label = f"entry {index} ({quote(name)})" if isinstance(name, str) else f"entry {index}"
     where = f"{display}: {label}"
     if "name" in table and not (isinstance(name, str) and name):
         raise DeploymentError(
@@ -296,10 +297,11 @@ def _plugin_options(
                 options[option.key] = convert(option, values[long], folder)
             elif isinstance(option, Option) and option.required:
                 raise DeploymentError(
-                    f"{where}: missing option {long!r}, which plugin {maker.name!r} requires"
+                    f"{where}: missing option {quote(long)}, "
+                    f"which plugin {quote(maker.name)} requires"
                 )
             else:
                 options[option.key] = default_of(option)
         except InvalidValue as error:
-            raise DeploymentError(f"{where}: option {long!r}: {error}") from None
+            raise DeploymentError(f"{where}: option {quote(long)}: {error}") from None
     return options

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from tend import systemd
 from tend.addresses import format_address, host_and_port
-from tend.errors import StartupError, TendError
+from tend.errors import StartupError, TendError, quote
 
 if TYPE_CHECKING:
     import ssl
@@ -316,7 +316,8 @@ def split_description(description: str) -> tuple[list[str], dict[str, str]]:
             keywords[key] = value
         elif keywords:
             raise EndpointSyntaxError(
-                f"invalid endpoint {description!r}: {field!r} comes after a key=value field"
+                f"invalid endpoint {quote(description)}: "
+                f"{quote(field)} comes after a key=value field"
             )
         else:
             positional.append(field)
@@ -340,7 +341,7 @@ def parse_endpoint(description: str, default_interface: str = "") -> Endpoint:
     if kind == "systemd":
         return _parse_systemd(description, arguments, keywords)
     raise EndpointSyntaxError(
-        f"invalid endpoint {description!r}: unknown kind {kind!r}; "
+        f"invalid endpoint {quote(description)}: unknown kind {quote(kind)}; "
         "expected a port number, tcp:PORT, unix:PATH, tls:PORT:certKey=PATH, "
         "systemd:index=N or systemd:name=NAME"
     )
@@ -351,10 +352,10 @@ def _parse_tcp(
 ) -> TCPEndpoint:
     _expect_keys(description, keywords, {"port", "interface", "backlog", "reusePort"})
     if len(arguments) > 1 or (arguments and "port" in keywords):
-        raise EndpointSyntaxError(f"invalid endpoint {description!r}: too many fields")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: too many fields")
     port_text = arguments[0] if arguments else keywords.get("port")
     if port_text is None:
-        raise EndpointSyntaxError(f"invalid endpoint {description!r}: no port given")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: no port given")
     return TCPEndpoint(
         port=_parse_port(port_text, description),
         interface=keywords.get("interface", default_interface),
@@ -367,14 +368,14 @@ def _parse_unix(description: str, arguments: list[str], keywords: dict[str, str]
     _expect_keys(description, keywords, {"address", "mode", "backlog"})
     path = arguments[0] if arguments else keywords.get("address", "")
     if len(arguments) > 1 or not path:
-        raise EndpointSyntaxError(f"invalid endpoint {description!r}: expected unix:PATH")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: expected unix:PATH")
     mode = None
     if "mode" in keywords:
         try:
             mode = int(keywords["mode"], 8)
         except ValueError:
             raise EndpointSyntaxError(
-                f"invalid endpoint {description!r}: mode must be octal, like 0660"
+                f"invalid endpoint {quote(description)}: mode must be octal, like 0660"
             ) from None
     # Absolute now: the daemon changes directory before it removes the file on stop.
     return UNIXEndpoint(os.path.abspath(path), mode, _parse_backlog(keywords, description))
@@ -389,15 +390,15 @@ def _parse_tls(
         {"port", "interface", "backlog", "reusePort", "certKey", "privateKey"},
     )
     if len(arguments) > 1 or (arguments and "port" in keywords):
-        raise EndpointSyntaxError(f"invalid endpoint {description!r}: too many fields")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: too many fields")
     port_text = arguments[0] if arguments else keywords.get("port")
     if port_text is None:
-        raise EndpointSyntaxError(f"invalid endpoint {description!r}: no port given")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: no port given")
     # As in twistd, one file may hold both: either key names it for the other.
     cert_key = keywords.get("certKey") or keywords.get("privateKey")
     if not cert_key:
         raise EndpointSyntaxError(
-            f"invalid endpoint {description!r}: no certificate given; "
+            f"invalid endpoint {quote(description)}: no certificate given; "
             "expected tls:PORT:certKey=CERT.pem:privateKey=KEY.pem"
         )
     private_key = keywords.get("privateKey") or cert_key
@@ -418,22 +419,22 @@ def _parse_systemd(
     _expect_keys(description, keywords, {"index", "name", "domain", "backlog"})
     expected = "expected systemd:index=N or systemd:name=NAME"
     if arguments or ("index" in keywords) == ("name" in keywords):
-        raise EndpointSyntaxError(f"invalid endpoint {description!r}: {expected}")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: {expected}")
     index = None
     if "index" in keywords:
         text = keywords["index"]
         if not (text.isascii() and text.isdigit()):
             raise EndpointSyntaxError(
-                f"invalid endpoint {description!r}: index must be a number from 0"
+                f"invalid endpoint {quote(description)}: index must be a number from 0"
             )
         index = int(text)
     name = keywords.get("name")
     if name is not None and not name:
-        raise EndpointSyntaxError(f"invalid endpoint {description!r}: {expected}")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: {expected}")
     domain = keywords.get("domain")
     if domain is not None and domain.upper() not in _DOMAINS:
         raise EndpointSyntaxError(
-            f"invalid endpoint {description!r}: domain must be INET, INET6 or UNIX"
+            f"invalid endpoint {quote(description)}: domain must be INET, INET6 or UNIX"
         )
     return SystemdEndpoint(
         index=index,
@@ -447,7 +448,7 @@ def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) 
     unknown = sorted(set(keywords) - allowed)
     if unknown:
         raise EndpointSyntaxError(
-            f"invalid endpoint {description!r}: unknown option {unknown[0]!r}; "
+            f"invalid endpoint {quote(description)}: unknown option {quote(unknown[0])}; "
             f"expected one of {', '.join(sorted(allowed))}"
         )
 
@@ -455,7 +456,7 @@ def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) 
 def _parse_port(text: str, description: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise EndpointSyntaxError(
-            f"invalid endpoint {description!r}: port must be a number from 0 to 65535"
+            f"invalid endpoint {quote(description)}: port must be a number from 0 to 65535"
         )
     return int(text)
 
@@ -464,7 +465,7 @@ def _parse_backlog(keywords: dict[str, str], description: str) -> int:
     text = keywords.get("backlog", str(DEFAULT_BACKLOG))
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise EndpointSyntaxError(
-            f"invalid endpoint {description!r}: backlog must be a positive number"
+            f"invalid endpoint {quote(description)}: backlog must be a positive number"
         )
     return int(text)
 
@@ -475,7 +476,7 @@ def _parse_bool(text: str, key: str, description: str) -> bool:
         return True
     if lowered in ("0", "no", "false", "off"):
         return False
-    raise EndpointSyntaxError(f"invalid endpoint {description!r}: {key} must be yes or no")
+    raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: {key} must be yes or no")
 
 
 def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
@@ -548,7 +549,7 @@ def _listen_systemd(endpoint: SystemdEndpoint) -> list[socket.socket]:
         if not chosen:
             names = ", ".join(repr(inherited.name) for inherited in passed) or "none"
             raise systemd.SocketActivationError(
-                f"{endpoint} asks for a socket named {endpoint.name!r}, but none was passed; "
+                f"{endpoint} asks for a socket named {quote(endpoint.name)}, but none was passed; "
                 f"the names passed are: {names} (set FileDescriptorName= in the .socket unit)"
             )
     for inherited in chosen:
@@ -605,7 +606,7 @@ def tls_context(endpoint: TLSEndpoint) -> ssl.SSLContext:
 
     def refuse_passphrase() -> str:
         raise ListenError(
-            f"cannot use TLS private key {endpoint.private_key!r}: it is encrypted; "
+            f"cannot use TLS private key {quote(endpoint.private_key)}: it is encrypted; "
             f"tend needs it unencrypted (openssl pkey -in KEY -out NEW_KEY)"
         )
 
@@ -617,8 +618,8 @@ def tls_context(endpoint: TLSEndpoint) -> ssl.SSLContext:
         raise ListenError(_describe_tls_error(endpoint, certificate, error)) from None
     except OSError as error:  # the file changed between the reading and the loading
         raise ListenError(
-            f"cannot read TLS certificate {endpoint.cert_key!r} or private key "
-            f"{endpoint.private_key!r}: {error.strerror or error}"
+            f"cannot read TLS certificate {quote(endpoint.cert_key)} or private key "
+            f"{quote(endpoint.private_key)}: {error.strerror or error}"
         ) from None
     return context
 
@@ -628,7 +629,9 @@ def _read_tls_file(path: str, what: str) -> bytes:
         with open(path, "rb") as file:
             return file.read()
     except OSError as error:
-        raise ListenError(f"cannot read TLS {what} {path!r}: {error.strerror or error}") from None
+        raise ListenError(
+            f"cannot read TLS {what} {quote(path)}: {error.strerror or error}"
+        ) from None
 
 
 def _describe_tls_error(endpoint: TLSEndpoint, certificate: bytes, error: ssl.SSLError) -> str:
@@ -636,21 +639,24 @@ def _describe_tls_error(endpoint: TLSEndpoint, certificate: bytes, error: ssl.SS
     import ssl
 
     if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+        # Named by its file name alone when both files share a folder: the line stays short.
+        cert_folder, cert_name = os.path.split(endpoint.cert_key)
+        same_folder = cert_folder == os.path.dirname(endpoint.private_key)
         return (
-            f"cannot use TLS private key {endpoint.private_key!r}: it does not match "
-            f"the certificate in {endpoint.cert_key!r}"
+            f"cannot use TLS private key {quote(endpoint.private_key)}: it does not match "
+            f"the certificate in {quote(cert_name if same_folder else endpoint.cert_key)}"
         )
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         probe.load_verify_locations(cadata=certificate.decode("ascii", errors="replace"))
     except ssl.SSLError:
-        return f"cannot use TLS certificate {endpoint.cert_key!r}: it holds no PEM certificate"
+        return f"cannot use TLS certificate {quote(endpoint.cert_key)}: it holds no PEM certificate"
     if endpoint.private_key == endpoint.cert_key:
         return (
-            f"cannot use TLS certificate {endpoint.cert_key!r}: it holds no PEM private key; "
+            f"cannot use TLS certificate {quote(endpoint.cert_key)}: it holds no PEM private key; "
             "give the key's file as privateKey=PATH"
         )
-    return f"cannot use TLS private key {endpoint.private_key!r}: it holds no PEM private key"
+    return f"cannot use TLS private key {quote(endpoint.private_key)}: it holds no PEM private key"
 
 
 def _remove_stale_unix_socket(path: str) -> None:

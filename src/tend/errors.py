@@ -1,6 +1,15 @@
-"""The exceptions tend raises for a user's mistake. Makes no OS calls."""
+"""The exceptions tend raises for a user's mistake, and how their one line is written.
+
+Makes no OS calls.
+"""
 
 from __future__ import annotations
+
+# A message the user reads is one line of at most this many characters.
+LONGEST_LINE = 200
+
+# A value quoted inside a message is shortened past this many characters.
+LONGEST_QUOTE = 80
 
 
 class TendError(Exception):
@@ -8,8 +17,45 @@ class TendError(Exception):
 
 
 class UsageError(TendError):
-    """A command-line mistake: unknown plugin, unknown option, bad value (exit 2)."""
+    """A command-line mistake: unknown plugin, unknown option, bad value (exit 2).
+
+    *hint* is a second line for the user, such as ``try `tend poetry --help```; *prog*
+    names the command the message is about, when it is not the one run (``tend poetry``).
+    """
+
+    def __init__(self, message: str, hint: str | None = None, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+        self.prog = prog
 
 
 class StartupError(TendError):
     """Something failed before the service tree was ready (exit 1)."""
+
+
+def quote(value: object, limit: int = LONGEST_QUOTE) -> str:
+    """*value* quoted for a one-line message: ``'x'``, control characters escaped, a long
+    value shortened in the middle (``'aaaa…zz'``), undecodable bytes shown escaped."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        head = limit * 2 // 3
+        text = f"{text[:head]}…{text[len(text) - (limit - head - 1) :]}"
+    # repr escapes newlines, other control characters and unpaired surrogates (a path's
+    # undecodable bytes); "…" itself is printable and stays as it is.
+    return repr(text)
+
+
+def one_line(message: str, limit: int = LONGEST_LINE) -> str:
+    """*message* as one printable line of at most *limit* characters.
+
+    The last guard before the terminal: values should already be quoted with `quote`.
+    """
+    text = "".join(
+        character if character.isprintable() else repr(character)[1:-1]
+        for character in " ".join(message.splitlines())
+    )
+    # Undecodable bytes of a path arrive as surrogates: shown escaped, never raising.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text

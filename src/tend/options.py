@@ -16,6 +16,9 @@ import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
+
+from tend.errors import UsageError, quote
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +97,13 @@ def convert(option: Option | Flag, value: object, folder: str) -> object:
     if text is None:
         raise InvalidValue(f"expected a string or a number, not {describe_value(value)}")
     if option.choices is not None and text not in option.choices:
-        raise InvalidValue(f"expected one of {', '.join(option.choices)}, not {text!r}")
+        raise InvalidValue(f"expected one of {', '.join(option.choices)}, not {quote(text)}")
     if option.path and text not in ("", "-"):
         text = os.path.normpath(os.path.join(folder, os.path.expanduser(text)))
     try:
         return option.type(text)
     except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
-        raise InvalidValue(str(error) or f"invalid value {text!r}") from None
+        raise InvalidValue(str(error) or f"invalid value {quote(text)}") from None
 
 
 def default_of(option: Option | Flag) -> object:
@@ -131,7 +134,7 @@ def describe_value(value: object) -> str:
     if isinstance(value, bool):
         return f"the boolean {str(value).lower()}"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {quote(value)}"
     if isinstance(value, int | float):
         return f"the number {value}"
     if isinstance(value, list):
@@ -155,6 +158,18 @@ def _text(value: object) -> str | None:
 
 
 # -- argparse ---------------------------------------------------------------------------
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argparse parser whose mistakes are one line for the user, not a usage block.
+
+    A bad or missing argument raises `tend.UsageError` whose message argparse wrote
+    (``error: argument -p/--port: invalid endpoint 'tcp:abc'``), with the parser's name as
+    *prog* and a hint naming its ``--help``; the command prints them and exits 2.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"error: {message}", hint=f"try `{self.prog} --help`", prog=self.prog)
 
 
 def add_options(
@@ -241,7 +256,7 @@ def _duration(text: str, *, positive: bool) -> float:
     if not (low_ok and value <= LONGEST):
         low = "more than 0" if positive else "from 0"
         raise argparse.ArgumentTypeError(
-            f"invalid duration {text!r}: expected seconds {low} to {LONGEST:.0f}"
+            f"invalid duration {quote(text)}: expected seconds {low} to {LONGEST:.0f}"
         )
     return value
 
@@ -249,5 +264,5 @@ def _duration(text: str, *, positive: bool) -> float:
 def count(text: str) -> int:
     """A whole number, 0 or more, written in ASCII digits."""
     if not (text.isascii() and text.isdigit()):
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected a whole number")
+        raise argparse.ArgumentTypeError(f"invalid count {quote(text)}: expected a whole number")
     return int(text)

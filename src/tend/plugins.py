@@ -17,8 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from tend.errors import StartupError, TendError, UsageError
-from tend.options import Flag, InvalidValue, Option, add_options, values_of
+from tend.errors import StartupError, TendError, UsageError, quote
+from tend.options import CommandParser, Flag, InvalidValue, Option, add_options, values_of
 from tend.service import Service
 
 __all__ = [
@@ -56,7 +56,7 @@ class ServiceMaker:
 
     def parser(self, prog: str) -> argparse.ArgumentParser:
         """An argument parser for this plugin's options."""
-        parser = argparse.ArgumentParser(
+        parser = CommandParser(
             prog=prog,
             description=self.description,
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -74,7 +74,7 @@ class ServiceMaker:
         try:
             return values_of(self.options, parsed)
         except InvalidValue as error:
-            raise UsageError(f"plugin {self.name!r} has a bad default: {error}") from None
+            raise UsageError(f"plugin {quote(self.name)} has a bad default: {error}") from None
 
 
 def make_service(maker: ServiceMaker, options: Mapping[str, object], where: str) -> Service:
@@ -97,7 +97,7 @@ def make_service(maker: ServiceMaker, options: Mapping[str, object], where: str)
             "%splugin %r failed to make its service", where, maker.name
         )
         raise StartupError(
-            f"{where}plugin {maker.name!r} failed to make its service: "
+            f"{where}plugin {quote(maker.name)} failed to make its service: "
             f"{type(error).__name__}: {error} (the traceback is in the log)"
         ) from None
 
@@ -214,14 +214,14 @@ def _load_entry_point(entry: EntryPoint, index: PluginIndex) -> None:
     try:
         value = entry.load()
     except Exception as error:
-        index.failures.append(PluginLoadError(f"entry point {entry.name!r}", error))
+        index.failures.append(PluginLoadError(f"entry point {quote(entry.name)}", error))
         return
     if isinstance(value, ServiceMaker):
         index.makers.setdefault(value.name or entry.name, value)
     else:
         index.failures.append(
             PluginLoadError(
-                f"entry point {entry.name!r}",
+                f"entry point {quote(entry.name)}",
                 TypeError(f"{entry.value} is not a tend.ServiceMaker instance"),
             )
         )
@@ -270,7 +270,7 @@ def unknown_plugin_message(name: str, index: PluginIndex) -> str:
     """Say that *name* is not a plugin, suggesting close matches."""
     import difflib
 
-    message = f"unknown plugin {name!r}"
+    message = f"unknown plugin {quote(name)}"
     matches = difflib.get_close_matches(name, list(index.makers), n=3)
     if matches:
         message += "; did you mean " + " or ".join(repr(match) for match in matches) + "?"

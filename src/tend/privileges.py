@@ -11,7 +11,7 @@ import os
 import pwd
 from dataclasses import dataclass
 
-from tend.errors import StartupError
+from tend.errors import StartupError, quote
 
 
 class PrivilegeError(StartupError):
@@ -78,7 +78,7 @@ def _lookup(value: int | str, by_name, by_number, kind: str):  # type: ignore[no
     try:
         return by_name(text)
     except KeyError:
-        raise PrivilegeError(f"cannot switch to {kind} {text!r}: no such {kind}") from None
+        raise PrivilegeError(f"cannot switch to {kind} {quote(text)}: no such {kind}") from None
 
 
 def check_can_switch(identity: Identity) -> None:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from tend.channel import Channel
-from tend.errors import StartupError, TendError
+from tend.errors import StartupError, TendError, quote
 from tend.net import listeners, stopping_by
 from tend.service import Application, Service
 from tend.settings import LOOPS
@@ -203,7 +203,7 @@ def event_loop_factory(name: str) -> LoopFactory:
             ) from None
         factory: LoopFactory = uvloop.new_event_loop
         return factory
-    raise StartupError(f"unknown event loop {name!r}; expected one of {', '.join(LOOPS)}")
+    raise StartupError(f"unknown event loop {quote(name)}; expected one of {', '.join(LOOPS)}")
 
 
 def _flush_log() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine, Iterable, Iterator
 
-from tend.errors import TendError
+from tend.errors import TendError, quote
 
 log = logging.getLogger("tend")
 
@@ -43,13 +43,13 @@ class Service:
     def set_service_parent(self, parent: MultiService) -> None:
         """Attach this service to *parent* (twistd: setServiceParent)."""
         if self.parent is not None:
-            raise ServiceError(f"{self!r} already has a parent, {self.parent!r}")
+            raise ServiceError(f"{quote(self)} already has a parent, {quote(self.parent)}")
         parent.add_service(self)
 
     def disown_service_parent(self) -> None:
         """Detach this service from its parent (twistd: disownServiceParent)."""
         if self.parent is None:
-            raise ServiceError(f"{self!r} has no parent")
+            raise ServiceError(f"{quote(self)} has no parent")
         self.parent.remove_service(self)
 
     def privileged_start_service(self) -> None:
@@ -101,12 +101,12 @@ class MultiService(Service):
         in the background of the running loop.
         """
         if service.parent is not None:
-            raise ServiceError(f"{service!r} already has a parent, {service.parent!r}")
+            raise ServiceError(f"{quote(service)} already has a parent, {quote(service.parent)}")
         if service.name is not None:
             if service.name in self._named:
                 raise ServiceError(
-                    f"cannot add {service!r} to {self!r}: "
-                    f"a service named {service.name!r} is already there"
+                    f"cannot add {quote(service)} to {quote(self)}: "
+                    f"a service named {quote(service.name)} is already there"
                 )
             self._named[service.name] = service
         self._children.append(service)
@@ -136,7 +136,7 @@ class MultiService(Service):
         Removing a running child from a running collection stops it in the background.
         """
         if service.parent is not self:
-            raise ServiceError(f"{service!r} is not a child of {self!r}")
+            raise ServiceError(f"{quote(service)} is not a child of {quote(self)}")
         self._children.remove(service)
         if service.name is not None:
             del self._named[service.name]

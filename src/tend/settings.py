@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tend.errors import UsageError
+from tend.errors import UsageError, quote
 from tend.options import Flag, Option, count, seconds, values_of
 
 if TYPE_CHECKING:
@@ -32,10 +32,10 @@ def umask(text: str) -> int:
         value = int(text, 8)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid umask {text!r}: expected octal, like 022"
+            f"invalid umask {quote(text)}: expected octal, like 022"
         ) from None
     if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"invalid umask {text!r}: expected 000 to 777")
+        raise argparse.ArgumentTypeError(f"invalid umask {quote(text)}: expected 000 to 777")
     return value
 
 
@@ -45,7 +45,7 @@ def workers(text: str) -> int:
         return os.cpu_count() or 1
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise argparse.ArgumentTypeError(
-            f"invalid worker count {text!r}: expected a number >= 1, or auto"
+            f"invalid worker count {quote(text)}: expected a number >= 1, or auto"
         )
     return int(text)
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 from tend.addresses import format_address
-from tend.errors import StartupError
+from tend.errors import StartupError, quote
 
 log = logging.getLogger("tend")
 
@@ -201,7 +201,7 @@ class InheritedSocket:
         return sock
 
     def __str__(self) -> str:
-        return f"socket {self.fd - LISTEN_FDS_START} ({self.name!r}, {self.address})"
+        return f"socket {self.fd - LISTEN_FDS_START} ({quote(self.name)}, {self.address})"
 
 
 # The passed descriptors belong to the process, and the variables describing them are
@@ -245,7 +245,7 @@ def read_inherited_sockets(environ: MutableMapping[str, str], pid: int) -> list[
         )
     if not (count_text.isascii() and count_text.isdigit()):
         raise SocketActivationError(
-            f"cannot use socket activation: LISTEN_FDS is {count_text!r}, not a number"
+            f"cannot use socket activation: LISTEN_FDS is {quote(count_text)}, not a number"
         )
     owner = environ.get("LISTEN_PID")
     if owner is None:

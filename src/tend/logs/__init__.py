@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import IO
 
+from tend.errors import quote
 from tend.logs import access
 from tend.logs.buffered import StreamHandler
 from tend.logs.formats import (
@@ -73,14 +74,14 @@ def parse_syslog_address(text: str) -> str | tuple[str, int]:
         host = host[1:-1]
     elif ":" in host:
         raise LogError(
-            f"cannot use syslog address {text!r}: write an IPv6 host in brackets, as [::1]:514"
+            f"cannot use syslog address {quote(text)}: write an IPv6 host in brackets, as [::1]:514"
         )
     if not (port_text.isascii() and port_text.isdigit() and 0 < int(port_text) < 65536):
         raise LogError(
-            f"cannot use syslog address {text!r}: the port must be a number from 1 to 65535"
+            f"cannot use syslog address {quote(text)}: the port must be a number from 1 to 65535"
         )
     if not host:
-        raise LogError(f"cannot use syslog address {text!r}: the host is missing")
+        raise LogError(f"cannot use syslog address {quote(text)}: the host is missing")
     return host, int(port_text)
 
 
@@ -94,7 +95,7 @@ def open_log(config: LogConfig, stdout: IO[str] | None = None) -> LogSink:
         LogError: a setting is invalid or the destination cannot be opened.
     """
     if config.format not in ("text", "json"):
-        raise LogError(f"cannot use log format {config.format!r}: choose 'text' or 'json'")
+        raise LogError(f"cannot use log format {quote(config.format)}: choose 'text' or 'json'")
     if config.max_bytes < 0:
         raise LogError(f"cannot rotate logs at {config.max_bytes} bytes: use 0 or more")
     if config.backups is not None and config.backups < 0:
@@ -141,7 +142,7 @@ class LogSink:
     def install(self) -> None:
         """Send every log record and access line here: attach to the root logger, set its level."""
         if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
+            raise RuntimeError(f"{quote(self)} is closed")
         root = logging.getLogger()
         root.addHandler(self.handler)
         root.setLevel(self.level)
@@ -203,7 +204,7 @@ def _open_syslog(config: LogConfig) -> LogHandler:
     if facility is None:
         names = ", ".join(sorted(logging.handlers.SysLogHandler.facility_names))
         raise LogError(
-            f"cannot use syslog facility {config.syslog_facility!r}: choose one of {names}"
+            f"cannot use syslog facility {quote(config.syslog_facility)}: choose one of {names}"
         )
     address = parse_syslog_address(config.syslog_address)
     try:

@@ -15,6 +15,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+from tend.errors import quote
 from tend.logs.buffered import BufferedHandler
 from tend.logs.handler import LogError
 
@@ -41,7 +42,7 @@ class LogFileHandler(BufferedHandler):
         try:
             self._folder = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
-            raise LogError(f"cannot open log file {path!r}: {error.strerror}") from error
+            raise LogError(f"cannot open log file {quote(path)}: {error.strerror}") from error
         self.max_bytes = max_bytes
         self.backups = backups
         self._fd: int | None = None
@@ -75,7 +76,7 @@ class LogFileHandler(BufferedHandler):
         try:
             return self._open()
         except OSError as error:
-            raise LogError(f"cannot open log file {self.path!r}: {error.strerror}") from error
+            raise LogError(f"cannot open log file {quote(self.path)}: {error.strerror}") from error
 
     def _adopt(self, fd: int, status: os.stat_result) -> None:
         """Make *fd* the file written to, closing the previous one."""
@@ -180,7 +181,7 @@ class LogFileHandler(BufferedHandler):
         while view:
             written = os.write(self._fd, view)
             if written == 0:  # not expected of a file; do not spin forever
-                raise OSError(errno.EIO, f"cannot write to log file {self.path!r}")
+                raise OSError(errno.EIO, f"cannot write to log file {quote(self.path)}")
             self._size += written
             view = view[written:]
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tend import host_and_port, positive_seconds
+from tend import CommandParser, UsageError, host_and_port, positive_seconds, quote
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -126,23 +126,23 @@ def parse_address(text: str) -> Server:
         host = host[1:-1]
     elif ":" in host:
         raise argparse.ArgumentTypeError(
-            f"invalid address {text!r}: write an IPv6 host in brackets, as [::1]:10000"
+            f"invalid address {quote(text)}: write an IPv6 host in brackets, as [::1]:10000"
         )
     if not host or not (port_text.isascii() and port_text.isdigit()):
         raise argparse.ArgumentTypeError(
-            f"invalid address {text!r}: expected HOST:PORT or a port number"
+            f"invalid address {quote(text)}: expected HOST:PORT or a port number"
         )
     port = int(port_text)
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(
-            f"invalid address {text!r}: the port must be a number from 1 to 65535"
+            f"invalid address {quote(text)}: the port must be a number from 1 to 65535"
         )
     return Server(host, port)
 
 
 def command_parser() -> argparse.ArgumentParser:
     """The parser for ``get-poetry``."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="get-poetry",
         description="Fetch poems from poetry servers, all at once. Poems go to standard "
         "output (or to DIR/HOST_PORT.txt), one summary line per server to standard error.",
@@ -226,13 +226,20 @@ def _report(line: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``get-poetry``; return 0 if every fetch succeeded, 1 if any failed."""
-    arguments = command_parser().parse_args(argv)
+    try:
+        arguments = command_parser().parse_args(argv)
+    except UsageError as error:
+        _report(f"{error.prog}: {error}")
+        _report(error.hint or "try `get-poetry --help`")
+        return 2
     output_dir: str | None = arguments.output_dir
     if output_dir is not None:
         try:
             os.makedirs(output_dir, exist_ok=True)
         except OSError as error:
-            _report(f"get-poetry: cannot create output directory {output_dir!r}: {error.strerror}")
+            _report(
+                f"get-poetry: cannot create output directory {quote(output_dir)}: {error.strerror}"
+            )
             return 1
     try:
         outcomes = asyncio.run(fetch_all(arguments.servers, arguments.timeout, output_dir))

@@ -19,6 +19,7 @@ from tend import (
     StreamServer,
     parse_endpoint,
     positive_seconds,
+    quote,
     seconds,
 )
 from tend.poetry import DEFAULT_POEM
@@ -41,7 +42,7 @@ def chunk_size(text: str) -> int:
     """A piece size in bytes, at least 1, for ``--chunk-size``."""
     if not (text.isascii() and text.isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(
-            f"invalid chunk size {text!r}: expected a whole number of bytes, at least 1"
+            f"invalid chunk size {quote(text)}: expected a whole number of bytes, at least 1"
         )
     return int(text)
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from typing import cast
 
-from tend import AccessLog, Service, StartupError, format_address
+from tend import AccessLog, Service, StartupError, format_address, quote
 
 log = logging.getLogger(__name__)
 # The lines written per connection: the cheap path into the same log, at the same level.
@@ -49,7 +49,7 @@ class PoetryService(Service):
             self.poem = await asyncio.to_thread(_read, self.poetry_file)
         except OSError as error:
             raise StartupError(
-                f"cannot read poem file {self.poetry_file!r}: {error.strerror}"
+                f"cannot read poem file {quote(self.poetry_file)}: {error.strerror}"
             ) from None
         log.info("loaded a poem from: %s", self.poetry_file)
         await super().start_service()

@@ -145,7 +145,8 @@ def test_status_of_an_unreadable_pidfile_is_4(tmp_path: Path) -> None:
     result = tendctl("status", cwd=tmp_path)
     assert result.returncode == 4
     assert result.stderr == (
-        f"tendctl: pidfile {tmp_path / 'tend.pid'} holds 'hello', not a process id\n"
+        f"tendctl: pidfile '{tmp_path / 'tend.pid'}' holds something other than a process id; "
+        "remove it if no server uses it\n"
     )
 
 

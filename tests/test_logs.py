@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 import tend
-from tend.errors import StartupError
+from tend.errors import StartupError, quote
 from tend.logs import (
     LogConfig,
     LogError,
@@ -415,7 +415,7 @@ def test_missing_directory_is_a_log_error_naming_the_path(tmp_path: Path) -> Non
 
 def test_directory_as_log_file_is_a_log_error(tmp_path: Path) -> None:
     """A directory given as the log file is refused with the system's reason."""
-    with pytest.raises(LogError, match=r"cannot open log file '.*': Is a directory"):
+    with pytest.raises(LogError, match=r"cannot use log file '.*': it is a directory"):
         open_log(LogConfig(logfile=str(tmp_path)))
 
 
@@ -579,9 +579,9 @@ def test_backups_limit_keeps_the_newest_rotated_files(
 
 
 def test_failed_rotation_keeps_every_line_in_the_current_file(
-    open_sink: OpenSink, attach: Attach, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    open_sink: OpenSink, attach: Attach, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """When a backup cannot be removed, the error is reported and no line is lost."""
+    """When a backup cannot be removed, the error is said once, in one line; no line is lost."""
     path = tmp_path / "tend.log"
     (tmp_path / "tend.log.2").mkdir()  # over the backups limit, and unlink cannot remove it
     sink = open_sink(LogConfig(logfile=str(path), max_bytes=60, backups=1))
@@ -590,7 +590,9 @@ def test_failed_rotation_keeps_every_line_in_the_current_file(
         log.info("line %d", number)
     sink.close()
     assert [int(line[-1]) for line in read_log(path)] == [0, 1, 2, 3, 4]
-    assert "--- Logging error ---" in capsys.readouterr().err
+    assert capfd.readouterr().err == (
+        f"tend: cannot rotate log file {quote(str(path))}: Is a directory\n"
+    )
 
 
 def test_rotated_names_skip_compressed_and_unrelated_files(
@@ -609,27 +611,140 @@ def test_rotated_names_skip_compressed_and_unrelated_files(
         assert (tmp_path / name).read_text() == name
 
 
-def test_non_regular_file_never_rotates(
-    open_sink: OpenSink, attach: Attach, tmp_path: Path
+@pytest.mark.parametrize("kind", ["fifo", "device", "symlink", "directory"])
+def test_a_log_path_that_is_not_a_regular_file_is_refused(
+    open_sink: OpenSink, tmp_path: Path, kind: str
 ) -> None:
-    """A FIFO (like /dev/stdout) as the log file is written, never renamed."""
-    path = tmp_path / "log.fifo"
-    os.mkfifo(path)
-    reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        sink = open_sink(LogConfig(logfile=str(path), max_bytes=10))
-        log = attach(sink)
-        log.info("first line, longer than ten bytes")
-        log.info("second line")
-        sink.close()
-        data = os.read(reader, 65536).decode()
-    finally:
-        os.close(reader)
-    assert [line.split("] ", 1)[1] for line in data.splitlines()] == [
-        "first line, longer than ten bytes",
-        "second line",
+    """A FIFO, a device, a symbolic link or a folder as the log: one line, nothing touched."""
+    path = tmp_path / "tend.log"
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to make a device node")
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    elif kind == "symlink":
+        path.symlink_to(victim)
+    else:
+        path.mkdir()
+    with pytest.raises(LogError) as caught:
+        open_sink(LogConfig(logfile=str(path)))
+    message = str(caught.value)
+    assert message.startswith(f"cannot use log file {quote(str(path))}: it is ")
+    assert "\n" not in message
+    assert victim.read_text() == "untouched\n"
+
+
+def test_reopen_refuses_a_symlink_swapped_in_and_keeps_the_old_file(
+    open_sink: OpenSink, attach: Attach, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A worker that replaced tend.log with a symlink to a root file gains nothing at SIGUSR1."""
+    path = tmp_path / "tend.log"
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    sink = open_sink(LogConfig(logfile=str(path)))
+    log = attach(sink)
+    log.info("before")
+    sink.flush()
+    path.rename(tmp_path / "moved.log")
+    path.symlink_to(victim)
+    with pytest.raises(LogError, match="it is a symbolic link"):
+        sink.reopen()
+    log.info("after")
+    sink.close()
+    assert victim.read_text() == "root:secret\n"
+    assert [line.split("] ", 1)[1] for line in read_log(tmp_path / "moved.log")] == [
+        "before",
+        "after",
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.fifo"]
+
+
+def test_reopen_in_a_shared_folder_refuses_a_file_another_user_put_there(
+    open_sink: OpenSink, tmp_path: Path
+) -> None:
+    """In a folder others can write, a file another user made (or a hard link) is refused."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file owned by another user")
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    folder.chmod(0o777)
+    path = folder / "tend.log"
+    sink = open_sink(LogConfig(logfile=str(path)))
+    path.rename(folder / "moved.log")
+    path.write_text("")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(LogError, match="owned by uid 65534"):
+        sink.reopen()
+    path.unlink()
+    os.link(folder / "moved.log", path)  # root's file, but under a second name
+    with pytest.raises(LogError, match="has other names"):
+        sink.reopen()
+
+
+FULL_DISK_CHILD = """
+import logging, os
+from tend.logs import LogConfig, open_log
+
+mount = {mount!r}
+sink = open_log(LogConfig(logfile=os.path.join(mount, "tend.log"), max_bytes=0))
+sink.install()
+log = logging.getLogger("tend")
+filler = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT)
+try:
+    while os.write(filler, b"x" * 4096):
+        pass
+except OSError:
+    pass  # the file system is full; the log file's last page may still have room
+os.close(filler)
+for number in range(200):
+    log.info("line %05d %s", number, "x" * 40)
+    sink.flush()
+os.remove(os.path.join(mount, "filler"))
+for number in range(200, 300):
+    log.info("line %05d %s", number, "x" * 40)
+    sink.flush()
+sink.close()
+"""
+
+
+def test_a_full_disk_never_tears_a_line_and_the_loss_is_counted(tmp_path: Path) -> None:
+    """On a full file system a line is written whole or not at all; the lost ones are
+    counted in the log once writing works again, and stderr gets two lines, no traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        result = run_child(FULL_DISK_CHILD.format(mount=str(mount)))
+        lines = read_log(mount / "tend.log")
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+    numbers = []
+    lost = None
+    for line in lines:
+        body = line.split("] ", 1)[1]
+        if match := re.fullmatch(r"line (\d{5}) x{40}", body):
+            numbers.append(int(match.group(1)))
+        elif match := re.fullmatch(
+            r"(\d+) log line\(s\) were lost while the log could not be written "
+            r"\(No space left on device\)",
+            body,
+        ):
+            lost = int(match.group(1))
+        else:
+            assert body == "Log opened.", line  # whole lines only: nothing glued or cut
+    assert numbers == sorted(numbers)
+    assert lost is not None
+    assert lost > 0
+    assert len(numbers) + lost == 300
+    assert numbers[-100:] == list(range(200, 300))
+    complaints = result.stderr.splitlines()
+    assert len(complaints) == 2, result.stderr
+    assert "No space left on device; counting the lines lost" in complaints[0]
+    assert complaints[1].endswith(f"again; {lost} line(s) were lost")
 
 
 async def test_reopen_after_move_writes_to_a_new_file(
@@ -663,7 +778,7 @@ def test_reopen_failure_keeps_logging_to_the_old_file(
     log.info("one")
     path.rename(directory / "moved.log")
     path.mkdir()  # something that cannot be opened for writing now stands at the path
-    with pytest.raises(LogError, match=r"cannot open log file .*: Is a directory"):
+    with pytest.raises(LogError, match=r"cannot use log file .*: it is a directory"):
         sink.reopen()
     log.info("two")
     sink.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 from pathlib import Path
 
@@ -133,24 +134,51 @@ def test_stale_pidfile_is_replaced(tmp_path, daemons):
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        ("garbage", "holds 'garbage', not a process id"),
-        ("directory", "tend.pid: Is a directory"),
+        ("garbage", "holds something other than a process id"),
+        ("secret", "holds something other than a process id"),
+        ("directory", "it is a directory, not a regular file"),
+        ("fifo", "it is a FIFO, not a regular file"),
+        ("device", "it is a device, not a regular file"),
+        ("symlink", "it is a symbolic link; give the real path"),
     ],
 )
 def test_unusable_pidfile_is_a_clear_error(tmp_path, daemons, setup, message):
-    """A pidfile holding text, or a directory in its place, is one line and no daemon."""
+    """A pidfile holding text, or something other than a file in its place, is one line,
+    no daemon, and the thing in its place untouched (a device is never replaced, a FIFO
+    never waited on, and what a non-pidfile holds is never printed)."""
     pidfile = tmp_path / "tend.pid"
+    victim = tmp_path / "victim"
+    victim.write_text("root:$6$secret-hash:19000::::::\n")
     if setup == "garbage":
         pidfile.write_text("garbage\n")
-    else:
+    elif setup == "secret":
+        pidfile.write_text(victim.read_text())
+    elif setup == "directory":
         pidfile.mkdir()
+    elif setup == "fifo":
+        os.mkfifo(pidfile)
+    elif setup == "device":
+        if os.geteuid() != 0:
+            pytest.skip("needs root to make a device node")
+        os.mknod(pidfile, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # as /dev/null
+    else:
+        pidfile.symlink_to(victim)
+    before = os.lstat(pidfile)
     result = subprocess.run(
         [*TEND, "poetry", *LOCAL], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert "secret" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    after = os.lstat(pidfile)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_rdev,
+    )
+    assert victim.read_text() == "root:$6$secret-hash:19000::::::\n"
 
 
 @pytest.mark.parametrize(

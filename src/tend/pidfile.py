@@ -6,12 +6,15 @@ Only the supervisor holds one; tendctl reads them. Knows nothing of services or 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
-from tend.errors import StartupError
+from tend.errors import StartupError, quote
+from tend.files import PIDFILE_LIMIT, describe_kind
 
 log = logging.getLogger("tend")
 
@@ -73,28 +76,22 @@ class Pidfile:
             self._fds.append(guard)
 
     def _open_locked_existing(self) -> int | None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
+        fd = _open_pidfile(self.path, os.O_RDWR)
+        if fd is None:
             return None
-        except OSError as error:
-            raise PidfileError(f"cannot open pidfile {self.path}: {error.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            content = _read_fd(fd)
+            pid = _pid_or_none(_read_fd(fd))
             os.close(fd)
-            shown = content.strip() if content.strip() else "unknown"
             raise PidfileLockedError(
-                f"Another tend server is running, PID {shown} (pidfile {self.path})"
+                f"Another tend server is running, PID {pid or 'unknown'} (pidfile {self.path})"
             ) from None
-        content = _read_fd(fd).strip()
-        if content and not content.isdigit():
+        try:
+            _parse_pid(_read_fd(fd), self.path)
+        except PidfileError:
             os.close(fd)
-            raise PidfileError(
-                f"pidfile {self.path} holds {content[:40]!r}, not a process id; "
-                "remove it if no server uses it"
-            )
+            raise
         log.info("Removing stale pidfile %s", self.path)
         return fd
 
@@ -104,7 +101,9 @@ class Pidfile:
         try:
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as error:
-            raise PidfileError(f"cannot write pidfile {self.path}: {error.strerror}") from None
+            raise PidfileError(
+                f"cannot write pidfile {quote(self.path)}: {error.strerror}"
+            ) from None
         self._fds.append(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,9 +113,11 @@ class Pidfile:
         except OSError as error:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
-            raise PidfileError(f"cannot write pidfile {self.path}: {error.strerror}") from None
-        stat = os.fstat(fd)
-        self._inode = (stat.st_dev, stat.st_ino)
+            raise PidfileError(
+                f"cannot write pidfile {quote(self.path)}: {error.strerror}"
+            ) from None
+        status = os.fstat(fd)
+        self._inode = (status.st_dev, status.st_ino)
         self._folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._fds.append(self._folder_fd)
 
@@ -125,8 +126,8 @@ class Pidfile:
         if self._inode is not None and self._folder_fd is not None:
             name = os.path.basename(self.path)
             with contextlib.suppress(OSError):
-                stat = os.stat(name, dir_fd=self._folder_fd)
-                if (stat.st_dev, stat.st_ino) == self._inode:
+                status = os.stat(name, dir_fd=self._folder_fd, follow_symlinks=False)
+                if (status.st_dev, status.st_ino) == self._inode:
                     os.unlink(name, dir_fd=self._folder_fd)
             self._inode = None
         self._close_fds()
@@ -151,20 +152,18 @@ def read_pidfile(path: str) -> PidfileState | None:
     """Read the pidfile at *path* without disturbing its owner; None if there is none.
 
     Raises:
-        PidfileError: it cannot be read, or holds something other than a pid.
+        PidfileError: it cannot be read, is not a regular file, or holds something other
+            than a pid.
     """
     path = os.path.abspath(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+    fd = _open_pidfile(path, os.O_RDONLY)
+    if fd is None:
         return None
-    except OSError as error:
-        raise PidfileError(f"cannot read pidfile {path}: {error.strerror}") from None
     try:
         try:
-            content = _read_fd(fd).strip()
+            content = _read_fd(fd)
         except OSError as error:
-            raise PidfileError(f"cannot read pidfile {path}: {error.strerror}") from None
+            raise PidfileError(f"cannot read pidfile {quote(path)}: {error.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             locked = False
@@ -172,11 +171,64 @@ def read_pidfile(path: str) -> PidfileState | None:
             locked = True
     finally:
         os.close(fd)
-    if content and not content.isdigit():
-        raise PidfileError(f"pidfile {path} holds {content[:40]!r}, not a process id")
-    return PidfileState(path, int(content) if content else None, locked)
+    return PidfileState(path, _parse_pid(content, path), locked)
+
+
+def _open_pidfile(path: str, mode: int) -> int | None:
+    """Open an existing pidfile: never through a symbolic link, never waiting on a FIFO.
+
+    Returns None if there is none.
+
+    Raises:
+        PidfileError: it cannot be opened, or it is not a regular file (a device, say,
+            which tend must neither read nor replace).
+    """
+    flags = mode | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise PidfileError(
+                f"cannot use pidfile {quote(path)}: it is a symbolic link; give the real path"
+            ) from None
+        raise PidfileError(f"cannot open pidfile {quote(path)}: {error.strerror}") from None
+    except ValueError as error:  # a NUL byte in the path
+        raise PidfileError(f"cannot open pidfile {quote(path)}: {error}") from None
+    mode_bits = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode_bits):
+        os.close(fd)
+        raise PidfileError(
+            f"cannot use pidfile {quote(path)}: it is {describe_kind(mode_bits)}, "
+            "not a regular file"
+        )
+    return fd
 
 
 def _read_fd(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
-    return os.read(fd, 64).decode(errors="replace")
+    return os.read(fd, PIDFILE_LIMIT).decode("ascii", errors="replace")
+
+
+def _pid_or_none(content: str) -> int | None:
+    text = content.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else None
+
+
+def _parse_pid(content: str, path: str) -> int | None:
+    """The pid a pidfile holds; None if it is empty.
+
+    Raises:
+        PidfileError: it holds anything else; what it holds is not repeated, since a
+            path that is not a pidfile may hold a secret.
+    """
+    if not content.strip():
+        return None
+    pid = _pid_or_none(content)
+    if pid is None:
+        raise PidfileError(
+            f"pidfile {quote(path)} holds something other than a process id; "
+            "remove it if no server uses it"
+        )
+    return pid

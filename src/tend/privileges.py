@@ -46,39 +46,57 @@ class Identity:
         )
 
 
+# The largest user or group id: 2**32 - 1 is (uid_t)-1, which setresuid() reads as
+# "leave this id alone", so asking for it would silently keep root.
+LARGEST_ID = 2**32 - 2
+
+
 def resolve_identity(user: int | str | None, group: int | str | None) -> Identity:
     """Turn user and group names or numbers into numbers.
 
-    Without a group, the user's primary group is used, as login would.
+    Without a group, the user's primary group is used, as login would; a user given as a
+    number that has no passwd entry has no primary group, so it needs an explicit group.
 
     Raises:
-        PrivilegeError: the user or group does not exist.
+        PrivilegeError: the user or group does not exist, or is not a valid id.
     """
     uid = gid = None
     user_name = None
     if user is not None:
-        entry = _lookup(user, pwd.getpwnam, pwd.getpwuid, "user")
+        uid, entry = _lookup(user, pwd.getpwnam, pwd.getpwuid, "user")
         if entry is not None:
-            uid, user_name, gid = entry.pw_uid, entry.pw_name, entry.pw_gid
-        else:
-            uid = int(user)
+            user_name, gid = entry.pw_name, entry.pw_gid
+        elif group is None:
+            raise PrivilegeError(
+                f"cannot switch to user {uid}: it has no passwd entry, so no group of its "
+                "own; give the group too (--gid)"
+            )
     if group is not None:
-        group_entry = _lookup(group, grp.getgrnam, grp.getgrgid, "group")
-        gid = group_entry.gr_gid if group_entry is not None else int(group)
+        gid, _ = _lookup(group, grp.getgrnam, grp.getgrgid, "group")
     return Identity(uid, gid, user_name)
 
 
 def _lookup(value: int | str, by_name, by_number, kind: str):  # type: ignore[no-untyped-def]
+    """*value*'s id and database entry (None for a number with none); names must exist."""
     text = str(value)
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
+        number = int(text)
+        if number > LARGEST_ID:
+            raise PrivilegeError(
+                f"cannot switch to {kind} {quote(text)}: ids go from 0 to {LARGEST_ID}"
+            )
         try:
-            return by_number(int(text))
+            return number, by_number(number)
         except KeyError:
-            return None  # a bare number with no entry is still a valid id to run as
+            return number, None  # a bare number with no entry is still a valid id to run as
+    if not text or not text.isprintable() or text.strip() != text:
+        raise PrivilegeError(f"cannot switch to {kind} {quote(text)}: not a name or a number")
     try:
-        return by_name(text)
-    except KeyError:
+        entry = by_name(text)
+    except (KeyError, ValueError):  # ValueError: a NUL byte in the name
         raise PrivilegeError(f"cannot switch to {kind} {quote(text)}: no such {kind}") from None
+    number = entry.pw_uid if kind == "user" else entry.gr_gid
+    return number, entry
 
 
 def check_can_switch(identity: Identity) -> None:
@@ -94,7 +112,14 @@ def check_can_switch(identity: Identity) -> None:
 
 
 def drop_privileges(identity: Identity) -> None:
-    """Become *identity*'s user and group for good, with its supplementary groups."""
+    """Become *identity*'s user and group for good, with its supplementary groups.
+
+    Then check that it took: every id is the new one, and a non-root user cannot get
+    root back.
+
+    Raises:
+        PrivilegeError: the kernel did not make the change (the process must not serve).
+    """
     if not identity.changes_anything:
         return
     if identity.gid is not None:
@@ -105,3 +130,19 @@ def drop_privileges(identity: Identity) -> None:
         os.setresgid(identity.gid, identity.gid, identity.gid)
     if identity.uid is not None:
         os.setresuid(identity.uid, identity.uid, identity.uid)
+    _check_dropped(identity)
+
+
+def _check_dropped(identity: Identity) -> None:
+    if identity.gid is not None and os.getresgid() != (identity.gid,) * 3:
+        raise PrivilegeError(f"cannot switch to group {identity.gid}: the change did not take")
+    if identity.uid is None:
+        return
+    if os.getresuid() != (identity.uid,) * 3:
+        raise PrivilegeError(f"cannot switch to user {identity.uid}: the change did not take")
+    if identity.uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            return
+        raise PrivilegeError(f"switched to user {identity.uid}, but root could be regained")

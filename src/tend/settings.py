@@ -39,6 +39,18 @@ def umask(text: str) -> int:
     return value
 
 
+def user_or_group(text: str) -> str:
+    """A user or group: a name, or an id from 0 to 2**32 - 2 in ASCII digits."""
+    if text.isdigit() or text.isdecimal() or text.isnumeric():
+        if not text.isascii() or int(text) > 2**32 - 2:
+            raise argparse.ArgumentTypeError(
+                f"invalid id {quote(text)}: expected a name, or a number from 0 to {2**32 - 2}"
+            )
+    elif not text or not text.isprintable() or text.strip() != text or ":" in text:
+        raise argparse.ArgumentTypeError(f"invalid name {quote(text)}: expected a name or an id")
+    return text
+
+
 def workers(text: str) -> int:
     """A number of worker processes, 1 or more, or ``auto`` for one per CPU."""
     if text == "auto":
@@ -95,11 +107,12 @@ SETTINGS: tuple[Option | Flag, ...] = (
         help="syslog socket path or HOST:PORT",
         metavar="ADDRESS",
     ),
-    Option("uid", "u", help="user name or id to run as", metavar="USER"),
+    Option("uid", "u", help="user name or id to run as", type=user_or_group, metavar="USER"),
     Option(
         "gid",
         "g",
         help="group name or id to run as (default: the user's group)",
+        type=user_or_group,
         metavar="GROUP",
     ),
     Option(

@@ -8,9 +8,16 @@ destination: each handler overrides what it can do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import time
 
-from tend.errors import StartupError
+from tend.errors import StartupError, one_line
+
+# A handler that cannot write says so on standard error at most this often.
+_COMPLAINT_INTERVAL = 10.0
 
 __all__ = ["LogError", "LogHandler", "fields_record"]
 
@@ -25,6 +32,31 @@ class LogHandler(logging.Handler):
     The defaults are a destination without a file: nothing to reopen, no descriptor to keep,
     no lines to relay or take.
     """
+
+    _last_complaint = -_COMPLAINT_INTERVAL
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A destination that fails: one line on standard error, at most every 10 s.
+
+        logging's own handleError prints a traceback per record ("--- Logging error ---"):
+        a full disk or a dead syslog would fill the terminal, or the journal, with them.
+        A record that cannot be formatted (a bad ``%d`` in the caller's code) still gets
+        logging's traceback, which shows the call to fix.
+        """
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+            return
+        now = time.monotonic()
+        if now - self._last_complaint < _COMPLAINT_INTERVAL:
+            return
+        self._last_complaint = now
+        error = sys.exc_info()[1]
+        reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
+        complain(f"tend: cannot write to the log ({self.describe()}): {reason}")
+
+    def describe(self) -> str:
+        """The destination, for messages."""
+        return type(self).__name__
 
     def reopen(self) -> None:
         """Reopen the destination by its path (SIGUSR1); nothing to do by default."""
@@ -49,6 +81,13 @@ class LogHandler(logging.Handler):
         makes one and calls `handle`. The caller has checked the handler's level.
         """
         return False
+
+
+def complain(line: str) -> None:
+    """Write *line* to standard error (fd 2) as one line, whatever state logging is in."""
+    # No standard error to complain on: the log was all there was.
+    with contextlib.suppress(OSError):
+        os.write(2, (one_line(line) + "\n").encode("utf-8", "backslashreplace"))
 
 
 def fields_record(name: str, levelno: int, msg: str, args: tuple[object, ...]) -> logging.LogRecord:

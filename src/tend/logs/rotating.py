@@ -9,15 +9,17 @@ look like (`tend.logs.formats`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import logging
 import os
 import stat
+import time
 from collections.abc import Iterator
 
 from tend.errors import quote
+from tend.files import describe_kind
 from tend.logs.buffered import BufferedHandler
-from tend.logs.handler import LogError
+from tend.logs.handler import LogError, complain
 
 __all__ = ["LogFileHandler"]
 
@@ -33,6 +35,13 @@ class LogFileHandler(BufferedHandler):
     The file's folder is held open and every open, rename and listing goes through it,
     so rotation and SIGUSR1 reopening keep working after a chroot, where the path given
     at start no longer leads there.
+
+    The supervisor writes this file as root while the workers run as another user, who
+    may be able to write the folder. So the file is never opened through a symbolic link,
+    must be a regular file, and in a folder that another user can write, an existing file
+    is used only if this process's user owns it and it has no other name (a hard link to
+    /etc/shadow is root's too). A write that fails (a full disk) leaves no part of a line
+    behind; the lines lost are counted and reported once the log can be written again.
     """
 
     def __init__(self, path: str, max_bytes: int, backups: int | None) -> None:
@@ -49,6 +58,9 @@ class LogFileHandler(BufferedHandler):
         self._size = 0
         self._rotates = False
         self._relaying = False  # writing to a pipe to the supervisor, see relay_to
+        self._lost = 0  # lines not written since writes began to fail
+        self._rotation_failing = False  # said so once; said again after a rotation works
+        self._failure = ""  # why they failed
         try:
             opened = self._open_or_raise()
         except LogError:
@@ -61,21 +73,67 @@ class LogFileHandler(BufferedHandler):
     def fileno(self) -> int | None:
         return self._fd
 
+    def describe(self) -> str:
+        return f"log file {quote(self.path)}"
+
     def _open(self) -> tuple[int, os.stat_result]:
+        """Open the file to append to, creating it if need be; see the class docstring.
+
+        Raises:
+            OSError: it cannot be opened.
+            LogError: it is not a file this process may safely write.
+        """
         # The mode is left to the umask in force, as the user chose it (--umask).
-        fd = os.open(
-            self._file_name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666, dir_fd=self._folder
-        )
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
         try:
-            return fd, os.fstat(fd)
-        except OSError:
+            fd = os.open(
+                self._file_name, flags | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=self._folder
+            )
+            created = True
+        except FileExistsError:
+            # Looked at first, so a FIFO or device is named as what it is; the open that
+            # follows checks again (O_NOFOLLOW, fstat), and O_NONBLOCK keeps a FIFO put there
+            # in between from making it wait.
+            found = os.stat(self._file_name, dir_fd=self._folder, follow_symlinks=False)
+            if stat.S_ISLNK(found.st_mode):
+                raise self._unsafe("it is a symbolic link; give the real path") from None
+            if not stat.S_ISREG(found.st_mode):
+                raise self._unsafe(_not_regular(found.st_mode)) from None
+            fd = os.open(self._file_name, flags | os.O_NONBLOCK, dir_fd=self._folder)
+            created = False
+        except OSError as error:
+            if error.errno == errno.ELOOP:  # a symbolic link, which O_EXCL also refuses
+                raise self._unsafe("it is a symbolic link; give the real path") from None
+            raise
+        try:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise self._unsafe(_not_regular(status.st_mode))
+            foreign = status.st_uid != os.geteuid() or status.st_nlink != 1
+            if not created and foreign and self._folder_is_shared():
+                raise self._unsafe(
+                    f"its folder can be written by others, and the file is owned by "
+                    f"uid {status.st_uid} or has other names; move it away"
+                )
+            return fd, status
+        except BaseException:
             os.close(fd)
             raise
+
+    def _unsafe(self, reason: str) -> LogError:
+        return LogError(f"cannot use log file {quote(self.path)}: {reason}")
+
+    def _folder_is_shared(self) -> bool:
+        """Whether a user other than this process's can put files in the log's folder."""
+        folder = os.fstat(self._folder)
+        return folder.st_uid != os.geteuid() or bool(folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
     def _open_or_raise(self) -> tuple[int, os.stat_result]:
         try:
             return self._open()
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise self._unsafe("it is a symbolic link; give the real path") from None
             raise LogError(f"cannot open log file {quote(self.path)}: {error.strerror}") from error
 
     def _adopt(self, fd: int, status: os.stat_result) -> None:
@@ -129,6 +187,30 @@ class LogFileHandler(BufferedHandler):
             self._folder = -1
 
     def _write_lines(self, lines: list[str]) -> None:
+        try:
+            self._write_or_raise(lines)
+        except OSError as error:
+            self._count_lost(len(lines), error)
+            return
+        if self._lost:
+            lost, self._lost = self._lost, 0
+            notice = (
+                f"{time.strftime('%Y-%m-%d %H:%M:%S%z')} [-] {lost} log line(s) were lost "
+                f"while the log could not be written ({self._failure})\n"
+            )
+            with contextlib.suppress(OSError):
+                self._write(notice.encode())
+            complain(f"tend: writing to {self.describe()} again; {lost} line(s) were lost")
+
+    def _count_lost(self, count: int, error: OSError) -> None:
+        if not self._lost:
+            self._failure = error.strerror or str(error)
+            complain(
+                f"tend: cannot write to {self.describe()}: {self._failure}; counting the lines lost"
+            )
+        self._lost += count
+
+    def _write_or_raise(self, lines: list[str]) -> None:
         data = "".join(lines).encode("utf-8", "backslashreplace")
         if not self._rotates or self._size + len(data) <= self.max_bytes:
             self._write(data)
@@ -155,11 +237,13 @@ class LogFileHandler(BufferedHandler):
                     chunk, chunk_size = [], 0
                 try:
                     self._rotate()
-                except OSError:
+                except (OSError, LogError) as error:
                     # Report it, and keep writing to the current file: a line is worth more
                     # than the limit. The next write that crosses the limit tries again.
                     rotates = False
-                    self.handleError(self._last_record or logging.makeLogRecord({}))
+                    if not self._rotation_failing:
+                        self._rotation_failing = True
+                        complain(f"tend: cannot rotate {self.describe()}: {_reason(error)}")
             chunk.append(unit)
             chunk_size += len(unit)
         if chunk:
@@ -176,14 +260,25 @@ class LogFileHandler(BufferedHandler):
                 yield data
 
     def _write(self, data: bytes) -> None:
+        """Write *data* whole, or leave the file as it was and raise."""
         assert self._fd is not None  # only called between open and close
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            if written == 0:  # not expected of a file; do not spin forever
-                raise OSError(errno.EIO, f"cannot write to log file {quote(self.path)}")
-            self._size += written
-            view = view[written:]
+        written = 0
+        try:
+            while view:
+                count = os.write(self._fd, view)
+                if count == 0:  # not expected of a file; do not spin forever
+                    raise OSError(errno.EIO, "nothing was written")
+                written += count
+                view = view[count:]
+        except OSError:
+            if written and not self._relaying:
+                # A line cut by a full disk would be glued to the next one written: take
+                # back what this write put in the file, which only this process writes.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, os.fstat(self._fd).st_size - written)
+            raise
+        self._size += written
 
     def _rotate(self) -> None:
         """Start a fresh file, keeping the old one as PATH.1 (twistd: LogFile.rotate).
@@ -203,6 +298,7 @@ class LogFileHandler(BufferedHandler):
             os.rename(name, f"{name}.1", src_dir_fd=folder, dst_dir_fd=folder)
         # Should this open fail, the old descriptor, now PATH.1, keeps receiving lines.
         self._adopt(*self._open())
+        self._rotation_failing = False
 
     def _backup_numbers(self) -> list[int]:
         prefix = self._file_name + "."
@@ -220,3 +316,13 @@ class LogFileHandler(BufferedHandler):
                 ):
                     numbers.append(int(suffix))
         return numbers
+
+
+def _not_regular(mode: int) -> str:
+    return f"it is {describe_kind(mode)}, not a regular file (for standard output, use -l -)"
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error)

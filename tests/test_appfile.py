@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import TEND
 
 from tend.appfile import AppFileError, load_application
 from tend.errors import StartupError
@@ -136,7 +137,7 @@ def test_folder_instead_of_a_file_is_an_app_file_error(tmp_path: Path) -> None:
         load_application(str(tmp_path))
 
     message = assert_one_line_naming(caught.value, tmp_path)
-    assert message.endswith(": Is a directory")
+    assert message.endswith(": it is a directory, not a regular file")
 
 
 def test_syntax_error_names_the_file_and_line(write_app: WriteApp) -> None:
@@ -253,3 +254,66 @@ def test_application_of_the_wrong_type_is_an_app_file_error(write_app: WriteApp)
 def test_app_file_error_is_a_startup_error() -> None:
     """AppFileError is a StartupError, so a bad app file is a failed start (exit 1)."""
     assert issubclass(AppFileError, StartupError)
+
+
+@pytest.mark.parametrize(
+    ("body", "line"),
+    [
+        ("import sys\nsys.exit(0)\n", "called sys.exit(0) while being loaded"),
+        ("import sys\nsys.exit(3)\n", "called sys.exit(3) while being loaded"),
+        ("import sys\nsys.exit('a\\nb')\n", "called sys.exit('a\\nb') while being loaded"),
+        ("import os\nos._exit(0)\n", "called os._exit(0) while being loaded"),
+        ("raise BaseException('odd')\n", "BaseException: odd (the traceback is in the log)"),
+        (
+            "class Odd(Exception):\n    def __str__(self):\n        raise RuntimeError\n"
+            "raise Odd()\n",
+            "Odd: (its message cannot be shown) (the traceback is in the log)",
+        ),
+        (
+            "import tend\napplication = tend.Application('dup')\n"
+            "tend.Service('same').set_service_parent(application)\n"
+            "tend.Service('same').set_service_parent(application)\n",
+            "cannot add <Service 'same'> to <Application 'dup'>: a service named 'same' is "
+            "already there",
+        ),
+    ],
+)
+def test_an_app_file_that_exits_or_raises_is_one_line_naming_it(
+    tmp_path: Path, body: str, line: str
+) -> None:
+    """Whatever an app file does at import, tend says so in one line naming the file, exit 1."""
+    app = tmp_path / "app.py"
+    app.write_text(body)
+    result = subprocess.run(
+        [*TEND, "--nodaemon", "--pidfile=", "-y", str(app)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"tend: {app}: {line}")
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_sys_exit_in_start_service_is_one_line(tmp_path: Path) -> None:
+    """A service that calls sys.exit while starting fails the start with one line, exit 1."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        "import sys, tend\n"
+        "class Quitter(tend.Service):\n"
+        "    async def start_service(self):\n"
+        "        sys.exit(3)\n"
+        "application = tend.Application('quit')\n"
+        "Quitter('quitter').set_service_parent(application)\n"
+    )
+    result = subprocess.run(
+        [*TEND, "--nodaemon", "--pidfile=", "-y", str(app)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr == "tend: a service called sys.exit(3) while starting\n"

@@ -49,10 +49,10 @@ RULES = [
         {"signals.py"},
     ),
     (
-        "only daemon.py forks, detaches, sets the umask, chroots or ends a forked child",
+        "only daemon.py forks, detaches, sets the umask, chroots or ends a process at once",
         {"os.fork", "os.setsid", "os.umask", "os.chroot", "os._exit", "os.forkpty"},
         set(),
-        {"daemon.py", "cli.py"},  # cli.py: a start abandoned by a stop signal
+        {"daemon.py"},
     ),
     (
         "only privileges.py changes the user or group",

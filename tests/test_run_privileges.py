@@ -233,3 +233,82 @@ def test_missing_chroot_is_a_clear_error(tmp_path):
         == f"tend: cannot chroot to {tmp_path / 'nope'}: No such file or directory"
     )
     assert not (tmp_path / "tend.pid").exists()
+
+
+@needs_root
+def test_no_descriptor_of_a_jailed_worker_leads_out_of_the_jail(run_tend, tmp_path):
+    """--chroot with -u nobody: the worker holds sockets and pipes, never a folder or file
+    outside the jail (the log's folder, the pidfile's, a socket file's)."""
+    jail = tmp_path / "jail"
+    jail.mkdir()
+    (jail / "poem.txt").write_bytes(POEM.read_bytes())
+    tend = run_tend(
+        "--nodaemon",
+        "--chroot", str(jail),
+        "-u", "nobody",
+        "-l", str(tmp_path / "tend.log"),
+        "poetry", "--poem", "/poem.txt",
+        "--port", f"unix:{tmp_path / 'poetry.sock'}",
+    )  # fmt: skip
+    tend.wait_for_output(r"starting on", source=str(tmp_path / "tend.log"))
+    (worker,) = children(tend.pid)
+    assert os.readlink(f"/proc/{worker}/root") == str(jail)
+    leads = {}
+    for fd in os.listdir(f"/proc/{worker}/fd"):
+        target = os.readlink(f"/proc/{worker}/fd/{fd}")
+        if target.startswith("/") and not (target + "/").startswith(f"{jail}/"):
+            leads[fd] = target
+    # Outside the jail, only the standard streams may name paths (/dev/null, the test's
+    # output files), and none of them a folder.
+    assert set(leads) <= {"0", "1", "2"}, leads
+    for target in leads.values():
+        assert not os.path.isdir(target), leads
+    assert tend.stop() == 0
+    assert not (tmp_path / "poetry.sock").exists()
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-u", "4294967295"], "invalid id '4294967295'"),
+        (["-u", "4294967296"], "invalid id '4294967296'"),
+        (["-g", "99999999999999999999"], "invalid id '99999999999999999999'"),
+        (["-g", "4294967295"], "invalid id '4294967295'"),
+        (["-u", "\u0661"], "invalid id '\u0661'"),
+    ],
+)
+def test_an_id_that_is_not_one_is_a_usage_error(tmp_path, args, message):
+    """An id past 2**32-2 (4294967295 is -1: 'leave unchanged'), or not ASCII digits: exit 2."""
+    result = launch(*args, "poetry", "--port", "0", "--iface", "127.0.0.1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "tend.pid").exists()
+
+
+@needs_root
+def test_a_uid_without_a_passwd_entry_needs_a_group(tmp_path):
+    """-u 123456 alone would keep gid 0: refused, with the way out in the line."""
+    result = launch("-u", "123456", "poetry", "--port", "0", "--iface", "127.0.0.1", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "tend: cannot switch to user 123456: it has no passwd entry, so no group of its own; "
+        "give the group too (--gid)\n"
+    )
+
+
+@needs_root
+def test_a_uid_without_an_entry_runs_with_the_group_given(run_tend, tmp_path):
+    """-u 123456 -g 123456: every id of the worker changes, and it holds no capability."""
+    tend = run_tend("--nodaemon", "--pidfile=", "-u", "123456", "-g", "123456", "poetry",
+                    "--port", "0", "--iface", "127.0.0.1")  # fmt: skip
+    tend.wait_for_port()
+    (worker,) = children(tend.pid)
+    uids, gids, groups = status_ids(worker)
+    assert uids == ["123456"] * 4
+    assert gids == ["123456"] * 4
+    assert groups == ["123456"]
+    status = Path(f"/proc/{worker}/status").read_text()
+    for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert f"{field}:\t0000000000000000" in status
+    assert tend.stop() == 0

@@ -44,7 +44,9 @@ class Message:
         return cls(fields)
 
     def encode(self) -> bytes:
-        return "\n".join(f"{key}={value}" for key, value in self.fields.items()).encode()
+        text = "\n".join(f"{key}={value}" for key, value in self.fields.items())
+        # A path's undecodable bytes arrive as surrogates: sent escaped, never raising.
+        return text.encode("utf-8", "backslashreplace")
 
     def get(self, key: str) -> str | None:
         return self.fields.get(key)

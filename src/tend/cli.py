@@ -95,8 +95,10 @@ def command_parser() -> argparse.ArgumentParser:
 
 def _abandon(message: str) -> NoReturn:
     """End the process now, from any thread, with *message* as the user's one line."""
+    from tend import daemon
+
     say(f"{PROG}: {message}")
-    os._exit(1)
+    daemon.exit_now(1)
 
 
 def run_command(arguments: list[str]) -> int:

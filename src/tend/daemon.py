@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NoReturn
 
 from tend.errors import StartupError
 
@@ -17,9 +18,17 @@ def fork() -> int:
     return os.fork()
 
 
-def exit_child(status: int) -> None:
-    """End a forked child now, with *status*: its parent's exit handlers are not its own."""
-    os._exit(status)
+# Taken now: while an app file is loaded, os._exit is briefly not itself (see appfile.py).
+_exit_now = os._exit
+
+
+def exit_now(status: int) -> NoReturn:
+    """End this process now, with *status*, running no exit handler and no ``finally``.
+
+    For a forked child (its parent's exit handlers are not its own), and for a start
+    abandoned from another thread.
+    """
+    _exit_now(status)
 
 
 def detach() -> int | None:
@@ -35,7 +44,7 @@ def detach() -> int | None:
     os.setsid()
     # A session leader could acquire a terminal by opening one; its child cannot.
     if os.fork():
-        os._exit(0)
+        _exit_now(0)
     return None
 
 

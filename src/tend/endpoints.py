@@ -231,7 +231,14 @@ class Listening:
         return f"UNIX Port {', '.join(self.addresses)}"
 
     def choose(self, index: int) -> None:
-        """In a worker: accept on copy *index* (modulo the copies) only; close the others."""
+        """In a worker: accept on copy *index* (modulo the copies) only; close the others.
+
+        The socket file, if any, is the supervisor's to remove: the worker lets go of its
+        folder, which under --chroot would lead out of the jail.
+        """
+        if self._socket_file is not None:
+            self._socket_file.forget()
+            self._socket_file = None
         chosen = index % len(self.copies)
         for number, copy in enumerate(self.copies):
             if number != chosen:
@@ -279,6 +286,11 @@ class _SocketFile:
             os.close(folder)
             return None
         return cls(folder, name, (status.st_dev, status.st_ino))
+
+    def forget(self) -> None:
+        """Let go of the folder without removing anything (in a process that did not bind)."""
+        with contextlib.suppress(OSError):
+            os.close(self.folder)
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):

@@ -33,16 +33,33 @@ class StartupError(TendError):
     """Something failed before the service tree was ready (exit 1)."""
 
 
-def quote(value: object, limit: int = LONGEST_QUOTE) -> str:
+def quote(value: object, limit: int = LONGEST_QUOTE, *, bare: bool = False) -> str:
     """*value* quoted for a one-line message: ``'x'``, control characters escaped, a long
-    value shortened in the middle (``'aaaa…zz'``), undecodable bytes shown escaped."""
+    value shortened in the middle (``'aaaa…zz'``), undecodable bytes shown escaped.
+
+    *bare* leaves out the quotes, for a file name that heads a message (``app.py: ...``).
+    """
     text = value if isinstance(value, str) else str(value)
     if len(text) > limit:
         head = limit * 2 // 3
         text = f"{text[:head]}…{text[len(text) - (limit - head - 1) :]}"
     # repr escapes newlines, other control characters and unpaired surrogates (a path's
     # undecodable bytes); "…" itself is printable and stays as it is.
-    return repr(text)
+    quoted = repr(text)
+    return quoted[1:-1] if bare else quoted
+
+
+def describe_error(error: BaseException) -> str:
+    """``ValueError: bad thing``, for a line about someone else's exception.
+
+    Never raises: an exception whose ``__str__`` itself fails is still described.
+    """
+    try:
+        text = " ".join(str(error).split())
+    except Exception:
+        text = "(its message cannot be shown)"
+    name = type(error).__name__
+    return f"{name}: {text}" if text else name
 
 
 def one_line(message: str, limit: int = LONGEST_LINE) -> str:

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from tend.channel import Channel
-from tend.errors import StartupError, TendError, quote
+from tend.errors import StartupError, TendError, describe_error, quote
 from tend.net import listeners, stopping_by
 from tend.service import Application, Service
 from tend.settings import LOOPS
@@ -172,11 +172,13 @@ def starting(application: Service) -> Iterator[None]:
         yield
     except TendError:
         raise
+    except SystemExit as error:
+        status = quote(error.code) if isinstance(error.code, str) else error.code
+        raise StartupError(f"a service called sys.exit({status}) while starting") from None
     except Exception as error:
         log.exception("a service failed to start")
         raise StartupError(
-            f"a service failed to start: {type(error).__name__}: {error} "
-            "(the traceback is in the log)"
+            f"a service failed to start: {describe_error(error)} (the traceback is in the log)"
         ) from None
 
 

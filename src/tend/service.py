@@ -43,13 +43,13 @@ class Service:
     def set_service_parent(self, parent: MultiService) -> None:
         """Attach this service to *parent* (twistd: setServiceParent)."""
         if self.parent is not None:
-            raise ServiceError(f"{quote(self)} already has a parent, {quote(self.parent)}")
+            raise ServiceError(f"{self!r} already has a parent, {self.parent!r}")
         parent.add_service(self)
 
     def disown_service_parent(self) -> None:
         """Detach this service from its parent (twistd: disownServiceParent)."""
         if self.parent is None:
-            raise ServiceError(f"{quote(self)} has no parent")
+            raise ServiceError(f"{self!r} has no parent")
         self.parent.remove_service(self)
 
     def privileged_start_service(self) -> None:
@@ -101,11 +101,11 @@ class MultiService(Service):
         in the background of the running loop.
         """
         if service.parent is not None:
-            raise ServiceError(f"{quote(service)} already has a parent, {quote(service.parent)}")
+            raise ServiceError(f"{service!r} already has a parent, {service.parent!r}")
         if service.name is not None:
             if service.name in self._named:
                 raise ServiceError(
-                    f"cannot add {quote(service)} to {quote(self)}: "
+                    f"cannot add {service!r} to {self!r}: "
                     f"a service named {quote(service.name)} is already there"
                 )
             self._named[service.name] = service
@@ -136,7 +136,7 @@ class MultiService(Service):
         Removing a running child from a running collection stops it in the background.
         """
         if service.parent is not self:
-            raise ServiceError(f"{quote(service)} is not a child of {quote(self)}")
+            raise ServiceError(f"{service!r} is not a child of {self!r}")
         self._children.remove(service)
         if service.name is not None:
             del self._named[service.name]

@@ -159,8 +159,12 @@ def abandoning_on_stop(signals: Signals, abandon: Callable[[str], object]) -> It
                 continue
             stops = [number for number in data if number in STOP]
             if stops and decided.acquire(blocking=False):
-                abandon(f"stopped by {name_of(stops[0])} before the services were ready")
-                return
+                try:
+                    abandon(f"stopped by {name_of(stops[0])} before the services were ready")
+                finally:
+                    # abandon ends the process; should it return or raise, the main
+                    # thread would wait on the lock for ever: end it here.
+                    os.kill(os.getpid(), signal.SIGKILL)
 
     watcher = threading.Thread(target=watch, name="tend-stop-watcher", daemon=True)
     watcher.start()

@@ -267,7 +267,7 @@ class Supervisor:
                 self._forget_in_worker(ours, log_read)
                 status = run_worker(plan, theirs, log_write, worker_signals, self.sink)
             finally:
-                daemon.exit_child(status)
+                daemon.exit_now(status)
         theirs.close()
         if log_write is not None:
             os.close(log_write)

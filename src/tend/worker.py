@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tend import daemon
 from tend.channel import Channel
-from tend.errors import TendError
+from tend.errors import TendError, describe_error
 from tend.logs import LogSink
 from tend.net import listeners
 from tend.privileges import Identity, drop_privileges
@@ -64,7 +64,7 @@ def run_worker(
         channel.send(ERROR=error)
     except BaseException as error:
         log.exception("worker %d stopped on an unexpected error", plan.number)
-        channel.send(ERROR=f"worker {plan.number} failed: {type(error).__name__}: {error}")
+        channel.send(ERROR=f"worker {plan.number} failed: {describe_error(error)}")
     finally:
         sink.close()
         channel.close()

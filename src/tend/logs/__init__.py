@@ -142,7 +142,7 @@ class LogSink:
     def install(self) -> None:
         """Send every log record and access line here: attach to the root logger, set its level."""
         if self._closed:
-            raise RuntimeError(f"{quote(self)} is closed")
+            raise RuntimeError(f"{self!r} is closed")
         root = logging.getLogger()
         root.addHandler(self.handler)
         root.setLevel(self.level)

@@ -175,6 +175,11 @@ class LogFileHandler(BufferedHandler):
             if self._fd is not None:
                 os.close(self._fd)
             self._fd = fd
+            # The folder is the supervisor's: in a worker under --chroot it would be a way
+            # out of the jail, to a user who may not even be allowed to find it.
+            if self._folder >= 0:
+                os.close(self._folder)
+                self._folder = -1
         finally:
             self.release()
 

@@ -1681,3 +1681,25 @@ def test_access_lines_are_relayed_from_a_forked_worker(open_sink: OpenSink, tmp_
         "Log opened.",
         *(f"{'access' if n % 2 else 'logging'} {n:04d}" for n in range(1_000)),
     ]
+
+
+def test_an_access_line_of_a_logger_that_does_not_propagate_stays_with_its_handlers(
+    open_sink: OpenSink,
+) -> None:
+    """propagate = False on the logger keeps its access lines out of tend's log, as logging's."""
+    out = io.StringIO()
+    sink = open_sink(LogConfig(), stdout=out)
+    sink.install()
+    own = io.StringIO()
+    logger = logging.getLogger("app.quiet")
+    handler = logging.StreamHandler(own)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        AccessLog("app.quiet").info("served %d", 1)
+        sink.flush()
+    finally:
+        logger.propagate = True
+        logger.removeHandler(handler)
+    assert "served 1" not in out.getvalue()
+    assert own.getvalue() == "served 1\n"

@@ -260,3 +260,22 @@ def test_sigusr1_reopens_the_log_after_a_move(tmp_path, daemons):
     assert "sending" not in (tmp_path / "tend.log.old").read_text()
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not pid_alive(pid))
+
+
+@pytest.mark.parametrize("closed", [0, 1])
+def test_a_detached_start_with_a_standard_stream_closed_serves(tmp_path, daemons, closed):
+    """`tend poetry <&-` (or `>&-`): the daemon starts and serves as with the stream open."""
+    result = subprocess.run(
+        ["bash", "-c", f'exec "$@" {closed}>&-', "bash", *TEND, "poetry", *LOCAL],
+        cwd=tmp_path,
+        capture_output=closed != 1,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int((tmp_path / "tend.pid").read_text())
+    daemons.append(pid)
+    assert fetch(port_in(tmp_path / "tend.log")) == POEM.read_bytes()
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid))
+    assert not (tmp_path / "tend.pid").exists()

@@ -48,3 +48,40 @@ def test_client_that_cannot_finish_in_time_is_reset_and_counted(run_tend):
         assert time.monotonic() - started < 15
     assert tend.wait() == 1
     tend.wait_for_output(r"aborted 1 connection\(s\) on TCP Port \d+ still open after 0\.\d s")
+
+
+HANGING_STOP_APP = """
+import asyncio, tend
+from tend.poetry.server import PoetryService
+from tend.poetry.slow import SlowPoetryFactory
+
+class Stuck(tend.Service):
+    async def stop_service(self):
+        await asyncio.sleep(3600)  # never finishes stopping
+
+application = tend.Application("stuck")
+poetry = PoetryService({poem!r})
+poetry.set_service_parent(application)
+tend.TCPServer(0, SlowPoetryFactory(poetry, 100, 0.2), interface="127.0.0.1").set_service_parent(
+    application
+)
+# Added last, so stopped first: the listener's drain never begins.
+Stuck("stuck").set_service_parent(application)
+"""
+
+
+def test_a_service_that_never_stops_still_ends_in_a_reset_not_a_clean_end(run_tend, tmp_path):
+    """A stop_service that hangs: the worker gives up on it and resets the cut poem itself
+    before the supervisor would kill it, so the client never sees a clean end-of-file."""
+    app = tmp_path / "app.py"
+    app.write_text(HANGING_STOP_APP.format(poem=str(POEM)))
+    tend = run_tend("--nodaemon", "--pidfile", "", "--shutdown-timeout", "0.5", "-y", str(app))
+    port = tend.wait_for_port()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        client.recv(65536)
+        tend.process.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionResetError):
+            read_all(client)
+    assert tend.wait(timeout=30) == 1
+    assert "services did not stop within 5.5 s; stopping at once." in tend.stdout
+    assert "killing them" not in tend.stdout

@@ -72,7 +72,8 @@ def test_sigint_stops_cleanly(run_tend):
     tend = run_tend(*FOREGROUND, "poetry", *LOCAL)
     tend.wait_for_port()
     assert tend.stop(signal.SIGINT) == 0
-    assert "Received SIGINT, shutting down." in tend.stdout
+    assert "Received SIGINT, stopping 1 worker(s)." in tend.stdout
+    assert "Received SIGTERM, shutting down." in tend.stdout  # the worker, told by the supervisor
     assert "Server Shut Down." in tend.stdout
 
 

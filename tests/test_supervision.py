@@ -11,6 +11,7 @@ from tend.supervision import (
     RESTART_FIRST,
     RESTART_MAX,
     RESTART_RESET,
+    KILL_GRACE,
     STOP_OVERRUN,
     Supervision,
     describe_exit,
@@ -139,7 +140,8 @@ def test_each_worker_number_keeps_its_own_pause() -> None:
 
 
 def test_a_stop_cancels_pending_restarts_and_kills_once_after_the_drain() -> None:
-    """No restart after a stop; SIGKILL is due once, past the drain and its overrun."""
+    """No restart after a stop; SIGKILL is due once, after the worker's own limit (the drain
+    and its overrun, when it resets what is left) and a grace more."""
     clock = Clock()
     core = running(2, clock, shutdown_timeout=10.0)
     clock.advance(1)
@@ -147,8 +149,9 @@ def test_a_stop_cancels_pending_restarts_and_kills_once_after_the_drain() -> Non
     assert core.stop()
     assert not core.stop()  # a second signal is not a new stop
     assert core.to_start() == []
-    assert core.next_wakeup() == clock.now + 10.0 + STOP_OVERRUN
-    clock.advance(10.0 + STOP_OVERRUN - 0.01)
+    assert KILL_GRACE > 0
+    assert core.next_wakeup() == clock.now + 10.0 + STOP_OVERRUN + KILL_GRACE
+    clock.advance(10.0 + STOP_OVERRUN + KILL_GRACE - 0.01)
     assert not core.kill_due()
     clock.advance(0.01)
     assert core.kill_due()

@@ -48,6 +48,22 @@ def detach() -> int | None:
     return None
 
 
+def fill_standard_streams() -> None:
+    """Open /dev/null on standard input, output or error if any is closed (``<&-``).
+
+    Otherwise the next descriptor tend opens would take its number, and redirecting the
+    standard streams when detaching would put /dev/null over it.
+    """
+    for target in (0, 1, 2):
+        try:
+            os.fstat(target)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != target:
+                os.dup2(null, target)
+                os.close(null)
+
+
 def redirect_standard_streams() -> None:
     """Point standard input, output and error at /dev/null."""
     null = os.open(os.devnull, os.O_RDWR)

@@ -498,7 +498,11 @@ def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
             host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
     except socket.gaierror as error:
-        raise ListenError(f"cannot listen on {endpoint}: {error.strerror}") from None
+        raise ListenError(f"cannot listen on {quote(str(endpoint))}: {error.strerror}") from None
+    except UnicodeError:  # a name IDNA cannot encode (a label past 63 characters, say)
+        raise ListenError(
+            f"cannot listen on {quote(str(endpoint))}: not a valid host name"
+        ) from None
     addresses = list(dict.fromkeys((info[0], info[4][0]) for info in infos))
     sockets: list[socket.socket] = []
     port = endpoint.port
@@ -522,6 +526,10 @@ def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
             port = sock.getsockname()[1]
             sock.listen(endpoint.backlog)
             sock.setblocking(False)
+    except OSError as error:  # making the socket itself: out of descriptors, say
+        for sock in sockets:
+            sock.close()
+        raise ListenError(f"cannot listen on {quote(str(endpoint))}: {_reason(error)}") from None
     except BaseException:
         for sock in sockets:
             sock.close()

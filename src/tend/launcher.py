@@ -62,6 +62,7 @@ class Launcher:
         self.stopped_by: str | None = None
         self.unforwarded: list[int] = []
         self.error: str | None = None
+        self.selector: selectors.BaseSelector | None = None
 
     def wait(self) -> int:
         """Return 0 once the daemon is ready.
@@ -69,7 +70,7 @@ class Launcher:
         Raises:
             StartupError: the daemon failed, died, or was stopped before it was ready.
         """
-        selector = selectors.DefaultSelector()
+        self.selector = selector = selectors.DefaultSelector()
         selector.register(self.signals.wakeup_fd, selectors.EVENT_READ, "signals")
         selector.register(self.channel.fileno(), selectors.EVENT_READ, "channel")
         try:
@@ -78,8 +79,12 @@ class Launcher:
                     if key.data == "signals":
                         self._on_signals()
                     elif key.data == "daemon":
+                        # Gone: whatever else holds its end of the channel open (a
+                        # process it forked) cannot keep the launcher waiting.
                         return self._daemon_gone()
                     elif (message := self.channel.receive()) is not None:
+                        # A stop signal taken with READY still counts: pass it on first.
+                        self._on_signals()
                         if self._on_message(message):
                             return 0
                     else:
@@ -89,7 +94,6 @@ class Launcher:
                         self.channel.close()
                         if self.pidfd is None:
                             return self._daemon_gone()
-                        selector.register(self.pidfd, selectors.EVENT_READ, "daemon")
         finally:
             selector.close()
             self.channel.close()
@@ -99,8 +103,8 @@ class Launcher:
     def _on_signals(self) -> None:
         for signal_number in self.signals.take():
             if signal_number not in STOP:
-                continue
-            if self.stopped_by is None:
+                continue  # SIGHUP (a closed terminal) and SIGUSR1: the daemon goes on
+            if self.stopped_by is None and self.error is None:
                 self.stopped_by = name_of(signal_number)
             self.unforwarded.append(signal_number)
         self._forward()
@@ -119,8 +123,10 @@ class Launcher:
             self.daemon_pid = message.mainpid
             with contextlib.suppress(ProcessLookupError):
                 self.pidfd = os.pidfd_open(message.mainpid)
+                if self.selector is not None:
+                    self.selector.register(self.pidfd, selectors.EVENT_READ, "daemon")
             self._forward()
-        if message.error is not None:
+        if message.error is not None and self.error is None:
             self.error = message.error
         if message.ready and self.stopped_by is None:
             if self.notifier is not None:
@@ -131,6 +137,8 @@ class Launcher:
         return False
 
     def _daemon_gone(self) -> int:
+        # What came first is what the start died of: a failure the daemon reported, or
+        # the stop signal this launcher passed on.
         if self.stopped_by is not None:
             raise StartupError(f"stopped by {self.stopped_by} before the services were ready")
         if self.error is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -35,7 +34,7 @@ from tend.privileges import check_can_switch, resolve_identity
 from tend.serve import event_loop_factory
 from tend.service import Application
 from tend.settings import Settings
-from tend.signals import STOP, Signals, abandoning_on_stop, name_of
+from tend.signals import CAUGHT, STOP, Signals, abandoning_on_stop, name_of
 from tend.supervisor import Supervisor, Upstream, WorkerFailedError
 from tend.systemd import Notifier
 
@@ -53,8 +52,9 @@ def run(settings: Settings, build_tree: BuildTree, abandon: Callable[[str], NoRe
     Raises:
         TendError: the start failed, with the line for the user.
     """
+    daemon.fill_standard_streams()
     # From here on a signal only sets a flag; each phase below checks between its steps.
-    signals = Signals(catch=(*STOP, signal.SIGUSR1)).install()
+    signals = Signals(catch=CAUGHT).install()
     loop_factory = event_loop_factory(settings.loop)
     if not settings.nodaemon:
         if settings.log.logfile is None and not settings.log.syslog:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
@@ -248,10 +249,8 @@ def positive_seconds(text: str) -> float:
 
 
 def _duration(text: str, *, positive: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    # ASCII digits and a point only: float() would also take " 5", "1_0", "inf" and other scripts' digits.
+    value = float(text) if re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", text) else math.nan
     low_ok = value > 0 if positive else value >= 0
     if not (low_ok and value <= LONGEST):
         low = "more than 0" if positive else "from 0"

@@ -20,11 +20,10 @@ from tend.net import listeners, stopping_by
 from tend.service import Application, Service
 from tend.settings import LOOPS
 from tend.signals import Signals, name_of
+from tend.supervision import STOP_OVERRUN
 
 log = logging.getLogger("tend")
 
-# How long stop_service may overrun the drain deadline before tend gives up on it.
-STOP_OVERRUN = 5.0
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 

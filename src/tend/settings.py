@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,17 +27,24 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+# logging.handlers.SysLogHandler.facility_names, written out: --help need not import it.
+SYSLOG_FACILITIES = (
+    "auth", "authpriv", "console", "cron", "daemon", "ftp", "kern", "local0", "local1",
+    "local2", "local3", "local4", "local5", "local6", "local7", "lpr", "mail", "news", "ntp",
+    "security", "solaris-cron", "syslog", "user", "uucp",
+)  # fmt: skip
+
+# More workers than this is a mistake (a typo of a port, say), not a machine.
+MOST_WORKERS = 1024
+
+
 def umask(text: str) -> int:
-    """An octal file mode creation mask, 000 to 777."""
-    try:
-        value = int(text, 8)
-    except ValueError:
+    """An octal file mode creation mask, 000 to 777, in ASCII digits (``022``, ``0077``)."""
+    if not re.fullmatch(r"0?[0-7]{1,3}", text):
         raise argparse.ArgumentTypeError(
-            f"invalid umask {quote(text)}: expected octal, like 022"
-        ) from None
-    if not 0 <= value <= 0o777:
-        raise argparse.ArgumentTypeError(f"invalid umask {quote(text)}: expected 000 to 777")
-    return value
+            f"invalid umask {quote(text)}: expected octal digits from 000 to 777, like 022"
+        )
+    return int(text, 8)
 
 
 def user_or_group(text: str) -> str:
@@ -54,10 +62,10 @@ def user_or_group(text: str) -> str:
 def workers(text: str) -> int:
     """A number of worker processes, 1 or more, or ``auto`` for one per CPU."""
     if text == "auto":
-        return os.cpu_count() or 1
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        return min(os.cpu_count() or 1, MOST_WORKERS)
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MOST_WORKERS:
         raise argparse.ArgumentTypeError(
-            f"invalid worker count {quote(text)}: expected a number >= 1, or auto"
+            f"invalid worker count {quote(text)}: expected 1 to {MOST_WORKERS}, or auto"
         )
     return int(text)
 
@@ -100,7 +108,13 @@ SETTINGS: tuple[Option | Flag, ...] = (
     ),
     Flag("syslog", None, "log to syslog instead of a file"),
     Option("prefix", default="tend", help="syslog tag", metavar="TAG"),
-    Option("syslog-facility", default="user", help="syslog facility", metavar="NAME"),
+    Option(
+        "syslog-facility",
+        default="user",
+        help="syslog facility: daemon, local0 ... local7, ...",
+        choices=SYSLOG_FACILITIES,
+        metavar="NAME",
+    ),
     Option(
         "syslog-address",
         default="/dev/log",

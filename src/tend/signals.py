@@ -26,8 +26,17 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
-# Signals that ask a process to stop: the first one stops gracefully, a second at once.
-STOP = (signal.SIGTERM, signal.SIGINT)
+# Signals that ask tend to stop: the first one stops gracefully, a second at once (SIGQUIT
+# too, as nginx and gunicorn take it, rather than dumping core with the pidfile left).
+STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+# What the first process catches: the stops, SIGUSR1 (reopen the log) and SIGHUP.
+CAUGHT = (*STOP, signal.SIGUSR1, signal.SIGHUP)
+
+# A worker shares its supervisor's process group, so a terminal's Ctrl-C, Ctrl-\ and
+# hang-up reach it too: it leaves them to the supervisor, which passes on a SIGTERM.
+WORKER_CATCHES = (signal.SIGTERM,)
+WORKER_IGNORES = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1)
 
 
 def name_of(signal_number: int) -> str:
@@ -87,6 +96,15 @@ class Signals:
         return list(self._received)
 
     @contextlib.contextmanager
+    def blocked(self) -> Iterator[None]:
+        """Hold the caught signals back in this block; they are delivered at its end."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.catch)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    @contextlib.contextmanager
     def forking(self) -> Iterator[None]:
         """Block the caught signals around a fork; call `renew` in the child inside it.
 
@@ -117,10 +135,15 @@ class Signals:
             callback(signal_number)
 
     def take_back_from_loop(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Remove *loop*'s handlers and record the signals here again."""
-        for signal_number in self.catch:
-            loop.remove_signal_handler(signal_number)
-        self.install()
+        """Remove *loop*'s handlers and record the signals here again.
+
+        Blocked meanwhile: asyncio puts the default handlers back as it removes its own,
+        and a SIGTERM then would end the process, a SIGINT raise KeyboardInterrupt.
+        """
+        with self.blocked():
+            for signal_number in self.catch:
+                loop.remove_signal_handler(signal_number)
+            self.install()
 
     def close(self) -> None:
         """Stop waking through this object's pipe and close it; handlers stay as they are."""

@@ -10,7 +10,7 @@ The rules, as gunicorn's arbiter has them: a worker that dies while the others s
 started again after a pause that doubles (0.5 s, 1 s, ... up to 30 s) while workers keep
 dying young, and falls back to the first step once one has lived 10 s. Before every
 worker is ready, any failure fails the whole start. A stop passes the signal on; workers
-still running when the drain and its overrun are over are killed, once.
+still running when the drain, its overrun and a grace are over are killed, once.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 RESTART_RESET = 10.0
 
-# How long workers may overrun the drain deadline before they are killed (as serve.py).
+# How long a worker's services may overrun the drain deadline before the worker gives up
+# on them and resets what is left (serve.py).
 STOP_OVERRUN = 5.0
+
+# How much longer the supervisor waits before it kills a worker: a worker must have reset
+# its connections itself first, since a killed process's sockets end with a clean FIN.
+KILL_GRACE = 2.0
 
 Clock = Callable[[], float]
 
@@ -168,7 +173,7 @@ class Supervision:
         """True once, when workers outlive the stop's drain and its overrun."""
         if self.stopping_since is None or self.killed or not self.workers:
             return False
-        if self.clock() < self.stopping_since + self.shutdown_timeout + STOP_OVERRUN:
+        if self.clock() < self._kill_at():
             return False
         self.killed = True
         self.status = 1
@@ -183,5 +188,9 @@ class Supervision:
         """The clock time of the next decision that depends on time alone, if any."""
         moments = [] if self.stopping_since is not None else list(self.restarts.values())
         if self.stopping_since is not None and not self.killed and self.workers:
-            moments.append(self.stopping_since + self.shutdown_timeout + STOP_OVERRUN)
+            moments.append(self._kill_at())
         return min(moments, default=None)
+
+    def _kill_at(self) -> float:
+        assert self.stopping_since is not None
+        return self.stopping_since + self.shutdown_timeout + STOP_OVERRUN + KILL_GRACE

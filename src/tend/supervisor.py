@@ -30,7 +30,7 @@ from tend.pidfile import Pidfile
 from tend.privileges import Identity
 from tend.serve import LoopFactory, starting
 from tend.service import Application
-from tend.signals import STOP, Signals, name_of
+from tend.signals import STOP, WORKER_CATCHES, WORKER_IGNORES, Signals, name_of
 from tend.supervision import Supervision
 from tend.systemd import Notifier
 from tend.worker import WorkerPlan, run_worker
@@ -128,6 +128,7 @@ class Supervisor:
         self.workers: dict[int, _Worker] = {}  # by pid
         self.selector: selectors.BaseSelector | None = None
         self.stop_signal: str | None = None
+        self.stopped_before_failure = False
         self.status_line = "running"
 
     # -- before the workers --------------------------------------------------------------
@@ -165,10 +166,10 @@ class Supervisor:
         finally:
             self.selector.close()
             self.selector = None
+        if self.core.failure is not None and not self.stopped_before_failure:
+            raise WorkerFailedError(self.core.failure)
         if self.stop_signal is not None and not self.core.reported_ready:
             raise StartupError(f"stopped by {self.stop_signal} before the services were ready")
-        if self.core.failure is not None:
-            raise WorkerFailedError(self.core.failure)
         return self.core.status
 
     def _step(self) -> None:
@@ -209,21 +210,27 @@ class Supervisor:
     def _handle_signals(self) -> None:
         for signal_number in self.signals.take():
             name = name_of(signal_number)
-            if signal_number == signal.SIGUSR1:
-                log.info("Received SIGUSR1, reopening the log.")
+            if signal_number in (signal.SIGUSR1, signal.SIGHUP):
+                log.info("Received %s, reopening the log.", name)
                 self.reopen_log()
-            elif self.core.stop():
+            elif signal_number not in STOP:
+                continue
+            elif self.stop_signal is None:
                 self.stop_signal = name
+                # Which came first decides what the start is said to have died of.
+                self.stopped_before_failure = self.core.failure is None
+                self.core.stop()
                 log.info("Received %s, stopping %d worker(s).", name, len(self.workers))
                 self.upstream.stopping()
                 # New clients must be refused now, not queue on sockets no worker accepts.
                 for server in listeners(self.application):
                     if server.listening is not None:
                         server.listening.close()
-                self._signal_workers(signal_number)
+                # SIGTERM whatever came: a worker leaves the terminal's signals to us.
+                self._signal_workers(signal.SIGTERM)
             else:
-                log.warning("Received %s again, passing it on to the workers.", name)
-                self._signal_workers(signal_number)
+                log.warning("Received %s again, stopping the workers at once.", name)
+                self._signal_workers(signal.SIGTERM)
 
     def reopen_log(self) -> None:
         """Reopen the log file; if that fails, say so and keep the old one."""
@@ -259,9 +266,12 @@ class Supervisor:
         self.sink.flush()
         with self.signals.forking():
             pid = daemon.fork()
-            if pid == 0:
-                worker_signals = self.signals.renew(STOP, ignore=(signal.SIGUSR1,))
-        if pid == 0:  # the worker
+            if pid == 0:  # the worker: it must never return into the supervisor's code
+                try:
+                    worker_signals = self.signals.renew(WORKER_CATCHES, ignore=WORKER_IGNORES)
+                except BaseException:
+                    daemon.exit_now(1)
+        if pid == 0:
             status = 1
             try:
                 self._forget_in_worker(ours, log_read)
@@ -284,10 +294,12 @@ class Supervisor:
         log.info("started worker %d (pid %d)%s", number, pid, label)
 
     def _forget_in_worker(self, *fds: Channel | int | None) -> None:
-        """In a fresh worker: close what is the supervisor's alone."""
-        # Ctrl-C reaches the supervisor alone, which passes it on once.
-        with contextlib.suppress(OSError):
-            os.setpgid(0, 0)
+        """In a fresh worker: close what is the supervisor's alone.
+
+        The worker stays in the supervisor's process group, so a terminal lets it write
+        (a background group would be stopped by SIGTTOU under `stty tostop`); the signals
+        a terminal sends to the group are the supervisor's to act on (WORKER_IGNORES).
+        """
         if self.selector is not None:
             with contextlib.suppress(OSError):
                 self.selector.close()

@@ -46,6 +46,20 @@ def remove_destination(handler: LogHandler) -> None:
         _destinations = tuple(known for known in _destinations if known is not handler)
 
 
+def _reaches_root(logger: logging.Logger) -> bool:
+    """Whether *logger*'s records reach the root logger's handlers (tend's sink is there).
+
+    A logger or a parent with ``propagate = False`` keeps its lines to its own handlers:
+    then the line goes through `logging`, which honours that.
+    """
+    current: logging.Logger | None = logger
+    while current is not None:
+        if not current.propagate:
+            return False
+        current = current.parent
+    return True
+
+
 class AccessLog:
     """A cheap line per connection: ``access = tend.AccessLog(__name__)`` at module level.
 
@@ -108,7 +122,7 @@ class AccessLog:
         """
         logger = self._logger
         destinations = _destinations
-        if destinations and not logger.filters:
+        if destinations and not logger.filters and _reaches_root(logger):
             record = None
             for handler in destinations:
                 if levelno >= handler.level and not handler.write_fields(

@@ -8,10 +8,10 @@ import pytest
 
 from tend.channel import message
 from tend.supervision import (
+    KILL_GRACE,
     RESTART_FIRST,
     RESTART_MAX,
     RESTART_RESET,
-    KILL_GRACE,
     STOP_OVERRUN,
     Supervision,
     describe_exit,

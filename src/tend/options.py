@@ -249,7 +249,7 @@ def positive_seconds(text: str) -> float:
 
 
 def _duration(text: str, *, positive: bool) -> float:
-    # ASCII digits and a point only: float() would also take " 5", "1_0", "inf" and other scripts' digits.
+    # ASCII digits and a point only: float() also takes " 5", "1_0", "inf", other digits.
     value = float(text) if re.fullmatch(r"[0-9]+(\.[0-9]*)?|\.[0-9]+", text) else math.nan
     low_ok = value > 0 if positive else value >= 0
     if not (low_ok and value <= LONGEST):

@@ -430,3 +430,30 @@ def test_unix_socket_in_a_missing_folder_is_a_listen_error(short_dir: Path) -> N
 
     assert str(caught.value) == f"cannot listen on {path}: No such file or directory"
     assert not path.parent.exists()
+
+
+def test_a_copy_closed_for_a_dead_worker_sends_clients_to_the_others() -> None:
+    """close_copy: new clients all reach the copy left; reopen_copy binds the port again."""
+    listening = parse_endpoint("tcp:0:interface=127.0.0.1").listen(copies=2)
+    try:
+        port = listening.copies[0][0].getsockname()[1]
+        listening.close_copy(1)
+        assert listening.copies[1] == []
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                conn, _ = listening.copies[0][0].accept()  # never queued on a closed copy
+                conn.close()
+        listening.reopen_copy(1)
+        assert listening.copies[1][0].getsockname()[1] == port
+    finally:
+        listening.close()
+
+
+def test_a_shared_socket_is_never_closed_for_one_worker(tmp_path: Path) -> None:
+    """A UNIX socket, shared by every worker, stays open when one worker dies."""
+    listening = parse_endpoint(f"unix:{tmp_path / 's.sock'}").listen(copies=2)
+    try:
+        listening.close_copy(0)
+        assert listening.sockets
+    finally:
+        listening.close()

@@ -92,6 +92,19 @@ def test_rule_holds(rule: str, names: set[str], methods: set[str], allowed: set[
     assert callers_of(names, methods) <= allowed, rule
 
 
+@pytest.mark.parametrize("module", ["service.py", "errors.py", "addresses.py"])
+def test_a_module_that_says_it_makes_no_os_calls_makes_none(module: str) -> None:
+    """Those modules' docstrings say "Makes no OS calls": no os, socket, fcntl, open calls."""
+    tree = ast.parse((SOURCE / module).read_text(encoding="utf-8"))
+    assert "no OS calls" in (ast.get_docstring(tree) or "")
+    offenders = [
+        called
+        for called in calls(tree)
+        if called.split(".")[0] in ("os", "socket", "fcntl", "signal", "select", "open")
+    ]
+    assert offenders == []
+
+
 def test_tend_modules_log_through_the_tend_logger() -> None:
     """The framework logs as "tend" (shown as [-]); only an application names its own logger."""
     offenders = []

@@ -32,6 +32,7 @@ from tend.logs import (
     parse_syslog_address,
 )
 from tend.logs.access import AccessLog
+from tend.logs.rotating import RECORD_END
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}"
 OpenSink = Callable[..., LogSink]
@@ -844,9 +845,9 @@ def test_worker_lines_relayed_to_the_supervisor_are_written_and_rotated(
     pending = b""
     with open(read_end, "rb", buffering=0) as pipe:
         while chunk := pipe.read(65_536):
-            complete, _, pending = (pending + chunk).rpartition(b"\n")
+            complete, _, pending = (pending + chunk).rpartition(RECORD_END)
             if complete:
-                sink.write_lines(complete.decode().split("\n"))
+                sink.write_lines(complete.decode().split(RECORD_END.decode()))
     assert pending == b""
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
     log.info("supervisor after the worker")
@@ -1672,9 +1673,9 @@ def test_access_lines_are_relayed_from_a_forked_worker(open_sink: OpenSink, tmp_
     pending = b""
     with open(read_end, "rb", buffering=0) as pipe:
         while chunk := pipe.read(65_536):
-            complete, _, pending = (pending + chunk).rpartition(b"\n")
+            complete, _, pending = (pending + chunk).rpartition(RECORD_END)
             if complete:
-                sink.write_lines(complete.decode().split("\n"))
+                sink.write_lines(complete.decode().split(RECORD_END.decode()))
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
     sink.close()
     assert [line.split("] ", 1)[1] for line in read_log(path)] == [

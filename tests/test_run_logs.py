@@ -136,3 +136,42 @@ def test_an_app_handler_sees_the_app_files_name_line_and_function(run_tend, tmp_
         f"app.py:{logged} start_service greeter starting",
         f"app.py:{accessed} start_service greeter access line",
     ]
+
+
+TRACEBACK_APP = """
+import logging, tend
+
+log = logging.getLogger("app")
+
+class Noisy(tend.Service):
+    async def start_service(self):
+        for number in range(60):
+            try:
+                raise ValueError(f"boom {number}")
+            except ValueError:
+                log.exception("record %d", number)
+        await super().start_service()
+
+application = tend.Application("noisy")
+Noisy("noisy").set_service_parent(application)
+"""
+
+
+def test_a_workers_traceback_is_never_split_across_rotated_files(run_tend, tmp_path):
+    """Records relayed from a worker stay whole: rotation happens between them."""
+    app = tmp_path / "app.py"
+    app.write_text(TRACEBACK_APP)
+    log = tmp_path / "tend.log"
+    tend = run_tend("--nodaemon", "--pidfile=", "-l", str(log), "--log-max-bytes", "3000",
+                    "-y", str(app))  # fmt: skip
+    tend.wait_for_output(r"record 59", source=str(log))
+    assert tend.stop() == 0
+    files = sorted(tmp_path.glob("tend.log*"))
+    assert len(files) > 5
+    for file in files:
+        text = file.read_text()
+        for number in range(60):
+            if f"] record {number}\n" in text:
+                assert f"ValueError: boom {number}\n" in text, (file, number)
+            if f"ValueError: boom {number}\n" in text:
+                assert f"] record {number}\n" in text, (file, number)

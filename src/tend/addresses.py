@@ -1,7 +1,7 @@
 """Socket addresses written as people read them: ``127.0.0.1:10000``, ``[::1]:10000``.
 
-One way of writing an address for every message, status line and log line. Makes no
-OS calls.
+One way of writing an address for every message, status line and log line.
+Makes no OS calls.
 """
 
 from __future__ import annotations

@@ -102,6 +102,8 @@ class Channel:
 
     def send(self, **fields: object) -> bool:
         """Send one message; False if the peer is gone (its reader decides what that means)."""
+        if not fields:
+            raise ValueError("a message needs at least one field: an empty one reads as the end")
         if self._socket is None:
             return False
         try:

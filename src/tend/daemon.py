@@ -1,6 +1,6 @@
 """Becoming a daemon: detaching, standard streams, umask, rundir and chroot.
 
-This is the only module that calls fork, setsid, umask or chroot. It knows nothing of
+This is the only module that calls fork, setsid, umask, chroot or _exit. It knows nothing of
 services or event loops; the lifecycle decides when each step happens.
 """
 

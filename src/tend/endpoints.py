@@ -18,6 +18,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -68,14 +69,14 @@ class TCPEndpoint:
         first = replace(self, reuse_port=True)
         sets = [_listen_tcp(first)]
         try:
-            port = sets[0][0].getsockname()[1]
+            again = replace(first, port=sets[0][0].getsockname()[1])
             for _ in range(copies - 1):
-                sets.append(_listen_tcp(replace(first, port=port)))
+                sets.append(_listen_tcp(again))
         except BaseException:
             for sock in (sock for copy in sets for sock in copy):
                 sock.close()
             raise
-        return Listening(self, sets)
+        return Listening(self, sets, rebind=lambda: _listen_tcp(again))
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +130,7 @@ class TLSEndpoint:
         """
         context = tls_context(self)
         listening = self.tcp.listen(copies)
-        return Listening(self, listening.copies, tls=context)
+        return Listening(self, listening.copies, tls=context, rebind=listening.rebind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +183,12 @@ class Listening:
         socket_file: _SocketFile | None = None,
         *,
         tls: ssl.SSLContext | None = None,
+        rebind: Callable[[], list[socket.socket]] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.copies = copies
         self.tls = tls
+        self.rebind = rebind  # binds one more copy, where copies are the kind's way
         self._socket_file = socket_file
         self._chosen = 0
         self._open = True
@@ -246,6 +249,25 @@ class Listening:
                     sock.close()
         self.copies = [self.copies[chosen]]
         self._chosen = 0
+
+    def close_copy(self, index: int) -> None:
+        """Close copy *index* (a dead worker's), so the kernel sends its clients elsewhere.
+
+        Only where each worker has a copy of its own: a shared socket stays open.
+        """
+        if self.rebind is not None and 0 <= index < len(self.copies):
+            for sock in self.copies[index]:
+                sock.close()
+            self.copies[index] = []
+
+    def reopen_copy(self, index: int) -> None:
+        """Bind copy *index* again if `close_copy` closed it (a worker is about to start).
+
+        Raises:
+            ListenError: the address can no longer be bound.
+        """
+        if self.rebind is not None and 0 <= index < len(self.copies) and not self.copies[index]:
+            self.copies[index] = self.rebind()
 
     def close(self) -> None:
         """Close every socket, and remove the UNIX socket file if it is ours."""

@@ -6,7 +6,7 @@ rows). A value arrives either as command-line text or as a deployment file's TOM
 accept exactly the same things, and `default_of` gives an option left out its default the
 same way for both. `add_options` renders options with argparse. The converters at the end
 (`seconds`, `positive_seconds`, `count`) are shared by tend, its plugins and its commands.
-Makes no OS calls and prints nothing.
+Of the system it asks only the current directory (for relative paths); it prints nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
 from tend.errors import UsageError, quote
@@ -44,9 +44,9 @@ class Option:
     type: Callable[[str], object] = str
     required: bool = False
     path: bool = False
-    metavar: str | None = None
-    choices: tuple[str, ...] | None = None
-    string_example: str | None = None
+    metavar: str | None = field(default=None, kw_only=True)
+    choices: tuple[str, ...] | None = field(default=None, kw_only=True)
+    string_example: str | None = field(default=None, kw_only=True)
 
     @property
     def key(self) -> str:

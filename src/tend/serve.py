@@ -127,6 +127,7 @@ class _Serving:
     async def _stop(self) -> int:
         loop = asyncio.get_running_loop()
         log.info("Received %s, shutting down.", self.stop_signals[0])
+        self.channel.send(STOPPING=1)
         servers = listeners(self.application)
         for server in servers:  # new clients are refused at once, before any drain
             server.stop_listening()

@@ -3,8 +3,8 @@
 Each row of `SETTINGS` is an option with its name, type, default and help; the ``tend``
 command line gets them through argparse (flags with a ``--no-`` form), a deployment
 file's ``[tend]`` table takes the same names with the same conversion, and `resolve`
-turns what was given into the typed `Settings` a run follows. Makes no OS calls and
-prints nothing.
+turns what was given into the typed `Settings` a run follows. Of the system it asks only
+how many CPUs there are (``--workers auto``); it prints nothing.
 """
 
 from __future__ import annotations

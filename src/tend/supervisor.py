@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 
 from tend import daemon
 from tend.channel import Channel
+from tend.endpoints import ListenError
 from tend.errors import StartupError
 from tend.logs import LogError, LogSink
+from tend.logs.rotating import RECORD_END
 from tend.net import describe_serving, listeners
 from tend.pidfile import Pidfile
 from tend.privileges import Identity
@@ -36,6 +38,11 @@ from tend.systemd import Notifier
 from tend.worker import WorkerPlan, run_worker
 
 log = logging.getLogger("tend")
+
+
+# A dead worker's own listening socket is kept for its replacement when that comes sooner
+# than this, in seconds; its queued clients wait rather than being refused.
+COPY_KEPT_FOR = 1.0
 
 
 class WorkerFailedError(StartupError):
@@ -248,6 +255,12 @@ class Supervisor:
 
     def _spawn(self, number: int) -> None:
         assert self.selector is not None
+        for server in listeners(self.application):
+            if server.listening is not None:
+                try:
+                    server.listening.reopen_copy(number - 1)
+                except ListenError as error:
+                    log.error("worker %d will not accept on %s: %s", number, server, error)
         ours, theirs = Channel.pair()
         log_read, log_write = os.pipe2(os.O_CLOEXEC) if self.relay_logs else (None, None)
         plan = WorkerPlan(
@@ -328,23 +341,26 @@ class Supervisor:
             self.core.said(worker.pid, message)
 
     def _read_log(self, worker: _Worker) -> None:
+        """Take every record the worker's pipe holds now (all of them before its READY)."""
         assert worker.log_pipe is not None
-        try:
-            data = os.read(worker.log_pipe, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            self._flush_partial(worker)
-            self._forget_fd(worker.log_pipe)
-            worker.log_pipe = None
-            return
-        worker.pending_log += data
-        self._write_complete_lines(worker)
+        while True:
+            try:
+                data = os.read(worker.log_pipe, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                self._write_complete_records(worker)
+                self._flush_partial(worker)
+                self._forget_fd(worker.log_pipe)
+                worker.log_pipe = None
+                return
+            worker.pending_log += data
+        self._write_complete_records(worker)
 
-    def _write_complete_lines(self, worker: _Worker) -> None:
-        complete, _, worker.pending_log = worker.pending_log.rpartition(b"\n")
+    def _write_complete_records(self, worker: _Worker) -> None:
+        complete, _, worker.pending_log = worker.pending_log.rpartition(RECORD_END)
         if complete:
-            self.sink.write_lines(complete.decode(errors="replace").split("\n"))
+            self.sink.write_lines(complete.decode(errors="replace").split(RECORD_END.decode()))
 
     def _flush_partial(self, worker: _Worker) -> None:
         if worker.pending_log:
@@ -371,7 +387,7 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 while data := os.read(worker.log_pipe, 65536):
                     worker.pending_log += data
-            self._write_complete_lines(worker)
+            self._write_complete_records(worker)
             self._flush_partial(worker)
             self._forget_fd(worker.log_pipe)
         if not worker.channel.closed:
@@ -389,6 +405,12 @@ class Supervisor:
                 exit_.how,
                 exit_.restart_in,
             )
+            if exit_.restart_in >= COPY_KEPT_FOR:
+                # Clients the kernel would queue on the dead worker's own socket would wait
+                # the whole pause: close it, and bind it again for the next worker.
+                for server in listeners(self.application):
+                    if server.listening is not None:
+                        server.listening.close_copy(exit_.number - 1)
 
     # -- after -----------------------------------------------------------------------------
 

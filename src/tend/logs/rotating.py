@@ -163,6 +163,9 @@ class LogFileHandler(BufferedHandler):
     def relay_to(self, fd: int) -> None:
         """In a forked worker: write to *fd*, a pipe, and leave the file to the supervisor.
 
+        Records go through the pipe framed by `frame_records`, so that the supervisor
+        rotates between records, never inside one (a traceback stays in one file).
+
         Lines buffered before the fork are the supervisor's to write, so they are dropped
         here rather than written twice.
         """
@@ -216,6 +219,9 @@ class LogFileHandler(BufferedHandler):
         self._lost += count
 
     def _write_or_raise(self, lines: list[str]) -> None:
+        if self._relaying:
+            self._write(frame_records(lines))
+            return
         data = "".join(lines).encode("utf-8", "backslashreplace")
         if not self._rotates or self._size + len(data) <= self.max_bytes:
             self._write(data)
@@ -321,6 +327,19 @@ class LogFileHandler(BufferedHandler):
                 ):
                     numbers.append(int(suffix))
         return numbers
+
+
+# Ends each record in the relay pipe: a record's own lines end in newlines.
+RECORD_END = b"\0"
+
+
+def frame_records(lines: list[str]) -> bytes:
+    """Formatted records (each ending in a newline) as the relay pipe carries them."""
+    return b"".join(
+        line.removesuffix("\n").replace("\0", "\\x00").encode("utf-8", "backslashreplace")
+        + RECORD_END
+        for line in lines
+    )
 
 
 def _not_regular(mode: int) -> str:

@@ -12,7 +12,9 @@ from tend.supervision import (
     RESTART_FIRST,
     RESTART_MAX,
     RESTART_RESET,
+    START_GRACE,
     STOP_OVERRUN,
+    Limits,
     Supervision,
     describe_exit,
 )
@@ -33,7 +35,7 @@ class Clock:
 
 def running(count: int, clock: Clock, shutdown_timeout: float = 10.0) -> Supervision:
     """Workers 1..count started as pids 1001.., every one ready, ready reported."""
-    core = Supervision(count, clock, shutdown_timeout)
+    core = Supervision(count, clock, Limits(shutdown_timeout=shutdown_timeout))
     for number in core.to_start():
         core.started(number, 1000 + number)
         core.said(1000 + number, message(READY=1))
@@ -44,18 +46,18 @@ def running(count: int, clock: Clock, shutdown_timeout: float = 10.0) -> Supervi
 def test_every_worker_is_started_at_first_and_then_none() -> None:
     """At first each worker number is due; once started, none is."""
     clock = Clock()
-    core = Supervision(3, clock, 10.0)
+    core = Supervision(3, clock, Limits())
     assert core.to_start() == [1, 2, 3]
     for number in (1, 2, 3):
         core.started(number, 1000 + number)
     assert core.to_start() == []
-    assert core.next_wakeup() is None
+    assert core.next_wakeup() == clock.now + Limits().start_timeout + START_GRACE
 
 
 def test_ready_is_reported_once_when_every_worker_is_ready() -> None:
     """READY from some workers is not enough; from all, it is reported exactly once."""
     clock = Clock()
-    core = Supervision(2, clock, 10.0)
+    core = Supervision(2, clock, Limits())
     core.started(1, 1001)
     core.started(2, 1002)
     core.said(1001, message(READY=1))
@@ -67,7 +69,7 @@ def test_ready_is_reported_once_when_every_worker_is_ready() -> None:
 
 def test_an_error_before_ready_fails_the_start() -> None:
     """ERROR from a worker before all are ready is the start's failure; nothing restarts."""
-    core = Supervision(2, Clock(), 10.0)
+    core = Supervision(2, Clock(), Limits())
     core.started(1, 1001)
     core.started(2, 1002)
     core.said(1002, message(ERROR="cannot read poem file 'x': No such file or directory"))
@@ -82,7 +84,7 @@ def test_an_error_before_ready_fails_the_start() -> None:
 
 def test_an_exit_before_ready_without_a_word_is_named() -> None:
     """A worker that dies before READY without an ERROR fails the start, saying how it died."""
-    core = Supervision(1, Clock(), 10.0)
+    core = Supervision(1, Clock(), Limits())
     core.started(1, 1001)
     core.exited(1001, -signal.SIGKILL)
     assert core.failure == "worker 1 exited with signal SIGKILL before it was ready"
@@ -211,3 +213,54 @@ def test_messages_from_unknown_pids_are_ignored() -> None:
 )
 def test_exits_are_described(code: int, text: str) -> None:
     assert describe_exit(code) == text
+
+
+def test_a_worker_not_ready_in_time_is_killed_once_and_fails_the_start() -> None:
+    """Past the start timeout and its grace, a worker not yet ready is due for a kill."""
+    clock = Clock()
+    core = Supervision(2, clock, Limits(start_timeout=5.0))
+    core.started(1, 1001)
+    core.started(2, 1002)
+    core.said(1001, message(READY=1))
+    clock.advance(5.0 + START_GRACE - 0.01)
+    assert core.overdue() == []
+    clock.advance(0.01)
+    (late,) = core.overdue()
+    assert late.pid == 1002
+    assert core.overdue() == []
+    assert core.failure == ("worker 2 did not start within 5 s, and its event loop did not answer")
+
+
+def test_a_silent_worker_is_killed_and_then_replaced() -> None:
+    """After READY, a worker that says nothing for the worker timeout is due for a kill."""
+    clock = Clock()
+    core = Supervision(1, clock, Limits(worker_timeout=8.0))
+    core.started(1, 1001)
+    core.said(1001, message(READY=1))
+    assert core.ready_to_report()
+    clock.advance(7.0)
+    core.said(1001, message(WATCHDOG=1))  # a ping resets the clock
+    clock.advance(7.99)
+    assert core.overdue() == []
+    assert core.next_wakeup() == clock.now + 0.01
+    clock.advance(0.01)
+    assert [late.pid for late in core.overdue()] == [1001]
+    assert core.failure is None
+    exit_ = core.exited(1001, -signal.SIGKILL)
+    assert exit_ is not None
+    assert exit_.how == "signal SIGKILL"
+
+
+def test_no_limit_means_no_kill() -> None:
+    """0 turns a limit off: a worker may take for ever to start, and stay silent."""
+    clock = Clock()
+    core = Supervision(1, clock, Limits(start_timeout=0, worker_timeout=0))
+    core.started(1, 1001)
+    clock.advance(10_000)
+    assert core.overdue() == []
+    core.said(1001, message(READY=1))
+    clock.advance(10_000)
+    assert core.overdue() == []
+    assert core.next_wakeup() is None
+    assert Limits(worker_timeout=0).ping_interval is None
+    assert Limits(worker_timeout=30).ping_interval == 7.5

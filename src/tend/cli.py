@@ -118,14 +118,17 @@ def run_command(arguments: list[str]) -> int:
     build: Callable[[], Application]
     if parsed.python is not None:
         build = _app_file_builder(parsed.python)
+        origin = f"app file {quote(parsed.python)}"
     elif parsed.config is not None:
         from tend.deploy import load_deployment
 
         deployment = load_deployment(os.path.abspath(parsed.config))
         from_file = deployment.settings
         build = deployment.build
+        origin = f"deployment file {quote(parsed.config)}"
     else:
         build = _plugin_builder(parsed.plugin, parsed.plugin_arguments)
+        origin = f"plugin {quote(parsed.plugin)}"
     from tend.settings import SETTINGS, resolve
 
     given = {option.key: getattr(parsed, option.key) for option in SETTINGS}
@@ -133,7 +136,7 @@ def run_command(arguments: list[str]) -> int:
 
     from tend.lifecycle import run
 
-    return run(settings, build, _abandon)
+    return run(settings, build, _abandon, origin)
 
 
 def _plugin_builder(name: str, arguments: list[str]) -> Callable[[], Application]:

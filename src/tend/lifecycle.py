@@ -35,6 +35,7 @@ from tend.serve import event_loop_factory
 from tend.service import Application
 from tend.settings import Settings
 from tend.signals import CAUGHT, STOP, Signals, abandoning_on_stop, name_of
+from tend.supervision import Limits
 from tend.supervisor import Supervisor, Upstream, WorkerFailedError
 from tend.systemd import Notifier
 
@@ -43,11 +44,18 @@ log = logging.getLogger("tend")
 BuildTree = Callable[[], Application]
 
 
-def run(settings: Settings, build_tree: BuildTree, abandon: Callable[[str], NoReturn]) -> int:
+def run(
+    settings: Settings,
+    build_tree: BuildTree,
+    abandon: Callable[[str], NoReturn],
+    source: str = "the service tree",
+) -> int:
     """Run the tree *build_tree* makes until it is stopped; return the exit status.
 
     *abandon(line)* ends the process at once with that line for the user: for a stop
-    signal while the tree is being built, by code that may never return.
+    signal while the tree is being built, by code that may never return, or a build that
+    outlasts ``--start-timeout``. *source* names what the tree is built from
+    (``app file 'app.py'``).
 
     Raises:
         TendError: the start failed, with the line for the user.
@@ -90,7 +98,13 @@ def run(settings: Settings, build_tree: BuildTree, abandon: Callable[[str], NoRe
             sink.flush()
             abandon(reason)
 
-        with abandoning_on_stop(signals, abandon_start):
+        with abandoning_on_stop(
+            signals,
+            abandon_start,
+            settings.start_timeout,
+            f"{source} did not finish loading within {settings.start_timeout:g} s "
+            "(--start-timeout)",
+        ):
             application = build_tree()
         identity = resolve_identity(
             settings.uid if settings.uid is not None else application.uid,
@@ -119,7 +133,11 @@ def run(settings: Settings, build_tree: BuildTree, abandon: Callable[[str], NoRe
             upstream=upstream,
             signals=signals,
             loop_factory=loop_factory,
-            shutdown_timeout=settings.shutdown_timeout,
+            limits=Limits(
+                shutdown_timeout=settings.shutdown_timeout,
+                start_timeout=settings.start_timeout,
+                worker_timeout=settings.worker_timeout,
+            ),
         )
         if settings.pidfile:
             supervisor.take_pidfile(settings.pidfile)

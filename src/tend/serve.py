@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from tend.channel import Channel
 from tend.errors import StartupError, TendError, describe_error, quote
 from tend.net import listeners, stopping_by
-from tend.service import Application, Service
+from tend.service import Application, MultiService, Service, walk
 from tend.settings import LOOPS
 from tend.signals import Signals, name_of
 from tend.supervision import STOP_OVERRUN
@@ -35,14 +35,21 @@ def serve(
     *,
     loop_factory: LoopFactory,
     shutdown_timeout: float,
-    watchdog_interval: float | None = None,
+    start_timeout: float = 0.0,
+    ping_interval: float | None = None,
 ) -> int:
     """Serve *application* until a stop signal; return the exit status.
 
+    *start_timeout* bounds the start (0: no bound); every *ping_interval* seconds the loop
+    says ``WATCHDOG=1``, so whoever listens knows it is not stuck.
+
     Raises:
-        StartupError: a service failed to start, or a stop signal came first.
+        StartupError: a service failed to start, or did not finish in time, or a stop
+            signal came first.
     """
-    serving = _Serving(application, channel, signals, shutdown_timeout, watchdog_interval)
+    serving = _Serving(
+        application, channel, signals, shutdown_timeout, start_timeout, ping_interval
+    )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(serving.run())
 
@@ -54,13 +61,15 @@ class _Serving:
         channel: Channel,
         signals: Signals,
         shutdown_timeout: float,
-        watchdog_interval: float | None,
+        start_timeout: float,
+        ping_interval: float | None,
     ) -> None:
         self.application = application
         self.channel = channel
         self.signals = signals
         self.shutdown_timeout = shutdown_timeout
-        self.watchdog_interval = watchdog_interval
+        self.start_timeout = start_timeout
+        self.ping_interval = ping_interval
         self.stop_signals: list[str] = []
         self.stop_requested = asyncio.Event()
         self.second_signal = asyncio.Event()
@@ -74,8 +83,8 @@ class _Serving:
             await self._start_unless_stopped()
             _flush_log()  # whoever waits for READY may read the log next
             self.channel.send(READY=1)
-            if self.watchdog_interval is not None:
-                watchdog = asyncio.create_task(self._ping_watchdog(self.watchdog_interval))
+            if self.ping_interval is not None:
+                watchdog = asyncio.create_task(self._ping_watchdog(self.ping_interval))
             await self.stop_requested.wait()
             return await self._stop()
         finally:
@@ -104,20 +113,32 @@ class _Serving:
             await asyncio.sleep(interval)
 
     async def _start_unless_stopped(self) -> None:
-        """Start the tree; a stop signal meanwhile cancels the start instead of waiting."""
+        """Start the tree; a stop signal, or the start timeout, cancels the start."""
         starting = asyncio.create_task(self._start())
         stopped = asyncio.create_task(self.stop_requested.wait())
         try:
-            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {starting, stopped},
+                timeout=self.start_timeout or None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             stopped.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stopped
         if not starting.done():
+            late = _unfinished(self.application)
             starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
-            raise StartupError(f"stopped by {self.stop_signals[0]} before the services were ready")
+            if self.stop_signals:
+                raise StartupError(
+                    f"stopped by {self.stop_signals[0]} before the services were ready"
+                )
+            raise StartupError(
+                f"{late!r} did not finish starting within {self.start_timeout:g} s "
+                "(--start-timeout)"
+            )
         starting.result()
 
     async def _start(self) -> None:
@@ -180,6 +201,16 @@ def starting(application: Service) -> Iterator[None]:
         raise StartupError(
             f"a service failed to start: {describe_error(error)} (the traceback is in the log)"
         ) from None
+
+
+def _unfinished(application: Service) -> Service:
+    """The service whose start is still running: the first one not running yet whose
+    children, if it has any, all are."""
+    for service in walk(application):
+        children = list(service) if isinstance(service, MultiService) else []
+        if not service.running and all(child.running for child in children):
+            return service
+    return application
 
 
 def event_loop_factory(name: str) -> LoopFactory:

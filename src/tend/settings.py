@@ -152,6 +152,22 @@ SETTINGS: tuple[Option | Flag, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        "start-timeout",
+        default="60",
+        help="how long the start may take, from loading the tree to every worker serving; "
+        "0 for no limit",
+        type=seconds,
+        metavar="SECONDS",
+    ),
+    Option(
+        "worker-timeout",
+        default="30",
+        help="kill and replace a worker silent this long (its event loop stuck, or the "
+        "process stopped); 0 never",
+        type=seconds,
+        metavar="SECONDS",
+    ),
+    Option(
         "workers",
         default="1",
         help="worker processes serving the same sockets; auto = one per CPU",
@@ -176,6 +192,8 @@ class Settings:
     loop: str = "auto"
     shutdown_timeout: float = 10.0
     workers: int = 1
+    start_timeout: float = 60.0
+    worker_timeout: float = 30.0
 
 
 def _log_config(**values: object) -> LogConfig:
@@ -250,6 +268,8 @@ def resolve(
         loop=str(value["loop"]),
         shutdown_timeout=_float(value["shutdown_timeout"]),
         workers=_int(value["workers"]),
+        start_timeout=_float(value["start_timeout"]),
+        worker_timeout=_float(value["worker_timeout"]),
     )
 
 

@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
@@ -158,8 +159,16 @@ class Signals:
 
 
 @contextlib.contextmanager
-def abandoning_on_stop(signals: Signals, abandon: Callable[[str], object]) -> Iterator[None]:
+def abandoning_on_stop(
+    signals: Signals,
+    abandon: Callable[[str], object],
+    timeout: float = 0.0,
+    too_long: str = "",
+) -> Iterator[None]:
     """Run the block; if a stop signal comes before it ends, call *abandon(reason)*.
+
+    With a *timeout* (seconds; 0 for none), a block still running by then is abandoned
+    too, with *too_long* as the reason.
 
     For a start-up step that runs code which may never return to tend (an app file that
     blocks at import): the step cannot check a flag, and no handler may raise into it.
@@ -170,11 +179,25 @@ def abandoning_on_stop(signals: Signals, abandon: Callable[[str], object]) -> It
     """
     done_read, done_write = os.pipe2(os.O_CLOEXEC)
     decided = threading.Lock()
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def give_up(reason: str) -> None:
+        try:
+            abandon(reason)
+        finally:
+            # abandon ends the process; should it return or raise, the main thread would
+            # wait on the lock for ever: end it here.
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def watch() -> None:
         while True:
-            ready, _, _ = select.select([signals.wakeup_fd, done_read], [], [])
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([signals.wakeup_fd, done_read], [], [], left)
             if done_read in ready:
+                return
+            if not ready:  # the timeout
+                if decided.acquire(blocking=False):
+                    give_up(too_long)
                 return
             try:
                 data = os.read(signals.wakeup_fd, 64)
@@ -182,12 +205,7 @@ def abandoning_on_stop(signals: Signals, abandon: Callable[[str], object]) -> It
                 continue
             stops = [number for number in data if number in STOP]
             if stops and decided.acquire(blocking=False):
-                try:
-                    abandon(f"stopped by {name_of(stops[0])} before the services were ready")
-                finally:
-                    # abandon ends the process; should it return or raise, the main
-                    # thread would wait on the lock for ever: end it here.
-                    os.kill(os.getpid(), signal.SIGKILL)
+                give_up(f"stopped by {name_of(stops[0])} before the services were ready")
 
     watcher = threading.Thread(target=watch, name="tend-stop-watcher", daemon=True)
     watcher.start()

@@ -10,7 +10,10 @@ The rules, as gunicorn's arbiter has them: a worker that dies while the others s
 started again after a pause that doubles (0.5 s, 1 s, ... up to 30 s) while workers keep
 dying young, and falls back to the first step once one has lived 10 s. Before every
 worker is ready, any failure fails the whole start. A stop passes the signal on; workers
-still running when the drain, its overrun and a grace are over are killed, once.
+still running when the drain, its overrun and a grace are over are killed, once. A worker
+that has not said READY within the start timeout (and a grace: the worker names the slow
+service itself when its loop can), or that has been silent for the worker timeout after
+it (gunicorn's ``--timeout``: its loop is stuck, or it was stopped), is killed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,25 @@ STOP_OVERRUN = 5.0
 # its connections itself first, since a killed process's sockets end with a clean FIN.
 KILL_GRACE = 2.0
 
+# How much longer than the start timeout a worker may take to say READY before it is
+# killed: a worker whose loop still runs names the service that did not finish first.
+START_GRACE = 2.0
+
 Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How long things may take, in seconds; 0 is no limit."""
+
+    shutdown_timeout: float = 10.0  # --shutdown-timeout
+    start_timeout: float = 60.0  # --start-timeout
+    worker_timeout: float = 30.0  # --worker-timeout
+
+    @property
+    def ping_interval(self) -> float | None:
+        """How often a worker should say it is alive for the worker timeout to hold."""
+        return self.worker_timeout / 4 if self.worker_timeout else None
 
 
 @dataclass(slots=True)
@@ -46,6 +67,8 @@ class WorkerRecord:
     ready: bool = False
     pinged: bool = False  # has pinged the watchdog since systemd was last pinged
     error: str | None = None
+    last_heard: float = 0.0  # when it last said anything
+    doomed: bool = False  # overdue: killed, not to be killed again
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +91,11 @@ def describe_exit(code: int) -> str:
 class Supervision:
     """Decides, for *count* workers, from what happened and what the *clock* says."""
 
-    def __init__(self, count: int, clock: Clock, shutdown_timeout: float) -> None:
+    def __init__(self, count: int, clock: Clock, limits: Limits) -> None:
         self.count = count
         self.clock = clock
-        self.shutdown_timeout = shutdown_timeout
+        self.limits = limits
+        self.shutdown_timeout = limits.shutdown_timeout
         self.workers: dict[int, WorkerRecord] = {}  # by pid
         now = clock()
         self.restarts: dict[int, float] = {number: now for number in range(1, count + 1)}
@@ -86,13 +110,15 @@ class Supervision:
 
     def started(self, number: int, pid: int) -> None:
         self.restarts.pop(number, None)
-        self.workers[pid] = WorkerRecord(number, pid, self.clock())
+        now = self.clock()
+        self.workers[pid] = WorkerRecord(number, pid, now, last_heard=now)
 
     def said(self, pid: int, message: Message) -> None:
         """A worker's message: READY, WATCHDOG or ERROR."""
         worker = self.workers.get(pid)
         if worker is None:
             return
+        worker.last_heard = self.clock()
         if message.ready:
             worker.ready = True
         if message.watchdog:
@@ -179,6 +205,34 @@ class Supervision:
         self.status = 1
         return True
 
+    def overdue(self) -> list[WorkerRecord]:
+        """Workers to kill now, each once: not ready in time, or silent for too long.
+
+        A worker not ready in time before the first READY fails the whole start.
+        """
+        if self.stopping_since is not None:
+            return []
+        now = self.clock()
+        found = []
+        for worker in self.workers.values():
+            due = self._due(worker)
+            if not worker.doomed and due is not None and now >= due:
+                worker.doomed = True
+                found.append(worker)
+                if not worker.ready and not self.reported_ready and self.failure is None:
+                    self.failure = (
+                        f"worker {worker.number} did not start within "
+                        f"{self.limits.start_timeout:g} s, and its event loop did not answer"
+                    )
+        return found
+
+    def _due(self, worker: WorkerRecord) -> float | None:
+        if not worker.ready:
+            timeout = self.limits.start_timeout
+            return worker.started + timeout + START_GRACE if timeout else None
+        timeout = self.limits.worker_timeout
+        return worker.last_heard + timeout if timeout else None
+
     @property
     def finished(self) -> bool:
         """Every worker is gone and none is to start again."""
@@ -189,6 +243,11 @@ class Supervision:
         moments = [] if self.stopping_since is not None else list(self.restarts.values())
         if self.stopping_since is not None and not self.killed and self.workers:
             moments.append(self._kill_at())
+        if self.stopping_since is None:
+            for worker in self.workers.values():
+                due = self._due(worker)
+                if due is not None and not worker.doomed:
+                    moments.append(due)
         return min(moments, default=None)
 
     def _kill_at(self) -> float:

@@ -33,7 +33,7 @@ from tend.privileges import Identity
 from tend.serve import LoopFactory, starting
 from tend.service import Application
 from tend.signals import STOP, WORKER_CATCHES, WORKER_IGNORES, Signals, name_of
-from tend.supervision import Supervision
+from tend.supervision import Limits, Supervision
 from tend.systemd import Notifier
 from tend.worker import WorkerPlan, run_worker
 
@@ -119,7 +119,7 @@ class Supervisor:
         upstream: Upstream,
         signals: Signals,
         loop_factory: LoopFactory,
-        shutdown_timeout: float,
+        limits: Limits,
     ) -> None:
         self.application = application
         self.count = workers
@@ -128,10 +128,10 @@ class Supervisor:
         self.upstream = upstream
         self.signals = signals
         self.loop_factory = loop_factory
-        self.shutdown_timeout = shutdown_timeout
+        self.limits = limits
         self.pidfile: Pidfile | None = None
         self.relay_logs = sink.fileno() is not None
-        self.core = Supervision(workers, time.monotonic, shutdown_timeout)
+        self.core = Supervision(workers, time.monotonic, limits)
         self.workers: dict[int, _Worker] = {}  # by pid
         self.selector: selectors.BaseSelector | None = None
         self.stop_signal: str | None = None
@@ -213,6 +213,25 @@ class Supervisor:
         if self.core.kill_due():
             log.error("workers did not stop in time; killing them.")
             self._signal_workers(signal.SIGKILL)
+        for late in self.core.overdue():
+            if late.ready:
+                log.error(
+                    "worker %d (pid %d) has not answered for %g s; killing it",
+                    late.number,
+                    late.pid,
+                    self.limits.worker_timeout,
+                )
+            else:
+                log.error(
+                    "worker %d (pid %d) did not start within %g s; killing it",
+                    late.number,
+                    late.pid,
+                    self.limits.start_timeout,
+                )
+            worker = self.workers.get(late.pid)
+            if worker is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
 
     def _handle_signals(self) -> None:
         for signal_number in self.signals.take():
@@ -246,6 +265,19 @@ class Supervisor:
         except LogError as error:
             log.warning("cannot reopen the log: %s", error)
 
+    def _ping_interval(self) -> float | None:
+        """How often workers say they are alive: for systemd's watchdog and our own."""
+        notifier = self.upstream.notifier
+        intervals = [
+            interval
+            for interval in (
+                notifier.watchdog_interval() if notifier is not None else None,
+                self.limits.ping_interval,
+            )
+            if interval is not None
+        ]
+        return min(intervals, default=None)
+
     def _signal_workers(self, signal_number: int) -> None:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
@@ -268,12 +300,8 @@ class Supervisor:
             application=self.application,
             identity=self.identity,
             loop_factory=self.loop_factory,
-            shutdown_timeout=self.shutdown_timeout,
-            watchdog_interval=(
-                self.upstream.notifier.watchdog_interval()
-                if self.upstream.notifier is not None
-                else None
-            ),
+            limits=self.limits,
+            ping_interval=self._ping_interval(),
             supervisor_pid=os.getpid(),
         )
         self.sink.flush()

@@ -21,6 +21,7 @@ from tend.privileges import Identity, drop_privileges
 from tend.serve import LoopFactory, serve
 from tend.service import Application
 from tend.signals import Signals
+from tend.supervision import Limits
 
 log = logging.getLogger("tend")
 
@@ -33,8 +34,8 @@ class WorkerPlan:
     application: Application
     identity: Identity
     loop_factory: LoopFactory
-    shutdown_timeout: float
-    watchdog_interval: float | None
+    limits: Limits
+    ping_interval: float | None  # how often to tell the supervisor the loop is alive
     supervisor_pid: int
 
 
@@ -56,8 +57,9 @@ def run_worker(
             channel,
             signals,
             loop_factory=plan.loop_factory,
-            shutdown_timeout=plan.shutdown_timeout,
-            watchdog_interval=plan.watchdog_interval,
+            shutdown_timeout=plan.limits.shutdown_timeout,
+            start_timeout=plan.limits.start_timeout,
+            ping_interval=plan.ping_interval,
         )
     except TendError as error:
         log.error("tend: %s", error)

@@ -112,6 +112,7 @@ def runner_options() -> Iterator[Case]:
             _nd("--syslog", "--syslog-address", value, *SERVE),
             EITHER,
             expect="syslog",
+            offline=True,
         )
     for value in ["nosuch", "", "LOCAL9", "kern2", "user\n"]:
         yield Case(
@@ -227,6 +228,7 @@ def plugin_options() -> Iterator[Case]:
                 _nd("poetry", "--port", "0", option, value),
                 START if option == "--iface" else USAGE,
                 expect=None if option == "--iface" else option.lstrip("-"),
+                offline=option == "--iface",
             )
     for args, expect in [
         (("poetry", "--bogus"), "--bogus"),
@@ -349,6 +351,7 @@ def endpoints() -> Iterator[Case]:
             _nd("poetry", "--port", text),
             USAGE,
             expect="endpoint",
+            offline=True,
         )
     for text, expect in _ENDPOINT_START:
         files = _ENDPOINT_FILES
@@ -359,6 +362,7 @@ def endpoints() -> Iterator[Case]:
             START,
             expect=expect,
             files=files,
+            offline="interface=" in text and "@BUSY@" not in text,
         )
     for name, env in [
         ("LISTEN_FDS=abc", (("LISTEN_FDS", "abc"), ("LISTEN_PID", "1"))),
@@ -1070,6 +1074,7 @@ def get_poetry() -> Iterator[Case]:
             ("--timeout", "1", address),
             status,
             program="get-poetry",
+            offline=True,
         )
     for value in ["0", "-1", "nan", "inf", "abc", "", "1e999", "86401", ARABIC_ONE]:
         yield Case(
@@ -1137,6 +1142,7 @@ def proxy() -> Iterator[Case]:
             _nd("--pidfile=", "poetry-proxy", "--port", LOCAL, "--server", value),
             status,
             expect="server",
+            offline=True,
         )
     for option, values in {
         "--timeout": ["0", "-1", "nan", "inf", "abc", ""],

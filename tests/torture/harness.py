@@ -50,6 +50,9 @@ HELP_LINE = re.compile(r"try `[^`\n]{1,80} --help`")
 # A victim's mtime, set before each run, so that a write shows even within one clock tick.
 OLD_MTIME = 1_000_000_000
 
+# A network namespace with loopback alone, for cases whose names may reach DNS.
+OFFLINE = ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"']
+
 # Environment variables a case must not inherit from whoever runs the suite.
 SCRUBBED = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC")
 
@@ -116,6 +119,9 @@ class Case:
     user_code: bool = False  # a traceback of the user's own code may go to the log
     lock: str | None = None  # a file (in the case folder) the suite holds locked meanwhile
     may_create: tuple[str, ...] = ()  # regexes of names the run may leave (a log, say)
+    # A name the case gives may be looked up in DNS: run it in a network namespace of its
+    # own with only loopback, so that no query leaves this machine.
+    offline: bool = False
 
     @property
     def id(self) -> str:
@@ -480,6 +486,8 @@ def run_case(case: Case, pki: Path | None = None) -> Outcome:
         stdout_path = place.root / "stdout"
         stderr_path = place.root / "stderr"
         guard = ["timeout", "--kill-after=1", str(GUARD)]
+        if case.offline:
+            guard = [*OFFLINE, *guard]
         started = time.monotonic()
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
             completed = subprocess.run(
@@ -537,12 +545,15 @@ def _judge(
 ) -> list[str]:
     problems = []
     status = outcome.status
-    if status in (124, 137, -9):
+    guarded = outcome.elapsed >= GUARD - 0.1
+    if status in (124, 137, -9) and guarded:
         problems.append(f"still running after the {GUARD:g} s guard (killed), not refused")
+    elif status is not None and status < 0:
+        problems.append(f"died of signal {-status}, expected exit status {case.statuses}")
     elif status not in case.statuses:
         wanted = " or ".join(str(s) for s in case.statuses)
         problems.append(f"exit status {status}, expected {wanted}")
-    if outcome.elapsed > PROMISED and status not in (124, 137):
+    if outcome.elapsed > PROMISED and not guarded:
         problems.append(f"took {outcome.elapsed:.2f} s, over {PROMISED:g} s")
     problems += check_one_line(outcome.stderr, case.expect)
     logs = [outcome.stdout] + [

@@ -29,7 +29,7 @@ test: $(DEV_INSTALLED) system-tools
 
 # The hardening suite (tests/torture): every enumerated bad input, hypothesis at thousands
 # of examples, the security checks (as root) and the fault scenarios at full scale, then a
-# table of figures. About 45 minutes on 2 cores; `make torture-short` (in `make test`) runs
+# table of figures. About 8 minutes on 2 cores; `make torture-short` (in `make test`) runs
 # a sample in about 2 minutes.
 torture: $(DEV_INSTALLED) system-tools
 	$(BIN)/python tests/torture/run.py

@@ -6,14 +6,16 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 
-# Debian programs the tests run for real, with the package that brings each one.
-SYSTEM_TOOLS := systemd-socket-activate:systemd openssl:openssl ss:iproute2 setpriv:util-linux cc:gcc
+# Debian programs the tests run for real, with the package that brings each one
+# (strace, prlimit and timeout for the torture suite's faults and guards).
+SYSTEM_TOOLS := systemd-socket-activate:systemd openssl:openssl ss:iproute2 setpriv:util-linux cc:gcc \
+	strace:strace prlimit:util-linux timeout:coreutils
 
 # A second Python for `make test-3.13`: python3.13 on PATH, else pyenv's, else none.
 PYTHON313 ?= $(firstword $(shell command -v python3.13 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
 VENV313 := .venv-3.13
 
-.PHONY: run test test-3.13 bench clean system-tools
+.PHONY: run test test-3.13 torture torture-short bench clean system-tools
 
 run: $(INSTALLED)
 	$(BIN)/tend --nodaemon poetry
@@ -22,7 +24,18 @@ test: $(DEV_INSTALLED) system-tools
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict src/
-	$(BIN)/pytest
+	$(BIN)/pytest --ignore=tests/torture
+	$(BIN)/python tests/torture/run.py --short
+
+# The hardening suite (tests/torture): every enumerated bad input, hypothesis at thousands
+# of examples, the security checks (as root) and the fault scenarios at full scale, then a
+# table of figures. About 8 minutes on 2 cores; `make torture-short` (in `make test`) runs
+# a sample in about 2 minutes.
+torture: $(DEV_INSTALLED) system-tools
+	$(BIN)/python tests/torture/run.py
+
+torture-short: $(DEV_INSTALLED) system-tools
+	$(BIN)/python tests/torture/run.py --short
 
 # The same checks and tests under Python 3.13, in .venv-3.13 (tend supports 3.11 and newer).
 test-3.13: system-tools

@@ -51,7 +51,7 @@ test-3.13: system-tools
 		touch $(VENV313)/.dev-installed; }; \
 	echo "test-3.13: $$($(VENV313)/bin/python --version)"; \
 	$(VENV313)/bin/mypy --strict --python-version 3.13 src/; \
-	$(VENV313)/bin/pytest -p no:cacheprovider
+	$(VENV313)/bin/pytest -p no:cacheprovider --ignore=tests/torture
 
 bench: $(DEV_INSTALLED)
 	$(MAKE) -C bench PYTHON=$(abspath $(BIN)/python)

@@ -25,7 +25,7 @@ from tend.endpoints import (
     describe_socket,
     parse_endpoint,
 )
-from tend.errors import StartupError, TendError
+from tend.errors import StartupError, TendError, quote
 
 
 def listen(endpoint: Endpoint) -> list[socket.socket]:
@@ -169,8 +169,8 @@ def test_endpoints_describe_themselves_as_addresses() -> None:
         ("unix:", "expected unix:PATH"),
         ("unix:address=", "expected unix:PATH"),
         ("unix:/a.sock:/b.sock", "expected unix:PATH"),
-        ("unix:/run/x.sock:mode=rw", "mode must be octal, like 0660"),
-        ("unix:/run/x.sock:mode=0999", "mode must be octal, like 0660"),
+        ("unix:/run/x.sock:mode=rw", "mode must be octal from 000 to 777, like 0660"),
+        ("unix:/run/x.sock:mode=0999", "mode must be octal from 000 to 777, like 0660"),
     ],
 )
 def test_rejects_a_bad_description(description: str, reason: str) -> None:
@@ -198,8 +198,8 @@ def test_unknown_kind_says_what_is_expected() -> None:
     with pytest.raises(EndpointSyntaxError) as caught:
         parse_endpoint("udp:53")
     assert str(caught.value) == (
-        "invalid endpoint 'udp:53': unknown kind 'udp'; expected a port number, tcp:PORT, "
-        "unix:PATH, tls:PORT:certKey=PATH, systemd:index=N or systemd:name=NAME"
+        "invalid endpoint 'udp:53': unknown kind 'udp'; "
+        "expected PORT, tcp:, unix:, tls: or systemd:"
     )
 
 
@@ -404,7 +404,7 @@ def test_refuses_a_live_unix_socket(short_dir: Path, opened: list[socket.socket]
     with pytest.raises(ListenError) as caught:
         listen(parse_endpoint(f"unix:{path}"))
 
-    assert str(caught.value) == f"cannot listen on {path}: address already in use"
+    assert str(caught.value) == f"cannot listen on {quote(str(path))}: address already in use"
     assert stat.S_ISSOCK(os.stat(path).st_mode)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.connect(str(path))
@@ -428,7 +428,7 @@ def test_unix_socket_in_a_missing_folder_is_a_listen_error(short_dir: Path) -> N
     with pytest.raises(ListenError) as caught:
         listen(parse_endpoint(f"unix:{path}"))
 
-    assert str(caught.value) == f"cannot listen on {path}: No such file or directory"
+    assert str(caught.value) == f"cannot listen on {quote(str(path))}: No such file or directory"
     assert not path.parent.exists()
 
 
@@ -457,3 +457,43 @@ def test_a_shared_socket_is_never_closed_for_one_worker(tmp_path: Path) -> None:
         assert listening.sockets
     finally:
         listening.close()
+
+
+@pytest.mark.parametrize(
+    ("description", "reason"),
+    [
+        ("a=b", "it must begin with its kind or a port"),
+        ("backlog=5", "it must begin with its kind or a port"),
+        ("=", "it must begin with its kind or a port"),
+        ("tcp:1:backlog=1:backlog=2", "'backlog' is given twice"),
+        ("tcp:1:backlog=2147483648", "backlog must be a positive number"),
+        ("tcp:1:backlog=0", "backlog must be a positive number"),
+        ("unix:s.sock:mode=-1", "mode must be octal from 000 to 777"),
+        ("unix:s.sock:mode=77777777777", "mode must be octal from 000 to 777"),
+        ("unix:s.sock:mode=4755", "mode must be octal from 000 to 777"),
+        ("tcp:1:interface=" + "a" * 64, "is neither an IP address nor a host name"),
+        ("tcp:1:interface=a..b", "is neither an IP address nor a host name"),
+        ("tcp:1:interface=\u202e", "is neither an IP address nor a host name"),
+        ("tcp:1:interface=\x1b[31m", "is neither an IP address nor a host name"),
+        ("tcp:²", "port must be a number"),
+    ],
+)
+def test_odd_descriptions_are_one_line_syntax_errors(description: str, reason: str) -> None:
+    """Descriptions that once raised IndexError or overflowed later: one line, at parse."""
+    with pytest.raises(EndpointSyntaxError) as caught:
+        parse_endpoint(description)
+    message = str(caught.value)
+    assert reason in message
+    assert message.isprintable()
+    assert len(message) <= 160
+
+
+def test_a_unix_socket_is_made_with_its_mode_not_changed_after(tmp_path: Path) -> None:
+    """mode=0600: the socket file has that mode from its creation (no chmod of a path)."""
+    path = tmp_path / "s.sock"
+    listening = parse_endpoint(f"unix:{path}:mode=0600").listen()
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        listening.close()
+    assert not path.exists()

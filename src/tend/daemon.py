@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from typing import NoReturn
 
 from tend.errors import StartupError
@@ -76,6 +77,23 @@ def redirect_standard_streams() -> None:
 def set_umask(mask: int) -> None:
     """Set the file mode creation mask, before any file of tend's is created."""
     os.umask(mask)
+
+
+@contextlib.contextmanager
+def files_made_with_mode(mode: int | None) -> Iterator[None]:
+    """Within the block, files and sockets are made with permissions *mode* exactly.
+
+    By the umask: the process must not be making other files meanwhile (tend binds its
+    sockets before any thread or worker exists).
+    """
+    if mode is None:
+        yield
+        return
+    previous = os.umask(0o777 & ~mode)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def enter_rundir(rundir: str, chroot: str | None) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tend.errors import StartupError, TendError, quote
+from tend.files import DEPLOYMENT_FILE_LIMIT, read_file
 from tend.options import Flag, InvalidValue, Option, convert, default_of, describe_value
 from tend.plugins import ServiceMaker, find_plugin, make_service
 from tend.service import Application
@@ -101,7 +102,8 @@ def load_deployment(path: str) -> Deployment:
         DeploymentError: the message names the file, the entry and the key at fault.
     """
     absolute = os.path.abspath(path)
-    display = _display(absolute)
+    # Heads every message about the file: shortened, its odd characters escaped.
+    display = quote(_display(absolute), bare=True)
     folder = os.path.dirname(absolute)
     document = _parse(absolute, display)
     unknown = [key for key in document if key not in ("tend", "service")]
@@ -138,12 +140,9 @@ def _display(path: str) -> str:
 
 def _parse(path: str, display: str) -> dict[str, object]:
     try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as error:
-        raise DeploymentError(
-            f"cannot read deployment file {quote(display)}: {error.strerror}"
-        ) from None
+        data = read_file(path, "deployment file", DEPLOYMENT_FILE_LIMIT, name=_display(path))
+    except StartupError as error:
+        raise DeploymentError(str(error)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -153,6 +152,10 @@ def _parse(path: str, display: str) -> dict[str, object]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise DeploymentError(_syntax_error(display, str(error))) from None
+    except RecursionError:
+        raise DeploymentError(f"{display}: TOML nested too deeply to read") from None
+    except ValueError as error:  # an integer past Python's digit limit
+        raise DeploymentError(f"{display}: TOML value cannot be read: {error}") from None
 
 
 def _syntax_error(display: str, message: str) -> str:

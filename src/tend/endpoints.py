@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
+import re
 import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from tend import systemd
+from tend import daemon, systemd
 from tend.addresses import format_address, host_and_port
 from tend.errors import StartupError, TendError, quote
 
 if TYPE_CHECKING:
     import ssl
+
+# listen() takes an int and the kernel caps it at net.core.somaxconn: more is a mistake.
+LARGEST_BACKLOG = 65535
 
 # asyncio's default of 100 overflows when a few hundred clients connect at once, and
 # every client whose SYN is dropped waits a full second to retransmit it. The kernel
@@ -347,6 +352,15 @@ def split_description(description: str) -> tuple[list[str], dict[str, str]]:
     for field in fields:
         key, equals, value = field.partition("=")
         if equals:
+            if not positional:
+                raise EndpointSyntaxError(
+                    f"invalid endpoint {quote(description)}: it must begin with its kind "
+                    "or a port, as tcp:PORT or unix:PATH"
+                )
+            if key in keywords:
+                raise EndpointSyntaxError(
+                    f"invalid endpoint {quote(description)}: {quote(key)} is given twice"
+                )
             keywords[key] = value
         elif keywords:
             raise EndpointSyntaxError(
@@ -375,9 +389,8 @@ def parse_endpoint(description: str, default_interface: str = "") -> Endpoint:
     if kind == "systemd":
         return _parse_systemd(description, arguments, keywords)
     raise EndpointSyntaxError(
-        f"invalid endpoint {quote(description)}: unknown kind {quote(kind)}; "
-        "expected a port number, tcp:PORT, unix:PATH, tls:PORT:certKey=PATH, "
-        "systemd:index=N or systemd:name=NAME"
+        f"invalid endpoint {quote(description)}: unknown kind {quote(kind, 20)}; "
+        "expected PORT, tcp:, unix:, tls: or systemd:"
     )
 
 
@@ -392,7 +405,7 @@ def _parse_tcp(
         raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: no port given")
     return TCPEndpoint(
         port=_parse_port(port_text, description),
-        interface=keywords.get("interface", default_interface),
+        interface=_parse_host(keywords.get("interface", default_interface), description),
         backlog=_parse_backlog(keywords, description),
         reuse_port=_parse_bool(keywords.get("reusePort", "no"), "reusePort", description),
     )
@@ -405,12 +418,12 @@ def _parse_unix(description: str, arguments: list[str], keywords: dict[str, str]
         raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: expected unix:PATH")
     mode = None
     if "mode" in keywords:
-        try:
-            mode = int(keywords["mode"], 8)
-        except ValueError:
+        if not re.fullmatch(r"0?[0-7]{1,3}", keywords["mode"]):
             raise EndpointSyntaxError(
-                f"invalid endpoint {quote(description)}: mode must be octal, like 0660"
-            ) from None
+                f"invalid endpoint {quote(description)}: mode must be octal from 000 to 777, "
+                "like 0660"
+            )
+        mode = int(keywords["mode"], 8)
     # Absolute now: the daemon changes directory before it removes the file on stop.
     return UNIXEndpoint(os.path.abspath(path), mode, _parse_backlog(keywords, description))
 
@@ -441,7 +454,7 @@ def _parse_tls(
         # Made absolute now: the daemon changes to its rundir before it reads them.
         cert_key=os.path.abspath(cert_key),
         private_key=os.path.abspath(private_key),
-        interface=keywords.get("interface", default_interface),
+        interface=_parse_host(keywords.get("interface", default_interface), description),
         backlog=_parse_backlog(keywords, description),
         reuse_port=_parse_bool(keywords.get("reusePort", "no"), "reusePort", description),
     )
@@ -487,6 +500,34 @@ def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) 
         )
 
 
+def _parse_host(text: str, description: str) -> str:
+    """An interface: empty (every IPv4 interface), an IP address, or a host name."""
+    if not text:
+        return text
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    try:
+        encoded = text.encode("idna")
+    except UnicodeError:
+        encoded = b""
+    if (
+        not encoded
+        or len(encoded) > 253
+        or not all(
+            re.fullmatch(rb"[A-Za-z0-9-]{1,63}", label)
+            for label in encoded.rstrip(b".").split(b".")
+        )
+    ):
+        raise EndpointSyntaxError(
+            f"invalid endpoint: interface {quote(text, 40)} is neither an IP address "
+            "nor a host name"
+        )
+    return text
+
+
 def _parse_port(text: str, description: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise EndpointSyntaxError(
@@ -497,7 +538,7 @@ def _parse_port(text: str, description: str) -> int:
 
 def _parse_backlog(keywords: dict[str, str], description: str) -> int:
     text = keywords.get("backlog", str(DEFAULT_BACKLOG))
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= LARGEST_BACKLOG:
         raise EndpointSyntaxError(
             f"invalid endpoint {quote(description)}: backlog must be a positive number"
         )
@@ -563,13 +604,14 @@ def _listen_unix(endpoint: UNIXEndpoint) -> socket.socket:
     _remove_stale_unix_socket(endpoint.path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(endpoint.path)
+        # The file is made with its mode, not chmod-ed after: a chmod of the path could
+        # follow a symbolic link swapped in between.
+        with daemon.files_made_with_mode(endpoint.mode):
+            sock.bind(endpoint.path)
     except OSError as error:
         sock.close()
-        raise ListenError(f"cannot listen on {endpoint.path}: {_reason(error)}") from None
+        raise ListenError(f"cannot listen on {quote(endpoint.path)}: {_reason(error)}") from None
     try:
-        if endpoint.mode is not None:
-            os.chmod(endpoint.path, endpoint.mode)
         sock.listen(endpoint.backlog)
         sock.setblocking(False)
     except OSError as error:

@@ -35,17 +35,20 @@ def describe_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def read_file(path: str, what: str, limit: int, *, hint: str = "") -> bytes:
+def read_file(
+    path: str, what: str, limit: int, *, hint: str = "", name: str | None = None
+) -> bytes:
     """The bytes of the regular file at *path*, at most *limit* of them.
 
     *what* names the file in messages (``poem file``, ``app file``); *hint* follows a
-    size complaint (``; raise it with --max-poem-bytes``).
+    size complaint (``; raise it with --max-poem-bytes``); *name* is how messages show
+    *path*, if not as it is (``deploy.toml`` for an absolute path below here).
 
     Raises:
         StartupError: the file cannot be opened or read, is not a regular file, or is
             larger than *limit* bytes.
     """
-    shown = quote(path)
+    shown = quote(path if name is None else name)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -328,11 +329,32 @@ def test_second_signal_forces_an_immediate_stop(run_tend, tmp_path):
     tend = run_tend("--nodaemon", "-y", str(app))
     tend.wait_for_output(r"event loop class")
     wait_until(lambda: (tmp_path / "tend.pid").exists())
+    first = time.monotonic()
     tend.process.send_signal(signal.SIGTERM)
     tend.wait_for_output("stopping slowly")
+    # A second signal within 0.1 s is the same stop arriving twice (see the next test).
+    wait_until(lambda: time.monotonic() - first > 0.2)
     assert tend.stop(signal.SIGTERM) == 1
     assert "Received SIGTERM again, stopping at once." in tend.stdout
     assert not (tmp_path / "tend.pid").exists()
+
+
+def test_a_stop_sent_to_the_whole_group_still_drains(run_tend, tmp_path):
+    """SIGTERM to the process group (supervisord's stopasgroup) reaches the worker twice, once
+    directly and once from the supervisor: that is one stop, and the drain still happens."""
+    tend = run_tend("--nodaemon", "--pidfile=", "--shutdown-timeout", "20", "poetry",
+                    "--port", "0", "--iface", "127.0.0.1", "--chunk-size", "200",
+                    "--delay", "0.05")  # fmt: skip
+    port = tend.wait_for_port()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+        first = client.recv(65536)
+        os.killpg(tend.pid, signal.SIGTERM)  # run_tend starts tend in a session of its own
+        rest = b""
+        while chunk := client.recv(65536):
+            rest += chunk
+    assert first + rest == POEM.read_bytes()
+    assert tend.wait() == 0
+    assert "again" not in tend.stdout
 
 
 def test_relative_unix_socket_is_removed_from_where_it_was_made(run_tend, tmp_path):

@@ -27,6 +27,10 @@ log = logging.getLogger("tend")
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
+# A second stop signal this soon after the first is the same stop arriving twice, not a
+# request to stop at once.
+SAME_STOP = 0.1
+
 
 def serve(
     application: Application,
@@ -71,6 +75,7 @@ class _Serving:
         self.start_timeout = start_timeout
         self.ping_interval = ping_interval
         self.stop_signals: list[str] = []
+        self.first_signal_at = 0.0
         self.stop_requested = asyncio.Event()
         self.second_signal = asyncio.Event()
 
@@ -97,6 +102,13 @@ class _Serving:
 
     def _on_signal(self, signal_number: int) -> None:
         # In the loop, not in a handler: record and wake; the main coroutine does the work.
+        now = asyncio.get_running_loop().time()
+        if self.stop_signals and now - self.first_signal_at < SAME_STOP:
+            # The same stop twice: sent to the whole process group (a supervisor's
+            # stopasgroup, kill -TERM -PGID) and passed on by tend's supervisor as well.
+            return
+        if not self.stop_signals:
+            self.first_signal_at = now
         self.stop_signals.append(name_of(signal_number))
         self.stop_requested.set()
         if len(self.stop_signals) > 1:

@@ -584,16 +584,18 @@ def test_failed_rotation_keeps_every_line_in_the_current_file(
 ) -> None:
     """When a backup cannot be removed, the error is said once, in one line; no line is lost."""
     path = tmp_path / "tend.log"
-    (tmp_path / "tend.log.2").mkdir()  # over the backups limit, and unlink cannot remove it
     sink = open_sink(LogConfig(logfile=str(path), max_bytes=60, backups=1))
+    (tmp_path / "tend.log.2").mkdir()  # a folder where a backup goes: not renamed, not removed
     log = attach(sink)
     for number in range(5):
         log.info("line %d", number)
     sink.close()
     assert [int(line[-1]) for line in read_log(path)] == [0, 1, 2, 3, 4]
     assert capfd.readouterr().err == (
-        f"tend: cannot rotate log file {quote(str(path))}: Is a directory\n"
+        f"tend: cannot rotate log file {quote(str(path))}: 'tend.log.2' is a directory, "
+        "not a rotated log; move it away\n"
     )
+    assert (tmp_path / "tend.log.2").is_dir()
 
 
 def test_rotated_names_skip_compressed_and_unrelated_files(

@@ -87,8 +87,8 @@ def test_numbers_from_the_file_are_never_turned_back_into_text(tmp_path: Path) -
 
 def test_a_dash_pidfile_is_a_usage_error() -> None:
     """'-' means standard output for the log only; as a pidfile it is refused."""
-    with pytest.raises(UsageError, match="cannot use '-' as the pidfile"):
-        resolve(parsed_settings("--pidfile", "-"), {}, "/srv")
+    with pytest.raises(UsageError, match="'-' is not a pidfile"):
+        parsed_settings("--pidfile", "-")
 
 
 def test_help_shows_each_default_from_the_table(capsys: pytest.CaptureFixture[str]) -> None:

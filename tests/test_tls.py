@@ -176,7 +176,7 @@ def test_unreadable_files_are_named_with_the_reason(
         f"cannot read TLS private key '{missing}': No such file or directory"
     )
     assert tls_error(f"tls:0:certKey={tmp_path}:privateKey={certificate.key}") == (
-        f"cannot read TLS certificate '{tmp_path}': Is a directory"
+        f"cannot read TLS certificate '{tmp_path}': it is a directory, not a regular file"
     )
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from tend import daemon, systemd
 from tend.addresses import format_address, host_and_port
 from tend.errors import StartupError, TendError, quote
+from tend.files import TLS_FILE_LIMIT, read_file
 
 if TYPE_CHECKING:
     import ssl
@@ -354,17 +355,17 @@ def split_description(description: str) -> tuple[list[str], dict[str, str]]:
         if equals:
             if not positional:
                 raise EndpointSyntaxError(
-                    f"invalid endpoint {quote(description)}: it must begin with its kind "
+                    f"invalid endpoint {quote(description, 50)}: it must begin with its kind "
                     "or a port, as tcp:PORT or unix:PATH"
                 )
             if key in keywords:
                 raise EndpointSyntaxError(
-                    f"invalid endpoint {quote(description)}: {quote(key)} is given twice"
+                    f"invalid endpoint {quote(description, 50)}: {quote(key)} is given twice"
                 )
             keywords[key] = value
         elif keywords:
             raise EndpointSyntaxError(
-                f"invalid endpoint {quote(description)}: "
+                f"invalid endpoint {quote(description, 50)}: "
                 f"{quote(field)} comes after a key=value field"
             )
         else:
@@ -389,7 +390,7 @@ def parse_endpoint(description: str, default_interface: str = "") -> Endpoint:
     if kind == "systemd":
         return _parse_systemd(description, arguments, keywords)
     raise EndpointSyntaxError(
-        f"invalid endpoint {quote(description)}: unknown kind {quote(kind, 20)}; "
+        f"invalid endpoint {quote(description, 50)}: unknown kind {quote(kind, 20)}; "
         "expected PORT, tcp:, unix:, tls: or systemd:"
     )
 
@@ -399,10 +400,10 @@ def _parse_tcp(
 ) -> TCPEndpoint:
     _expect_keys(description, keywords, {"port", "interface", "backlog", "reusePort"})
     if len(arguments) > 1 or (arguments and "port" in keywords):
-        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: too many fields")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: too many fields")
     port_text = arguments[0] if arguments else keywords.get("port")
     if port_text is None:
-        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: no port given")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: no port given")
     return TCPEndpoint(
         port=_parse_port(port_text, description),
         interface=_parse_host(keywords.get("interface", default_interface), description),
@@ -415,12 +416,12 @@ def _parse_unix(description: str, arguments: list[str], keywords: dict[str, str]
     _expect_keys(description, keywords, {"address", "mode", "backlog"})
     path = arguments[0] if arguments else keywords.get("address", "")
     if len(arguments) > 1 or not path:
-        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: expected unix:PATH")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: expected unix:PATH")
     mode = None
     if "mode" in keywords:
         if not re.fullmatch(r"0?[0-7]{1,3}", keywords["mode"]):
             raise EndpointSyntaxError(
-                f"invalid endpoint {quote(description)}: mode must be octal from 000 to 777, "
+                f"invalid endpoint {quote(description, 50)}: mode must be octal from 000 to 777, "
                 "like 0660"
             )
         mode = int(keywords["mode"], 8)
@@ -437,15 +438,15 @@ def _parse_tls(
         {"port", "interface", "backlog", "reusePort", "certKey", "privateKey"},
     )
     if len(arguments) > 1 or (arguments and "port" in keywords):
-        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: too many fields")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: too many fields")
     port_text = arguments[0] if arguments else keywords.get("port")
     if port_text is None:
-        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: no port given")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: no port given")
     # As in twistd, one file may hold both: either key names it for the other.
     cert_key = keywords.get("certKey") or keywords.get("privateKey")
     if not cert_key:
         raise EndpointSyntaxError(
-            f"invalid endpoint {quote(description)}: no certificate given; "
+            f"invalid endpoint {quote(description, 50)}: no certificate given; "
             "expected tls:PORT:certKey=CERT.pem:privateKey=KEY.pem"
         )
     private_key = keywords.get("privateKey") or cert_key
@@ -466,22 +467,22 @@ def _parse_systemd(
     _expect_keys(description, keywords, {"index", "name", "domain", "backlog"})
     expected = "expected systemd:index=N or systemd:name=NAME"
     if arguments or ("index" in keywords) == ("name" in keywords):
-        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: {expected}")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: {expected}")
     index = None
     if "index" in keywords:
         text = keywords["index"]
-        if not (text.isascii() and text.isdigit()):
+        if not (text.isascii() and text.isdigit()) or int(text) > 1023:
             raise EndpointSyntaxError(
-                f"invalid endpoint {quote(description)}: index must be a number from 0"
+                f"invalid endpoint {quote(description, 50)}: index must be a number from 0 to 1023"
             )
         index = int(text)
     name = keywords.get("name")
     if name is not None and not name:
-        raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: {expected}")
+        raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: {expected}")
     domain = keywords.get("domain")
     if domain is not None and domain.upper() not in _DOMAINS:
         raise EndpointSyntaxError(
-            f"invalid endpoint {quote(description)}: domain must be INET, INET6 or UNIX"
+            f"invalid endpoint {quote(description, 50)}: domain must be INET, INET6 or UNIX"
         )
     return SystemdEndpoint(
         index=index,
@@ -495,7 +496,7 @@ def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) 
     unknown = sorted(set(keywords) - allowed)
     if unknown:
         raise EndpointSyntaxError(
-            f"invalid endpoint {quote(description)}: unknown option {quote(unknown[0])}; "
+            f"invalid endpoint {quote(description, 50)}: unknown option {quote(unknown[0])}; "
             f"expected one of {', '.join(sorted(allowed))}"
         )
 
@@ -531,7 +532,7 @@ def _parse_host(text: str, description: str) -> str:
 def _parse_port(text: str, description: str) -> int:
     if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= 65535:
         raise EndpointSyntaxError(
-            f"invalid endpoint {quote(description)}: port must be a number from 0 to 65535"
+            f"invalid endpoint {quote(description, 50)}: port must be a number from 0 to 65535"
         )
     return int(text)
 
@@ -540,7 +541,7 @@ def _parse_backlog(keywords: dict[str, str], description: str) -> int:
     text = keywords.get("backlog", str(DEFAULT_BACKLOG))
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= LARGEST_BACKLOG:
         raise EndpointSyntaxError(
-            f"invalid endpoint {quote(description)}: backlog must be a positive number"
+            f"invalid endpoint {quote(description, 50)}: backlog must be a positive number"
         )
     return int(text)
 
@@ -551,7 +552,7 @@ def _parse_bool(text: str, key: str, description: str) -> bool:
         return True
     if lowered in ("0", "no", "false", "off"):
         return False
-    raise EndpointSyntaxError(f"invalid endpoint {quote(description)}: {key} must be yes or no")
+    raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: {key} must be yes or no")
 
 
 def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
@@ -698,7 +699,7 @@ def tls_context(endpoint: TLSEndpoint) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(endpoint.cert_key, endpoint.private_key, refuse_passphrase)
-    except ssl.SSLError as error:
+    except (ssl.SSLError, ValueError, TypeError) as error:
         raise ListenError(_describe_tls_error(endpoint, certificate, error)) from None
     except OSError as error:  # the file changed between the reading and the loading
         raise ListenError(
@@ -709,20 +710,18 @@ def tls_context(endpoint: TLSEndpoint) -> ssl.SSLContext:
 
 
 def _read_tls_file(path: str, what: str) -> bytes:
+    """The file's bytes: a regular file, never a FIFO to wait on, at most 1 MiB."""
     try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as error:
-        raise ListenError(
-            f"cannot read TLS {what} {quote(path)}: {error.strerror or error}"
-        ) from None
+        return read_file(path, f"TLS {what}", TLS_FILE_LIMIT)
+    except StartupError as error:
+        raise ListenError(str(error)) from None
 
 
-def _describe_tls_error(endpoint: TLSEndpoint, certificate: bytes, error: ssl.SSLError) -> str:
+def _describe_tls_error(endpoint: TLSEndpoint, certificate: bytes, error: Exception) -> str:
     """Say which file is wrong, and how, for an error OpenSSL reports as "PEM lib"."""
     import ssl
 
-    if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
+    if getattr(error, "reason", None) in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
         # Named by its file name alone when both files share a folder: the line stays short.
         cert_folder, cert_name = os.path.split(endpoint.cert_key)
         same_folder = cert_folder == os.path.dirname(endpoint.private_key)
@@ -733,7 +732,7 @@ def _describe_tls_error(endpoint: TLSEndpoint, certificate: bytes, error: ssl.SS
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         probe.load_verify_locations(cadata=certificate.decode("ascii", errors="replace"))
-    except ssl.SSLError:
+    except (ssl.SSLError, ValueError, TypeError):  # not PEM, empty, or not text at all
         return f"cannot use TLS certificate {quote(endpoint.cert_key)}: it holds no PEM certificate"
     if endpoint.private_key == endpoint.cert_key:
         return (

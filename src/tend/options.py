@@ -90,6 +90,8 @@ def convert(option: Option | Flag, value: object, folder: str) -> object:
         if not isinstance(value, bool):
             raise InvalidValue(f"expected true or false, not {describe_value(value)}")
         return value
+    if option.path and not isinstance(value, str):
+        raise InvalidValue(f"expected a path, as a string, not {describe_value(value)}")
     if option.string_example is not None and not isinstance(value, str):
         raise InvalidValue(
             f"write the {option.long} as a string, as {option.long} = {option.string_example}"

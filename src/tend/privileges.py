@@ -73,6 +73,11 @@ def resolve_identity(user: int | str | None, group: int | str | None) -> Identit
             )
     if group is not None:
         gid, _ = _lookup(group, grp.getgrnam, grp.getgrgid, "group")
+        if user is None and os.geteuid() == 0:
+            raise PrivilegeError(
+                f"cannot switch to group {quote(str(group))} alone: tend would still run as "
+                "root, which can take any group back; give the user too (--uid)"
+            )
     return Identity(uid, gid, user_name)
 
 

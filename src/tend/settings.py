@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tend.errors import UsageError, quote
+from tend.errors import quote
 from tend.options import Flag, Option, count, seconds, values_of
 
 if TYPE_CHECKING:
@@ -47,6 +47,24 @@ def umask(text: str) -> int:
     return int(text, 8)
 
 
+def pidfile_path(text: str) -> str:
+    """A pidfile's path, or "" for none; "-" means standard output elsewhere, not here."""
+    if text == "-":
+        raise argparse.ArgumentTypeError("'-' is not a pidfile: give a path, or '' for none")
+    return text
+
+
+def syslog_address(text: str) -> str:
+    """A syslog socket path, or HOST:PORT for UDP, checked as the log will read it."""
+    from tend.logs import LogError, parse_syslog_address  # here: --help need not import it
+
+    try:
+        parse_syslog_address(text)
+    except LogError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def user_or_group(text: str) -> str:
     """A user or group: a name, or an id from 0 to 2**32 - 2 in ASCII digits."""
     if text.isdigit() or text.isdecimal() or text.isnumeric():
@@ -75,6 +93,7 @@ SETTINGS: tuple[Option | Flag, ...] = (
     Option(
         "pidfile",
         help="pidfile to write (default: tend.pid in the rundir; '' for none)",
+        type=pidfile_path,
         metavar="PATH",
         path=True,
     ),
@@ -119,6 +138,7 @@ SETTINGS: tuple[Option | Flag, ...] = (
         "syslog-address",
         default="/dev/log",
         help="syslog socket path or HOST:PORT",
+        type=syslog_address,
         metavar="ADDRESS",
     ),
     Option("uid", "u", help="user name or id to run as", type=user_or_group, metavar="USER"),
@@ -210,9 +230,6 @@ def resolve(
     Both mappings are keyed by setting key (``log_max_bytes``) and hold converted
     values, None for not given; paths are already absolute. The default pidfile and log
     file live in the rundir, or where tend was started with ``--chroot``.
-
-    Raises:
-        UsageError: a value that makes no sense with the others.
     """
     given = {key: value for key, value in from_file.items() if value is not None}
     given.update((key, value) for key, value in command_line.items() if value is not None)
@@ -233,8 +250,6 @@ def resolve(
         rundir = text("rundir") or "/"
         files_in = cwd
     pidfile = text("pidfile")
-    if pidfile == "-":
-        raise UsageError("cannot use '-' as the pidfile: give a path, or '' for none")
     if pidfile is None:
         pidfile = os.path.join(files_in, "tend.pid")
     logfile = text("logfile")

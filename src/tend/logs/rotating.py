@@ -66,6 +66,13 @@ class LogFileHandler(BufferedHandler):
         except LogError:
             os.close(self._folder)
             raise
+        try:
+            if self.max_bytes > 0:
+                self._check_backups()
+        except LogError:
+            os.close(opened[0])
+            os.close(self._folder)
+            raise
         # Only now: Handler.__init__ registers the handler for logging.shutdown().
         super().__init__()
         self._adopt(*opened)
@@ -254,7 +261,11 @@ class LogFileHandler(BufferedHandler):
                     rotates = False
                     if not self._rotation_failing:
                         self._rotation_failing = True
-                        complain(f"tend: cannot rotate {self.describe()}: {_reason(error)}")
+                        complain(
+                            f"tend: {error}"
+                            if isinstance(error, LogError)
+                            else f"tend: cannot rotate {self.describe()}: {_reason(error)}"
+                        )
             chunk.append(unit)
             chunk_size += len(unit)
         if chunk:
@@ -291,11 +302,27 @@ class LogFileHandler(BufferedHandler):
             raise
         self._size += written
 
+    def _check_backups(self) -> None:
+        """Refuse to rotate over anything but files: PATH.1 a folder would be renamed.
+
+        Raises:
+            LogError: a backup's name is taken by something else.
+        """
+        for number in self._backup_numbers():
+            backup = f"{self._file_name}.{number}"
+            found = os.stat(backup, dir_fd=self._folder, follow_symlinks=False)
+            if not stat.S_ISREG(found.st_mode):
+                raise LogError(
+                    f"cannot rotate log file {quote(self.path)}: {quote(backup)} is "
+                    f"{describe_kind(found.st_mode)}, not a rotated log; move it away"
+                )
+
     def _rotate(self) -> None:
         """Start a fresh file, keeping the old one as PATH.1 (twistd: LogFile.rotate).
 
         Older backups move up one number, and those past *backups* are deleted.
         """
+        self._check_backups()
         folder, name = self._folder, self._file_name
         for number in sorted(self._backup_numbers(), reverse=True):
             older = f"{name}.{number}"

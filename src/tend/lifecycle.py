@@ -32,30 +32,22 @@ from tend.net import listeners
 from tend.pidfile import PidfileLockedError, read_pidfile
 from tend.privileges import check_can_switch, resolve_identity
 from tend.serve import event_loop_factory
-from tend.service import Application
 from tend.settings import Settings
 from tend.signals import CAUGHT, STOP, Signals, abandoning_on_stop, name_of
+from tend.sources import TreeSource
 from tend.supervision import Limits
 from tend.supervisor import Supervisor, Upstream, WorkerFailedError
 from tend.systemd import Notifier
 
 log = logging.getLogger("tend")
 
-BuildTree = Callable[[], Application]
 
-
-def run(
-    settings: Settings,
-    build_tree: BuildTree,
-    abandon: Callable[[str], NoReturn],
-    source: str = "the service tree",
-) -> int:
-    """Run the tree *build_tree* makes until it is stopped; return the exit status.
+def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoReturn]) -> int:
+    """Run the tree *source* builds until it is stopped; return the exit status.
 
     *abandon(line)* ends the process at once with that line for the user: for a stop
     signal while the tree is being built, by code that may never return, or a build that
-    outlasts ``--start-timeout``. *source* names what the tree is built from
-    (``app file 'app.py'``).
+    outlasts ``--start-timeout``. A reload builds the tree again from *source*.
 
     Raises:
         TendError: the start failed, with the line for the user.
@@ -102,10 +94,10 @@ def run(
             signals,
             abandon_start,
             settings.start_timeout,
-            f"{source} did not finish loading within {settings.start_timeout:g} s "
+            f"{source.description} did not finish loading within {settings.start_timeout:g} s "
             "(--start-timeout)",
         ):
-            application = build_tree()
+            application = source.build()
         identity = resolve_identity(
             settings.uid if settings.uid is not None else application.uid,
             settings.gid if settings.gid is not None else application.gid,

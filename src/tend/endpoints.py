@@ -275,6 +275,13 @@ class Listening:
         if self.rebind is not None and 0 <= index < len(self.copies) and not self.copies[index]:
             self.copies[index] = self.rebind()
 
+    def forget(self) -> None:
+        """Close every socket here, leaving any socket file to the process that made it."""
+        if self._socket_file is not None:
+            self._socket_file.forget()
+            self._socket_file = None
+        self.close()
+
     def close(self) -> None:
         """Close every socket, and remove the UNIX socket file if it is ours."""
         self._open = False

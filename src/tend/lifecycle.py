@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from tend import __version__, daemon
-from tend.errors import StartupError, TendError
+from tend.errors import StartupError, TendError, UsageError
 from tend.launcher import Launcher, detach
 from tend.logs import open_log
 from tend.net import listeners
@@ -56,6 +56,8 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
     # From here on a signal only sets a flag; each phase below checks between its steps.
     signals = Signals(catch=CAUGHT).install()
     loop_factory = event_loop_factory(settings.loop)
+    if settings.reload and not settings.nodaemon:
+        raise UsageError("--reload is for development, in the foreground: add --nodaemon")
     if not settings.nodaemon:
         if settings.log.logfile is None and not settings.log.syslog:
             raise StartupError(
@@ -119,6 +121,7 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
             daemon.redirect_standard_streams()
         supervisor = Supervisor(
             application,
+            source=source,
             workers=settings.workers,
             identity=identity,
             sink=sink,
@@ -139,6 +142,8 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
             daemon.preload_modules()
         daemon.enter_rundir(settings.rundir, settings.chroot)
         check_stop(signals)
+        if settings.reload:
+            supervisor.watch_files()
         return supervisor.run()
     except TendError as error:
         # The launcher's daemon, or a failing worker, has logged this already.

@@ -120,8 +120,14 @@ class _Serving:
         Sent from a task on the event loop, so a loop blocked by a runaway callback
         stops the pings, and the supervisor (and systemd behind it) notices.
         """
+        servers = listeners(self.application)
         while True:
-            self.channel.send(WATCHDOG=1)
+            # With what it serves, for `tendctl status`.
+            self.channel.send(
+                WATCHDOG=1,
+                CONNECTIONS=sum(server.connection_count for server in servers),
+                SERVED=sum(server.served for server in servers),
+            )
             await asyncio.sleep(interval)
 
     async def _start_unless_stopped(self) -> None:

@@ -17,7 +17,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from tend.endpoints import Listening, UNIXEndpoint
+from tend.endpoints import UNIXEndpoint
 
 # A request is small: past this, the peer is not tendctl.
 LONGEST_REQUEST = 4096
@@ -41,9 +41,17 @@ Handler = Callable[[str, Answer], None]
 class ControlServer:
     """The supervisor's end: accepts, checks the peer, reads one request, hands it on."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, take_over: bool = False) -> None:
         self.path = path
-        self.listening: Listening = UNIXEndpoint(path, mode=0o600, backlog=16).listen()
+        if take_over:
+            # The tend being upgraded still listens at *path*: bind beside it, then rename
+            # over it, so that tendctl always finds a live tend there.
+            beside = f"{path}.{os.getpid()}"
+            self.listening = UNIXEndpoint(beside, mode=0o600, backlog=16).listen()
+            os.rename(beside, path)
+            self.listening = self.listening.renamed(path)
+        else:
+            self.listening = UNIXEndpoint(path, mode=0o600, backlog=16).listen()
         self.socket = self.listening.sockets[0]
         self.allowed = {0, os.geteuid()}
         self.connections: dict[int, Connection] = {}

@@ -41,6 +41,9 @@ from tend.systemd import Notifier
 
 log = logging.getLogger("tend")
 
+# Set by a tend being upgraded for the program it starts (see tend.upgrade).
+UPGRADE_CHANNEL = "TEND_UPGRADE_CHANNEL"
+
 
 def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoReturn]) -> int:
     """Run the tree *source* builds until it is stopped; return the exit status.
@@ -53,12 +56,19 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
         TendError: the start failed, with the line for the user.
     """
     daemon.fill_standard_streams()
+    first_cwd = os.getcwd()
     # From here on a signal only sets a flag; each phase below checks between its steps.
     signals = Signals(catch=CAUGHT).install()
+    handover = None
+    if os.environ.get(UPGRADE_CHANNEL):
+        from tend.upgrade import Handover
+
+        # Started by a tend being upgraded: it holds the pidfile and waits for our READY.
+        handover = Handover.from_environment()
     loop_factory = event_loop_factory(settings.loop)
     if settings.reload and not settings.nodaemon:
         raise UsageError("--reload is for development, in the foreground: add --nodaemon")
-    if not settings.nodaemon:
+    if not settings.nodaemon and handover is None:
         if settings.log.logfile is None and not settings.log.syslog:
             raise StartupError(
                 "cannot log to standard output when detached: it is /dev/null; "
@@ -68,7 +78,7 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
         daemon.set_umask(0o077 if settings.umask is None else settings.umask)
     elif settings.umask is not None:
         daemon.set_umask(settings.umask)
-    if settings.pidfile:
+    if settings.pidfile and handover is None:
         # Refuse early, before writing to a log that the running server owns.
         state = read_pidfile(settings.pidfile)
         if state is not None and state.locked:
@@ -79,7 +89,8 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
     sink.install()
     # Read here, in the process systemd started: WATCHDOG_PID names this one.
     notifier = Notifier.from_environment() if os.environ.get("NOTIFY_SOCKET") else None
-    upstream = Upstream(None, notifier)
+    upstream = Upstream(None if handover is None else handover.channel, notifier)
+    upstream.started()
     supervisor: Supervisor | None = None
     in_launcher = False
     try:
@@ -111,7 +122,7 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
             # Taken now: LISTEN_PID names this process, not the daemon it may fork.
             inherited_sockets()
         check_stop(signals)
-        if not settings.nodaemon:
+        if not settings.nodaemon and handover is None:
             sink.flush()
             channel, signals, in_launcher = detach(signals)
             if in_launcher:
@@ -133,6 +144,9 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
                 start_timeout=settings.start_timeout,
                 worker_timeout=settings.worker_timeout,
             ),
+            handover=handover,
+            first_cwd=first_cwd,
+            chrooted=settings.chroot is not None,
         )
         if settings.pidfile:
             supervisor.take_pidfile(settings.pidfile)

@@ -22,11 +22,12 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tend import __version__, daemon
 from tend.channel import Channel
 from tend.control import Connection, ControlServer, control_path
-from tend.endpoints import Endpoint, ListenError, Listening
+from tend.endpoints import ListenError, Listening, endpoint_key, inherited_listening
 from tend.errors import StartupError, TendError, describe_error, quote
 from tend.logs import LogError, LogSink
 from tend.logs.rotating import RECORD_END
@@ -37,9 +38,12 @@ from tend.serve import LoopFactory, starting
 from tend.service import Application
 from tend.signals import STOP, WORKER_CATCHES, WORKER_IGNORES, Signals, name_of
 from tend.sources import TreeSource
-from tend.supervision import Limits, Supervision
+from tend.supervision import START_GRACE, Limits, Supervision, describe_exit
 from tend.systemd import Notifier
 from tend.worker import WorkerPlan, run_worker
+
+if TYPE_CHECKING:
+    from tend.upgrade import Handover, Successor
 
 log = logging.getLogger("tend")
 
@@ -88,6 +92,11 @@ class Upstream:
             self.notifier.send(
                 "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", "STATUS=reloading"
             )
+
+    def handed_over(self, pid: int) -> None:
+        """An upgrade is done: systemd is to watch the successor from now on."""
+        if self.notifier is not None:
+            self.notifier.send(f"MAINPID={pid}", "STATUS=upgraded")
 
     def stopping(self) -> None:
         if self.notifier is not None:
@@ -160,9 +169,19 @@ class Supervisor:
         signals: Signals,
         loop_factory: LoopFactory,
         limits: Limits,
+        handover: Handover | None = None,
+        first_cwd: str | None = None,
+        chrooted: bool = False,
     ) -> None:
         self.application = application
         self.source = source
+        self.handover = handover  # an upgrade's: the sockets the old tend passed on
+        self.first_cwd = first_cwd or os.getcwd()  # where tend was started, for an upgrade
+        self.successor: Successor | None = None
+        self.successor_deadline = 0.0
+        self.chrooted = chrooted
+        self.upgrade_replies: list[Reply] = []
+        self.handed_over = False  # an upgrade is done: socket files belong to the successor
         self.count = workers
         self.identity = identity
         self.sink = sink
@@ -202,11 +221,12 @@ class Supervisor:
     def take_pidfile(self, path: str) -> None:
         """Write and lock the pidfile, for as long as this process runs; open the control
         socket beside it (tendctl can then ask, and hear how it went)."""
+        take_over = self.handover is not None
         self.pidfile = Pidfile(path)
-        self.pidfile.acquire()
+        self.pidfile.acquire(take_over=take_over)
         try:
-            self.control = ControlServer(control_path(self.pidfile.path))
-        except TendError as error:
+            self.control = ControlServer(control_path(self.pidfile.path), take_over=take_over)
+        except (TendError, OSError) as error:
             log.warning("no control socket, tendctl will send signals: %s", error)
 
     def bind(self) -> None:
@@ -220,23 +240,31 @@ class Supervisor:
         the same (in tree order, so two ``tcp:0`` servers keep their two ports); the rest
         are bound now, and closed again if anything fails.
         """
-        reusable: dict[Endpoint, list[Listening]] = {}
+        reusable: dict[str, list[Listening]] = {}
         for listening in self.current.listenings if self.current is not None else ():
-            reusable.setdefault(listening.endpoint, []).append(listening)
+            reusable.setdefault(endpoint_key(listening.endpoint), []).append(listening)
         bound: list[Listening] = []
         taken: list[Listening] = []
         try:
             with starting(application):
                 for server in listeners(application):
-                    kept = reusable.get(server.endpoint)
+                    key = endpoint_key(server.endpoint)
+                    kept = reusable.get(key)
+                    passed = self.handover.take(key) if self.handover is not None else None
                     if kept:
                         listening = kept.pop(0)
                         server.adopt(listening)
+                    elif passed is not None:
+                        listening = inherited_listening(server.endpoint, passed, self.count)
+                        server.adopt(listening)
+                        bound.append(listening)
                     else:
                         listening = server.listen(self.count)
                         bound.append(listening)
                     taken.append(listening)
                 application.privileged_start_service()
+            if self.handover is not None:
+                self.handover.close_unused()
         except BaseException:
             for listening in bound:
                 listening.close()
@@ -310,6 +338,8 @@ class Supervisor:
             moments.extend(c.deadline for c in self.control.connections.values())
         if self.watched is not None:
             moments.append(self.next_look)
+        if self.successor is not None:
+            moments.append(self.successor_deadline)
         wakeup = min(moments, default=None)
         timeout = None if wakeup is None else max(0.0, wakeup - time.monotonic())
         # Log pipes first: a worker writes its log before it says READY or exits, and the
@@ -361,6 +391,11 @@ class Supervisor:
         self.retiring = [g for g in self.retiring if g.workers]
         if self.watched is not None and time.monotonic() >= self.next_look:
             self._look_at_files()
+        if self.successor is not None and time.monotonic() > self.successor_deadline:
+            self._upgrade_failed(
+                f"the new tend program was not ready within "
+                f"{self.limits.start_timeout + START_GRACE:g} s"
+            )
         if self.control is not None:
             now = time.monotonic()
             for connection in list(self.control.connections.values()):
@@ -396,6 +431,8 @@ class Supervisor:
                 self.reopen_log()
             elif signal_number == signal.SIGHUP:
                 self.reload(f"Received {name}")
+            elif signal_number == signal.SIGUSR2:
+                self.upgrade(f"Received {name}")
             elif signal_number in STOP:
                 self.stop(name, f"Received {name}")
 
@@ -409,9 +446,13 @@ class Supervisor:
             self.upstream.stopping()
             for generation in self._live():
                 generation.core.stop()
-            # New clients must be refused now, not queue on sockets no worker accepts.
+            # New clients must be refused now, not queue on sockets no worker accepts; after
+            # an upgrade the successor accepts on them, and their files are its own.
             for listening in self.listenings:
-                listening.close()
+                if self.handed_over:
+                    listening.forget()
+                else:
+                    listening.close()
             # SIGTERM whatever came: a worker leaves the terminal's signals to us.
             self._signal_workers(signal.SIGTERM)
         else:
@@ -454,6 +495,11 @@ class Supervisor:
             answer({"ok": True, **self.describe()})
         elif command == "reload":
             self.reload(
+                "Asked by tendctl",
+                lambda ok, line: answer({"ok": ok, "message": line}),
+            )
+        elif command == "upgrade":
+            self.upgrade(
                 "Asked by tendctl",
                 lambda ok, line: answer({"ok": ok, "message": line}),
             )
@@ -521,8 +567,8 @@ class Supervisor:
         refusal = None
         if self.stop_signal is not None:
             refusal = "cannot reload: tend is stopping"
-        elif self.incoming is not None:
-            refusal = "cannot reload: a reload is already under way"
+        elif self.incoming is not None or self.successor is not None:
+            refusal = "cannot reload: a reload or an upgrade is already under way"
         elif not self.core.reported_ready:
             refusal = "cannot reload: tend is still starting"
         elif self.source is None:
@@ -551,6 +597,124 @@ class Supervisor:
             )
             return
         self.incoming = generation
+
+    def upgrade(self, why: str, reply: Reply | None = None) -> None:
+        """Run the tend program anew on the same sockets; see tend.upgrade.
+
+        *reply(ok, line)* is called once the successor serves, or has failed.
+        """
+        refusal = None
+        if self.stop_signal is not None:
+            refusal = "cannot upgrade: tend is stopping"
+        elif self.incoming is not None or self.successor is not None:
+            refusal = "cannot upgrade: a reload or an upgrade is already under way"
+        elif not self.core.reported_ready:
+            refusal = "cannot upgrade: tend is still starting"
+        elif self.chrooted:
+            refusal = "cannot upgrade under --chroot: the tend program is outside the jail"
+        if refusal is not None:
+            log.warning("%s, but %s", why, refusal.removeprefix("cannot upgrade: "))
+            if reply is not None:
+                reply(False, refusal)
+            return
+        assert self.current is not None
+        assert self.selector is not None
+        from tend.upgrade import start_successor
+
+        log.info("%s, upgrading: starting the tend program anew on the same sockets.", why)
+        self.sink.flush()
+        try:
+            self.successor = start_successor(
+                [
+                    (
+                        endpoint_key(listening.endpoint),
+                        [[s.fileno() for s in c] for c in listening.copies],
+                    )
+                    for listening in self.current.listenings
+                ],
+                self.first_cwd,
+            )
+        except OSError as error:
+            line = f"upgrade failed: cannot start the tend program: {error.strerror or error}"
+            log.error("%s", line)
+            if reply is not None:
+                reply(False, line)
+            return
+        if reply is not None:
+            self.upgrade_replies.append(reply)
+        self.successor_deadline = time.monotonic() + self.limits.start_timeout + START_GRACE
+        successor = self.successor
+        successor.channel.set_blocking(False)
+        self.selector.register(
+            successor.channel.fileno(), selectors.EVENT_READ, self._hear_successor
+        )
+        self.selector.register(successor.pidfd, selectors.EVENT_READ, self._successor_gone)
+
+    def _hear_successor(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        while True:
+            try:
+                message = successor.channel.receive()
+            except BlockingIOError:
+                return
+            if message is None:
+                self._unregister(successor.channel.fileno())
+                successor.channel.close()
+                return
+            if message.error is not None and successor.error is None:
+                successor.error = message.error
+            if message.ready:
+                self._upgraded(successor)
+                return
+
+    def _successor_gone(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        try:
+            _, wait_status = os.waitpid(successor.pid, 0)
+            how = describe_exit(os.waitstatus_to_exitcode(wait_status))
+        except ChildProcessError:
+            how = "an unknown status"
+        self._hear_successor() if not successor.channel.closed else None
+        if self.successor is None:  # it said READY just before it went
+            return
+        reason = successor.error or f"the new tend program exited with {how} before it was ready"
+        self._upgrade_failed(reason)
+
+    def _upgrade_failed(self, reason: str) -> None:
+        successor = self.successor
+        assert successor is not None
+        self.successor = None
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(successor.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(successor.pid, 0)
+        self._unregister(successor.channel.fileno())
+        self._forget_fd(successor.pidfd)
+        successor.channel.close()
+        line = f"upgrade failed: {reason}"
+        log.error("%s; serving on as before", line)
+        replies, self.upgrade_replies = self.upgrade_replies, []
+        for reply in replies:
+            reply(False, line)
+
+    def _upgraded(self, successor: Successor) -> None:
+        """The successor serves: tell whoever waits, then drain and go, leaving it all to it."""
+        self.successor = None
+        self._unregister(successor.channel.fileno())
+        self._unregister(successor.pidfd)
+        # Its exit is now init's to reap: this process goes first.
+        os.close(successor.pidfd)
+        successor.channel.close()
+        self.handed_over = True
+        line = f"upgraded: pid {successor.pid} serves now"
+        log.info("%s; this one (pid %d) drains and exits", line, os.getpid())
+        self.upstream.handed_over(successor.pid)
+        replies, self.upgrade_replies = self.upgrade_replies, []
+        for reply in replies:
+            reply(True, line)
+        self.stop("SIGTERM", "Upgraded")
 
     def watch_files(self) -> None:
         """``--reload``: look at the tree's files every second; reload when one changes."""
@@ -798,12 +962,20 @@ class Supervisor:
     # -- after -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the listeners (removing socket files bound here) and release the pidfile."""
+        """Close the listeners (removing socket files bound here) and release the pidfile.
+
+        After an upgrade the socket files are the successor's, and stay.
+        """
+        if self.successor is not None:
+            self._upgrade_failed("tend stopped first")
         if self.control is not None:
             self.control.close()
             self.control = None
         for listening in self.listenings:
-            listening.close()
+            if self.handed_over:
+                listening.forget()
+            else:
+                listening.close()
         for server in listeners(self.application):
             if server.listening is not None:
                 server.listening.close()

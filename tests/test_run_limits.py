@@ -69,6 +69,8 @@ def test_a_stopped_worker_is_killed_and_replaced(run_tend, tmp_path: Path) -> No
     port = tend.wait_for_port()
     children = Path(f"/proc/{tend.pid}/task/{tend.pid}/children")
     wait_until(lambda: len(children.read_text().split()) == 2)
+    # Both ready (a worker stopped before it is ready is the start timeout's business).
+    wait_until(lambda: tend.stdout.count("PoetryFactory starting on") == 2)
     stopped = int(children.read_text().split()[0])
     os.kill(stopped, signal.SIGSTOP)
     tend.wait_for_output(

@@ -564,19 +564,8 @@ class Supervisor:
 
         *reply(ok, line)* is called once the reload has succeeded or failed.
         """
-        refusal = None
-        if self.stop_signal is not None:
-            refusal = "cannot reload: tend is stopping"
-        elif self.incoming is not None or self.successor is not None:
-            refusal = "cannot reload: a reload or an upgrade is already under way"
-        elif not self.core.reported_ready:
-            refusal = "cannot reload: tend is still starting"
-        elif self.source is None:
-            refusal = "cannot reload: this tree cannot be built again"
-        if refusal is not None:
-            log.warning("%s, but %s", why, refusal.removeprefix("cannot reload: "))
-            if reply is not None:
-                reply(False, refusal)
+        unable = None if self.source is not None else "this tree cannot be built again"
+        if self._refused("reload", why, reply, unable):
             return
         assert self.source is not None
         if reply is not None:
@@ -598,24 +587,29 @@ class Supervisor:
             return
         self.incoming = generation
 
+    def _refused(self, action: str, why: str, reply: Reply | None, unable: str | None) -> bool:
+        """Whether *action* (reload, upgrade) cannot happen now; if so, say why, once."""
+        reason = unable
+        if self.stop_signal is not None:
+            reason = "tend is stopping"
+        elif self.incoming is not None or self.successor is not None:
+            reason = "a reload or an upgrade is already under way"
+        elif not self.core.reported_ready:
+            reason = "tend is still starting"
+        if reason is None:
+            return False
+        log.warning("%s, but cannot %s: %s", why, action, reason)
+        if reply is not None:
+            reply(False, f"cannot {action}: {reason}")
+        return True
+
     def upgrade(self, why: str, reply: Reply | None = None) -> None:
         """Run the tend program anew on the same sockets; see tend.upgrade.
 
         *reply(ok, line)* is called once the successor serves, or has failed.
         """
-        refusal = None
-        if self.stop_signal is not None:
-            refusal = "cannot upgrade: tend is stopping"
-        elif self.incoming is not None or self.successor is not None:
-            refusal = "cannot upgrade: a reload or an upgrade is already under way"
-        elif not self.core.reported_ready:
-            refusal = "cannot upgrade: tend is still starting"
-        elif self.chrooted:
-            refusal = "cannot upgrade under --chroot: the tend program is outside the jail"
-        if refusal is not None:
-            log.warning("%s, but %s", why, refusal.removeprefix("cannot upgrade: "))
-            if reply is not None:
-                reply(False, refusal)
+        unable = "the tend program is outside the --chroot jail" if self.chrooted else None
+        if self._refused("upgrade", why, reply, unable):
             return
         assert self.current is not None
         assert self.selector is not None

@@ -298,7 +298,22 @@ def test_a_third_socket_racing_for_the_passive_port_gets_nothing(
             assert ftp.getresp().startswith("150")
             assert received(real) == HELLO
         assert ftp.voidresp().startswith("226")
+        # Once: the port took its one connection and is closed.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", data_port), timeout=10).close()
     logged(tend, r"refused a data connection from 127\.0\.0\.2:\d+ to the passive port")
+
+
+def test_a_passive_port_nobody_connects_to_closes_after_the_data_timeout(
+    run_tend: Callable[..., Tend], root: Path
+) -> None:
+    _, port = start(run_tend, root, "--data-timeout", "0.5")
+    with login(port) as ftp:
+        data_port = passive_port(ftp)
+        with pytest.raises(ftplib.error_temp, match=r"^425 Cannot open the data connection"):
+            ftp.sendcmd("RETR hello.txt")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", data_port), timeout=10).close()
 
 
 def test_passive_port_listens_on_the_control_address_only(server: tuple[Tend, int]) -> None:
@@ -343,7 +358,7 @@ def test_port_and_eprt_elsewhere_or_below_1024_are_refused_even_when_allowed(
 def test_symlinks_out_of_the_root_are_refused_and_not_listed(server: tuple[Tend, int]) -> None:
     """A link leading out of the folder is neither served, entered nor listed (twistd
     serves both); a link inside it is."""
-    _, port = server
+    tend, port = server
     with login(port) as ftp:
         for command in ("SIZE escape_link.txt", "MDTM escape_link.txt", "CWD escape_dir"):
             with pytest.raises(ftplib.error_perm, match=r"^550 .*outside the served folder"):
@@ -360,6 +375,7 @@ def test_symlinks_out_of_the_root_are_refused_and_not_listed(server: tuple[Tend,
         got = io.BytesIO()
         ftp.retrbinary("RETR inner_link.txt", got.write)
         assert got.getvalue() == HELLO
+    logged(tend, r"127\.0\.0\.1:\d+ RETR 'escape_link.txt' 0 bytes 0.000 s 550")
 
 
 @needs("curl")
@@ -492,6 +508,25 @@ def test_stop_tells_idle_sessions_421_and_exits(server: tuple[Tend, int]) -> Non
     tend, port = server
     with login(port) as ftp:
         tend.process.send_signal(signal.SIGTERM)
+        with pytest.raises(ftplib.error_temp, match=r"^421 The server is shutting down"):
+            ftp.getresp()
+    assert tend.wait() == 0
+
+
+def test_stop_lets_a_transfer_finish_then_says_421(
+    run_tend: Callable[..., Tend], root: Path
+) -> None:
+    """A download under way when tend is stopped completes (within the drain), then 421."""
+    with open(root / "huge.bin", "wb") as huge:
+        huge.truncate(64 * MIB)
+    tend, port = start(run_tend, root)
+    with login(port) as ftp:
+        ftp.voidcmd("TYPE I")
+        with ftp.transfercmd("RETR huge.bin") as data:
+            tend.process.send_signal(signal.SIGTERM)
+            logged(tend, r"Closed\)")
+            assert len(received(data)) == 64 * MIB
+        assert ftp.voidresp().startswith("226")
         with pytest.raises(ftplib.error_temp, match=r"^421 The server is shutting down"):
             ftp.getresp()
     assert tend.wait() == 0

@@ -83,6 +83,8 @@ BEFORE_LOGIN = frozenset(
     {"USER", "PASS", "QUIT", "NOOP", "SYST", "FEAT", "OPTS", "HELP", "AUTH", "PBSZ", "PROT"}
     | {"CLNT", "STAT", "ABOR"}
 )
+# Commands that send over a data connection: each gets a line in the access log.
+TRANSFERS = frozenset({"RETR", "LIST", "NLST", "MLSD"})
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 HALF_A_YEAR = 182 * 24 * 3600
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -672,6 +674,12 @@ class Session:
             await handler(argument)
         except Refused as refusal:
             self.reply(refusal.code, refusal.text)
+            if name in TRANSFERS:  # a refused download is worth a line too: it may be a probe
+                access.info(
+                    "%s %s %s 0 bytes 0.000 s %d", self.client, name, quote(argument), refusal.code
+                )
+        except OSError as error:  # one the folder's checks did not foresee
+            self.reply(451, f"Local error: {error.strerror or error}.")
 
     async def end(self) -> None:
         """Stop the transfer and the data ports, and close the control connection."""
@@ -772,6 +780,11 @@ class Session:
             outcome = "426"
             self.reply(426, "Transfer aborted.")
             raise
+        except Exception:
+            # A bug: the session goes on, the traceback goes to the log.
+            log.exception("the %s of %s failed", name, self.client)
+            outcome = "451"
+            self.reply(451, "Local error; transfer aborted.")
         finally:
             if data is not None:
                 refuse_socket(data)

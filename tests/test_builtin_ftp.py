@@ -302,6 +302,7 @@ def test_a_third_socket_racing_for_the_passive_port_gets_nothing(
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", data_port), timeout=10).close()
     logged(tend, r"refused a data connection from 127\.0\.0\.2:\d+ to the passive port")
+    logged(tend, r"refused 2 data connections in all to the passive port")
 
 
 def test_a_passive_port_nobody_connects_to_closes_after_the_data_timeout(

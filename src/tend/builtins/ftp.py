@@ -352,6 +352,7 @@ class PassivePort:
 
     async def _accept(self, peer: str, patience: float, client: str) -> socket.socket:
         loop = asyncio.get_running_loop()
+        refused = 0
         try:
             async with asyncio.timeout(patience):
                 while True:
@@ -360,14 +361,23 @@ class PassivePort:
                         connection.setblocking(False)
                         return connection
                     refuse_socket(connection)
-                    log.warning(
-                        "refused a data connection from %s to the passive port %d of %s",
-                        format_address(address),
-                        self.port,
-                        client,
-                    )
+                    refused += 1
+                    if refused == 1:  # one line, however many a flood makes
+                        log.warning(
+                            "refused a data connection from %s to the passive port %d of %s",
+                            format_address(address),
+                            self.port,
+                            client,
+                        )
         finally:
             self._sock.close()
+            if refused > 1:
+                log.warning(
+                    "refused %d data connections in all to the passive port %d of %s",
+                    refused,
+                    self.port,
+                    client,
+                )
 
     async def connection(self) -> socket.socket:
         """The data connection, once the client has made it.
@@ -418,7 +428,8 @@ def listen_passive(
                     raise
         else:
             raise DataError("every port of --passive-ports is in use")
-        sock.listen(1)
+        # Room for a few thieves queued ahead of the client, whose SYN must not be dropped.
+        sock.listen(16)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -50,6 +50,7 @@ class RecorderMaker(tend.ServiceMaker):
         tend.Option("label", None, None, "A string."),
         tend.Flag("loud", "l", "A flag."),
         path_option("data-file", None, None, "A path."),
+        tend.Option("tag", "t", "plain", "Repeatable.", type=str.upper, repeatable=True),
     ]
 
     def make_service(self, options):
@@ -251,6 +252,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         label = "seven"
         loud = true
         data_file = "data/input.txt"
+        tag = ["red", "green"]
 
         [[service]]
         plugin = "recorder"
@@ -258,6 +260,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         count = 12
         ratio = 0.25
         loud = false
+        tag = "blue"
         """,
     )
     tend = run_tend("--nodaemon", "--pidfile", "", "-c", str(deploy))
@@ -271,6 +274,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         "label": "seven",
         "loud": True,
         "data_file": str(conf / "data" / "input.txt"),
+        "tag": ["RED", "GREEN"],
     }
     assert second == {
         "record": str(tmp_path / "second.json"),
@@ -279,6 +283,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         "label": None,
         "loud": False,
         "data_file": None,
+        "tag": ["BLUE"],
     }
     assert tend.stop() == 0
 
@@ -320,6 +325,25 @@ ERRORS = {
         """,
         "deploy.toml: entry 1 ('ecstasy'): option 'port': "
         "expected a string or a number, not an array",
+    ),
+    "empty array for a repeatable option": (
+        """\
+        [[service]]
+        plugin = "ftp"
+        listen = []
+        """,
+        "deploy.toml: entry 1 ('ftp-1'): option 'listen': "
+        "expected at least one value, not an empty array",
+    ),
+    "bad item in a repeatable option": (
+        """\
+        [[service]]
+        plugin = "ftp"
+        listen = ["2121", "unix:/tmp/x"]
+        """,
+        "deploy.toml: entry 1 ('ftp-1'): option 'listen': invalid endpoint 'unix:/tmp/x': "
+        "FTP needs TCP (its data connections go to IP addresses) and this server has no TLS; "
+        "give a port or tcp:PORT",
     ),
     "invalid value": (
         """\

@@ -155,6 +155,34 @@ def test_text_default_goes_through_the_type_once() -> None:
     assert calls == ["hello"]
 
 
+def test_repeatable_option_gathers_every_value_in_order() -> None:
+    """A repeatable option given twice arrives as both values; left out, as its default."""
+
+    class Maker(ServiceMaker):
+        epilog = "Ends the help."
+        options = (Option("listen", "p", "80", type=integer, repeatable=True),)
+
+    maker = Maker()
+    assert maker.parse_options([], "tend maker") == {"listen": [80]}
+    assert maker.parse_options(["-p", "1", "--listen", "2", "-p1"], "tend maker") == {
+        "listen": [1, 2, 1]
+    }
+    with pytest.raises(UsageError, match="argument -p/--listen: invalid literal for int"):
+        maker.parse_options(["-p", "1", "-p", "x"], "tend maker")
+    help_text = maker.parser("tend maker").format_help()
+    assert "(repeatable; default: 80)" in help_text
+    assert help_text.rstrip().endswith("Ends the help.")
+
+
+def test_repeatable_option_without_a_default_arrives_empty() -> None:
+    """No default and not given: an empty list, so make_service can always iterate."""
+
+    class Maker(ServiceMaker):
+        options = (Option("tag", None, None, repeatable=True),)
+
+    assert Maker().parse_options([], "tend maker") == {"tag": []}
+
+
 def test_non_text_default_arrives_as_it_is() -> None:
     """A default that is not text is not passed through the type."""
     marker = object()

@@ -40,11 +40,13 @@ class ServiceMaker:
     """Makes the service a plugin runs (twistd: IServiceMaker + IPlugin).
 
     Subclass it, set ``name``, ``description`` and ``options``, implement
-    :meth:`make_service`, and leave an instance at module level.
+    :meth:`make_service`, and leave an instance at module level. An ``epilog``, if set,
+    ends the plugin's ``--help`` as written (twistd: a longer ``usage`` text).
     """
 
     name: str = ""
     description: str = ""
+    epilog: str | None = None
     options: Sequence[Option | Flag] = ()
 
     def make_service(self, options: Mapping[str, object]) -> Service:
@@ -59,6 +61,7 @@ class ServiceMaker:
         parser = CommandParser(
             prog=prog,
             description=self.description,
+            epilog=self.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         add_options(parser, self.options, negatable=False)

@@ -93,12 +93,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # -- options ------------------------------------------------------------------------------
 
 
-def listen_endpoint(text: str) -> tuple[str, ...]:
-    """One ``--listen`` value: a port or a TCP endpoint (not unix: nor tls:), as a 1-tuple.
-
-    A tuple, so that the values of a repeated ``--listen`` add up (argparse's ``extend``)
-    and a deployment file's single value arrives in the same shape.
-    """
+def listen_endpoint(text: str) -> str:
+    """One ``--listen`` value: a port or a TCP endpoint (not unix: nor tls:)."""
     try:
         parse_endpoint(text)
     except EndpointSyntaxError as error:
@@ -109,7 +105,7 @@ def listen_endpoint(text: str) -> tuple[str, ...]:
             f"invalid endpoint {quote(text, 50)}: FTP needs TCP (its data connections go to "
             "IP addresses) and this server has no TLS; give a port or tcp:PORT"
         )
-    return (text,)
+    return text
 
 
 def port_range(text: str) -> tuple[int, int]:
@@ -1312,8 +1308,21 @@ _LISTEN_HELP = (
 class FTPMaker(ServiceMaker):
     name = "ftp"
     description = "Read-only anonymous FTP of one folder (plain FTP, no TLS)."
+    epilog = (
+        "Plain FTP: names, files and the anonymous password cross the network in clear\n"
+        "text, so it listens on loopback unless told otherwise. Read-only: commands that\n"
+        "write answer 550."
+    )
     options = (
-        Option("listen", "p", "2121", _LISTEN_HELP, type=listen_endpoint, metavar="ENDPOINT"),
+        Option(
+            "listen",
+            "p",
+            "2121",
+            _LISTEN_HELP,
+            type=listen_endpoint,
+            metavar="ENDPOINT",
+            repeatable=True,
+        ),
         Option("iface", None, "127.0.0.1", "The interface a bare --listen port is on."),
         Option("root", "r", ".", "The folder to serve.", path=True),
         Flag(
@@ -1367,28 +1376,6 @@ class FTPMaker(ServiceMaker):
         ),
     )
 
-    def parser(self, prog: str) -> argparse.ArgumentParser:
-        """The options, with ``--listen`` repeatable (its values add up)."""
-        others = ServiceMaker()
-        others.description = self.description
-        others.options = tuple(option for option in self.options if option.long != "listen")
-        parser = others.parser(prog)
-        parser.epilog = (
-            "Plain FTP: names, files and the anonymous password cross the network in clear\n"
-            "text, so it listens on loopback unless told otherwise. Read-only: commands that\n"
-            "write answer 550."
-        )
-        parser.add_argument(
-            "-p",
-            "--listen",
-            dest="listen",
-            action="extend",
-            type=listen_endpoint,
-            metavar="ENDPOINT",
-            help=f"{_LISTEN_HELP} (default: 2121)",
-        )
-        return parser
-
     def make_service(self, options: Mapping[str, object]) -> Service:
         settings = Settings(
             root=str(options["root"]),
@@ -1402,18 +1389,13 @@ class FTPMaker(ServiceMaker):
         )
         service = FTPService(settings)
         factory = FTPFactory(service)
-        for endpoint in _endpoints(options["listen"]):
+        listens = options["listen"]
+        if not isinstance(listens, list):
+            raise TypeError(f"--listen: expected a list of endpoints, not {listens!r}")
+        for endpoint in dict.fromkeys(str(listen) for listen in listens):
             listener = FTPListener(endpoint, factory, default_interface=str(options["iface"]))
             listener.set_service_parent(service)
         return service
-
-
-def _endpoints(value: object) -> list[str]:
-    """The ``--listen`` values, each once: a tuple or list of them, or one string."""
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list | tuple):
-        raise TypeError(f"--listen: expected endpoints, not {value!r}")
-    return list(dict.fromkeys(str(item) for item in values))
 
 
 def _ports(value: object) -> tuple[int, int] | None:

@@ -109,8 +109,8 @@ def test_tend_modules_log_through_the_tend_logger() -> None:
     """The framework logs as "tend" (shown as [-]); only an application names its own logger."""
     offenders = []
     for module, tree in modules():
-        if module.startswith("poetry/") or module.startswith("logs/"):
-            continue
+        if module.startswith(("poetry/", "logs/", "builtins/")):
+            continue  # applications (poetry, the built-in plugins) name their own loggers
         for node in ast.walk(tree):
             if (
                 isinstance(node, ast.Call)
@@ -127,25 +127,32 @@ def test_tend_modules_log_through_the_tend_logger() -> None:
     assert offenders == []
 
 
-def test_the_poetry_app_uses_only_the_public_api() -> None:
-    """tend.poetry imports tend itself and its own modules, nothing else of tend's."""
+@pytest.mark.parametrize("package", ["poetry", "builtins"])
+def test_the_apps_use_only_the_public_api(package: str) -> None:
+    """tend.poetry and tend.builtins import tend itself and their own modules, nothing else."""
+    own = f"tend.{package}"
     offenders = []
     for module, tree in modules():
-        if not module.startswith("poetry/"):
+        if not module.startswith(f"{package}/"):
             continue
         for node in ast.walk(tree):
             if (
                 isinstance(node, ast.ImportFrom)
                 and node.module
                 and node.module.startswith("tend.")
-                and not node.module.startswith("tend.poetry")
+                and not node.module.startswith(own)
             ):
                 offenders.append(f"{module}:{node.lineno}: {node.module}")
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.name.startswith("tend.") and not alias.name.startswith("tend.poetry"):
+                    if alias.name.startswith("tend.") and not alias.name.startswith(own):
                         offenders.append(f"{module}:{node.lineno}: {alias.name}")
     assert offenders == []
+
+
+def test_the_builtins_exist_for_the_public_api_rule() -> None:
+    """The rule above has something to check: the built-in plugins' package is there."""
+    assert any(module.startswith("builtins/") for module, _ in modules())
 
 
 def test_no_module_reads_a_private_attribute_of_logging_or_argparse() -> None:

@@ -59,6 +59,8 @@ def root(tmp_path: Path) -> Path:
     (root / "escape_dir").symlink_to(outside)
     (root / "public").symlink_to(".git")
     (root / "alias.txt").symlink_to("hello.txt")
+    (root / "loop").symlink_to("loop")
+    os.mkfifo(root / "fifo")  # opening it for reading would wait for a writer
     return root
 
 
@@ -332,6 +334,8 @@ TRAVERSALS = [
     "/.git/config",
     "/public/config",
     "/%2eenv",
+    "/fifo",
+    "/loop",
 ]
 
 
@@ -440,6 +444,25 @@ def test_pipelined_requests_are_answered_in_order(
     assert hello < head < note
     assert data.endswith(b"a note, deeper down\n")
     assert data.lower().count(b"connection: close") == 1
+
+
+def test_a_half_closed_client_gets_its_answer_and_absolute_targets_stay_inside(
+    run_tend: Callable[..., Tend], root: Path
+) -> None:
+    """A client that ends its side after asking (nc -N) still gets the answer; a target in
+    absolute form (http://host/path) is held to the same rules."""
+    port = start_web(run_tend, root)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"GET http://example.com/hello.txt HTTP/1.1\r\nHost: example.com\r\n\r\n"
+            b"GET http://example.com/../outside/secret.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        sock.shutdown(socket.SHUT_WR)
+        data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert HELLO in data
+    assert b"HTTP/1.1 400 Bad Request\r\n" in data
+    assert SECRET not in data
 
 
 # -- limits ----------------------------------------------------------------------------------

@@ -441,6 +441,8 @@ class Site:
                         if entry.is_symlink():
                             self._inside(entry.path)  # hide what leads out of the root
                         is_folder = entry.is_dir()
+                        if not (is_folder or entry.is_file()):
+                            continue  # FIFOs, devices, broken links: never served
                     except (Refused, OSError):
                         continue
                     entries.append((name, is_folder))

@@ -284,7 +284,8 @@ class HTTPConnection(asyncio.Protocol):
             if self._feed():
                 if started is None:
                     started = loop.time()
-                    deadline = started + limits.header_timeout
+                    if not first:  # the first head's deadline runs from the connect
+                        deadline = started + limits.header_timeout
                 continue
             if self._lost:
                 return None

@@ -552,11 +552,14 @@ def test_a_body_on_a_get_is_read_and_a_large_one_refused(
 
 
 def test_garbage_gets_400_and_the_end(run_tend: Callable[..., Tend], root: Path) -> None:
-    """Something that is not HTTP gets 400 and the connection closes."""
+    """Something that is not HTTP gets 400 and the connection closes, even half-closed."""
     port = start_web(run_tend, root)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
-        assert read_all(sock).startswith(b"HTTP/1.1 400 ")
+    for half_close in (False, True):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock).startswith(b"HTTP/1.1 400 ")
 
 
 # -- the log, the stop, TLS ------------------------------------------------------------

@@ -297,9 +297,10 @@ class HTTPConnection(asyncio.Protocol):
     async def _refuse_unparsable(
         self, error: h11.RemoteProtocolError, started: float | None
     ) -> None:
-        if self._eof or self._lost:
-            return  # ended mid-head: nobody to answer
-        # h11's hint: 431 for a head over the cap, else 400.
+        if self._lost:
+            return
+        # h11's hint: 431 for a head over the cap, else 400. A client that has half-closed
+        # may still read the answer.
         await self._refuse(error.error_status_hint, "-", started)
 
     async def _read_body(self) -> bool:

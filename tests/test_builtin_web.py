@@ -630,21 +630,53 @@ def test_serves_over_tls(
         connection.close()
 
 
-def test_listens_on_every_listen_given(run_tend: Callable[..., Tend], root: Path) -> None:
-    """--listen twice: two listeners, one folder."""
-    tend = run_tend(*FOREGROUND, "web", "--path", str(root), *LOCAL, *LOCAL)
-    ports = wait_until(
-        lambda: (
-            [int(port) for port in re.findall(r"starting on (\d+)", tend.stdout)][:2]
-            if len(re.findall(r"starting on (\d+)", tend.stdout)) >= 2
-            else None
-        )
+@needs_curl
+def test_listens_on_every_listen_given(
+    run_tend: Callable[..., Tend], root: Path, tmp_path: Path
+) -> None:
+    """--listen twice, TCP and a UNIX socket: both serve the one folder."""
+    socket_path = tmp_path / "web.sock"
+    tend = run_tend(
+        *FOREGROUND, "web", "--path", str(root), *LOCAL, "--listen", f"unix:{socket_path}"
     )
-    for port in ports:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.request("GET", "/hello.txt")
-        assert connection.getresponse().read() == HELLO
-        connection.close()
+    port = tend.wait_for_port()
+    tend.wait_for_output(r"starting on .*web\.sock")
+    assert curl(f"http://127.0.0.1:{port}/hello.txt").stdout == HELLO
+    assert curl("--unix-socket", str(socket_path), "http://localhost/hello.txt").stdout == HELLO
+    assert "not loopback" not in tend.stdout
+
+
+def test_a_listener_off_loopback_is_warned_of(run_tend: Callable[..., Tend], root: Path) -> None:
+    """One warning line when a listener is not on loopback (all interfaces here)."""
+    tend = run_tend(*FOREGROUND, "web", "--path", str(root), "--listen", "0", "--iface", "0.0.0.0")
+    port = tend.wait_for_port()
+    warnings = re.findall(r"^.*not loopback.*$", tend.stdout, re.MULTILINE)
+    assert len(warnings) == 1
+    assert f"tend web listens on 0.0.0.0:{port}, which is not loopback" in warnings[0]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    connection.request("GET", "/hello.txt")
+    assert connection.getresponse().read() == HELLO
+    connection.close()
+
+
+def test_runs_from_a_deployment_file(
+    run_tend: Callable[..., Tend], root: Path, tmp_path: Path
+) -> None:
+    """A [[service]] entry with plugin = "web" takes the same options, relative paths included."""
+    deployment = tmp_path / "site.toml"
+    deployment.write_text(
+        "[[service]]\n"
+        'plugin = "web"\n'
+        'name = "site"\n'
+        'path = "root"\n'
+        'listen = "tcp:0:interface=127.0.0.1"\n'
+        "no-listing = true\n"
+        "idle-timeout = 5\n"
+    )
+    tend = run_tend(*FOREGROUND, "-c", str(deployment))
+    port = tend.wait_for_port()
+    assert status(port, "/") == 403
+    assert curl(f"http://127.0.0.1:{port}/hello.txt").stdout == HELLO
 
 
 # -- mistakes ------------------------------------------------------------------------------

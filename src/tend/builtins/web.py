@@ -126,7 +126,7 @@ class WebService(MultiService):
                 log.warning(
                     "tend web listens on %s, which is not loopback: anyone who can reach it "
                     "can read %s",
-                    listener.endpoint,
+                    ", ".join(listener.addresses) or listener.endpoint,
                     self.site.root,
                 )
         log.info("serving folder %s", self.site.root)

@@ -14,6 +14,7 @@ in a worker thread. It knows nothing of HTTP framing (see `tend.builtins.httpser
 from __future__ import annotations
 
 import email.utils
+import errno
 import html
 import io
 import mimetypes
@@ -21,7 +22,6 @@ import os
 import re
 import secrets
 import stat
-import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -266,8 +266,9 @@ class Site:
         """
         real = os.path.realpath(self.root, strict=True)
         if not os.path.isdir(real):
-            raise NotADirectoryError(20, "Not a directory", self.root)
-        os.listdir(real)
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), self.root)
+        with os.scandir(real):
+            pass  # readable, without reading a large folder whole
         self._real_root = os.fsencode(real)
 
     def respond(self, method: str, target: bytes, headers: Mapping[str, str]) -> Reply:
@@ -276,10 +277,9 @@ class Site:
             parsed = parse_target(target, show_dotfiles=self.show_dotfiles)
             return self._respond(method, parsed, headers)
         except Refused as refused:
-            if refused.location is not None:
-                reply = error_reply(refused.status, headers=(("location", refused.location),))
-                return reply
-            return error_reply(refused.status)
+            if refused.location is None:
+                return error_reply(refused.status)
+            return error_reply(refused.status, headers=(("location", refused.location),))
 
     def _respond(self, method: str, target: Target, headers: Mapping[str, str]) -> Reply:
         file, info = self._open(target.segments)
@@ -499,14 +499,3 @@ def _if_range_holds(headers: Mapping[str, str], etag: str, modified: str) -> boo
         return condition == etag  # a strong comparison: a weak tag never matches
     when = parse_http_date(condition)
     return when is not None and when == parse_http_date(modified)
-
-
-def now_http_date() -> str:
-    """The Date header's value for now, formatted once a second."""
-    second = int(time.time())
-    if _date_cache[0] != second:
-        _date_cache[:] = [second, http_date(second)]
-    return str(_date_cache[1])
-
-
-_date_cache: list[object] = [0, ""]

@@ -26,7 +26,7 @@ from typing import cast
 import h11
 
 from tend import AccessLog, __version__, format_address, reset
-from tend.builtins.httpfiles import FileSlice, Reply, Site, error_reply, now_http_date
+from tend.builtins.httpfiles import FileSlice, Reply, Site, error_reply, http_date
 
 log = logging.getLogger("tend.builtins.web")
 access = AccessLog("tend.builtins.web")
@@ -100,6 +100,21 @@ class _Peer:
         if isinstance(self.address, tuple) and self.address:
             return str(self.address[0])
         return format_address(self.address)
+
+
+class _Date:
+    """The Date header's value, formatted once a second."""
+
+    second = -1
+    text = ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.text = http_date(second)
+            cls.second = second
+        return cls.text
 
 
 class _LogTime:
@@ -404,7 +419,7 @@ class HTTPConnection(asyncio.Protocol):
         self._sent = 0
         status = reply.status
         try:
-            headers = [("date", now_http_date()), ("server", SERVER), *reply.headers]
+            headers = [("date", _Date.now()), ("server", SERVER), *reply.headers]
             if reply.close or self.factory.stopping:
                 headers.append(("connection", "close"))
             try:

@@ -587,3 +587,69 @@ def test_a_plugin_that_fails_to_make_its_service_names_the_entry(
         "RuntimeError: no luck (the traceback is in the log)\n"
     )
     assert "Traceback" in tend.stdout
+
+
+CLASHES = {
+    "same port": ("port = 10300", "port = 10300", "localhost:10300"),
+    "same endpoint": ('port = "tcp:10300"', 'port = "tcp:10300"', "localhost:10300"),
+    "a wildcard and one interface": (
+        'port = "tcp:10300:interface=0.0.0.0"',
+        'port = "tcp:10300:interface=127.0.0.1"',
+        "127.0.0.1:10300",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASHES))
+def test_two_entries_on_one_port_are_both_named(tmp_path: Path, case: str) -> None:
+    """Two entries that would listen on the same address: one line naming both, and where."""
+    first, second, where = CLASHES[case]
+    write(
+        tmp_path / "deploy.toml",
+        f'[[service]]\nplugin = "poetry"\nname = "ecstasy"\n{first}\n'
+        f'[[service]]\nplugin = "poetry"\nname = "tyger"\n{second}\n',
+    )
+    with pytest.raises(DeploymentError) as caught:
+        load_deployment(str(tmp_path / "deploy.toml")).build()
+    assert str(caught.value).endswith(
+        f"deploy.toml: entry 1 ('ecstasy') and entry 2 ('tyger') both listen on {where}; "
+        "give each entry its own port"
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("port = 0", "port = 0"),
+        ("port = 10300", "port = 10301"),
+        ('port = "tcp:10300:reusePort=yes"', 'port = "tcp:10300:reusePort=yes"'),
+        ('port = "tcp:10300:interface=127.0.0.1"', 'port = "tcp:10300:interface=127.0.0.2"'),
+    ],
+)
+def test_entries_that_can_share_are_not_called_a_clash(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """Port 0, other ports, SO_REUSEPORT on both, other interfaces: no clash is claimed."""
+    write(
+        tmp_path / "deploy.toml",
+        f'[[service]]\nplugin = "poetry"\n{first}\n[[service]]\nplugin = "poetry"\n{second}\n',
+    )
+    assert len(list(load_deployment(str(tmp_path / "deploy.toml")).build())) == 2
+
+
+def test_a_port_clash_is_one_line_before_anything_listens(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """tend -c with two entries on one port exits 1 with the line naming both."""
+    write(
+        tmp_path / "deploy.toml",
+        '[[service]]\nplugin = "poetry"\nname = "ecstasy"\nport = 10300\n'
+        '[[service]]\nplugin = "poetry"\nname = "tyger"\nport = 10300\n',
+    )
+    tend = run_tend("--nodaemon", "--pidfile", "", "-c", "deploy.toml")
+    assert tend.wait() == 1
+    assert tend.stderr == (
+        "tend: deploy.toml: entry 1 ('ecstasy') and entry 2 ('tyger') both listen on "
+        "localhost:10300; give each entry its own port\n"
+    )
+    assert "starting on" not in tend.stdout

@@ -175,3 +175,20 @@ def test_a_workers_traceback_is_never_split_across_rotated_files(run_tend, tmp_p
                 assert f"ValueError: boom {number}\n" in text, (file, number)
             if f"ValueError: boom {number}\n" in text:
                 assert f"] record {number}\n" in text, (file, number)
+
+
+def test_a_detached_daemons_first_syslog_lines_carry_its_pid(tmp_path, daemons):
+    """`Log opened.` and `starting up`, logged before tend detaches, name the daemon's pid."""
+    path = tmp_path / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(path))
+        syslog.settimeout(10)
+        subprocess.run(
+            [*TEND, "--syslog", "--syslog-address", str(path), *LOCAL],
+            cwd=tmp_path, check=True, timeout=60,
+        )  # fmt: skip
+        daemon = int((tmp_path / "tend.pid").read_text())
+        daemons.add(daemon)
+        first, second = syslog.recv(4096).decode(), syslog.recv(4096).decode()
+    assert first.startswith(f"<14>tend[{daemon}]: [-] Log opened.")
+    assert second.startswith(f"<14>tend[{daemon}]: [-] tend ")

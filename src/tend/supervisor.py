@@ -141,6 +141,7 @@ class _Worker:
     started: float = field(default_factory=time.time)
     connections: int = 0  # open, as of its last ping
     served: int = 0  # since it started, as of its last ping
+    unsignalable: bool = False  # a signal to it failed with EPERM: it is asked on its channel
 
 
 Reply = Callable[[bool, str], None]
@@ -420,8 +421,7 @@ class Supervisor:
                 )
             worker = self.workers.get(late.pid)
             if worker is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+                self._send_signal(worker, signal.SIGKILL)
 
     def _handle_signals(self) -> None:
         for signal_number in self.signals.take():
@@ -766,8 +766,31 @@ class Supervisor:
     def _signal_workers(self, signal_number: int, generation: Generation | None = None) -> None:
         for worker in list(self.workers.values()):
             if generation is None or worker.generation is generation:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(worker.pidfd, signal_number)
+                self._send_signal(worker, signal_number)
+
+    def _send_signal(self, worker: _Worker, signal_number: int) -> None:
+        """Signal *worker*, or, where the kernel refuses, ask it on its channel to stop.
+
+        A supervisor without CAP_KILL (a systemd unit's capability set) may not signal a
+        worker running as another user: then STOP=1 on the channel does what SIGTERM
+        would, and a second one what a second SIGTERM would. Nothing can stand in for
+        SIGKILL: a worker that ignores its channel as well is left to the service manager.
+        """
+        try:
+            signal.pidfd_send_signal(worker.pidfd, signal_number)
+        except ProcessLookupError:
+            return
+        except PermissionError as error:
+            if not worker.unsignalable:
+                worker.unsignalable = True
+                log.error(
+                    "cannot signal worker %d (pid %d): %s; asking it to stop on its channel "
+                    "instead (signalling workers that run as another user needs CAP_KILL)",
+                    worker.number,
+                    worker.pid,
+                    error.strerror,
+                )
+            worker.channel.send(STOP=1)
 
     def _ping_interval(self) -> float | None:
         """How often workers say they are alive: for systemd's watchdog and our own."""

@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         say(f"{error.prog or PROG}: {error}", error.hint)
         sys.exit(2)
     except TendError as error:
+        if error.already_said:  # in the journal already, from the log on the same stream
+            sys.exit(1)
         _fail(str(error), 1)
     except KeyboardInterrupt:
         _fail("interrupted before the services were ready", 1)

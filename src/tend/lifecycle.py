@@ -161,8 +161,10 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
         return supervisor.run()
     except TendError as error:
         # The launcher's daemon, or a failing worker, has logged this already.
-        if not in_launcher and not isinstance(error, WorkerFailedError):
-            log.error("tend: %s", error)
+        if not in_launcher:
+            if not isinstance(error, WorkerFailedError):
+                log.error("tend: %s", error)
+            error.already_said = sink.shares_stderr
         upstream.failed(str(error))
         raise
     except BaseException:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from .conftest import SERVICE, SOCKET, Systemd, fetch
 
 # Logs one line at each level once started, one with a traceback, and one long line.
@@ -110,11 +108,6 @@ def test_a_failed_start_is_an_error_in_the_journal(systemd: Systemd) -> None:
     assert errors, systemd.journal_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: cli.py prints to stderr the line lifecycle.py has already logged to "
-    "stdout, and journald files both",
-)
 def test_a_failed_start_is_reported_once(systemd: Systemd) -> None:
     """tend's one line about a failed start appears once in the journal, not twice."""
     systemd.install_shipped()

@@ -142,6 +142,19 @@ def test_a_killed_tend_is_restarted(systemd: Systemd) -> None:
     assert fetch(systemd.machine) == POEM.read_bytes()
 
 
+def test_systemctl_reload_serves_a_new_generation_in_the_same_process(systemd: Systemd) -> None:
+    """The shipped ExecReload= sends SIGHUP: new workers serve, the main pid stays."""
+    systemd.install_shipped()
+    systemd.reload()
+    systemd("start", SOCKET, SERVICE)
+    first = systemd.main_pid()
+    systemd("reload", SERVICE)
+    systemd.wait_for_journal("reloaded: generation 2")
+    assert systemd.main_pid() == first
+    assert systemd.state() == "active/running"
+    assert fetch(systemd.machine) == POEM.read_bytes()
+
+
 def test_the_machine_has_systemd_as_pid_1(machine: Machine) -> None:
     """The judge is the real thing: PID 1 in the container is systemd 252 or newer."""
     assert machine.run("cat", "/proc/1/comm").stdout.strip() == "systemd"

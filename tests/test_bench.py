@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -493,3 +494,87 @@ def test_http_mode_is_not_hold_mode(binaries: None) -> None:
         )
         assert done.returncode == 2, args
         assert "usage:" in done.stderr
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """bench/run.py with tiny windows; its results JSON and its tables."""
+    output = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "run.py"),
+            *("--rounds", "1", "--duration", "0.5", "--warmup", "0", "--starts", "0"),
+            *("--no-cli", "--no-hold", "--output", str(output), *args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results: dict[str, Any] = json.loads(output.read_text())
+    return results, done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_run_py_new_rows_smoke(binaries: None, tmp_path: Path) -> None:
+    """The proxy, reload, workers and web rows run end to end; `tend web` waits if absent."""
+    results, tables = run_bench(
+        tmp_path,
+        *("--only", "tend-proxy,tend-proxy-miss,reload,tend-uvloop-shared,web"),
+        *("--reload-duration", "2", "--reload-interval", "0.5", "--miss-delay", "0.01"),
+    )
+    servers = results["servers"]
+    measured = ["tend-proxy", "tend-proxy-miss", "tend-steady", "tend-reload", "tend-uvloop-shared"]
+    for name in measured:
+        summary = servers[name]["summary"]
+        assert summary["errors"] == 0, (name, summary["failures"])
+        assert summary["cpu_us_per_fetch"]["n"] == 1
+    # Clients that arrive during a fetch share it: far fewer upstream fetches than clients.
+    assert servers["tend-proxy-miss"]["summary"]["upstream_per_client"]["median"] < 0.5
+    reloads = servers["tend-reload"]["summary"]["reloads"]
+    assert reloads["asked"] >= 3
+    assert reloads["done"] == reloads["asked"], reloads["failed"]
+    assert "reloads" not in servers["tend-steady"]["summary"]
+    if (BENCH / ".venv" / "bin" / "twistd").exists():
+        for name in ("http.server-2k", "twistd-web-1m"):
+            summary = servers[name]["summary"]
+            assert summary["errors"] == 0, (name, summary["failures"])
+            assert summary["requests_per_connection"]["median"] > 1  # keep-alive held
+    for title in (
+        "### The proxy, serving from its cache",
+        "### The proxy on a cache miss",
+        "### Reload under load",
+        "### Workers: one and two",
+        "### Static files over HTTP/1.1 keep-alive",
+    ):
+        assert title in tables
+    assert "### Throughput" not in tables  # no poetry rows were asked for
+    has_web = subprocess.run(
+        [str(Path(sys.executable).parent / "tend"), "web", "--help"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if has_web.returncode == 0:
+        assert "| tend-web-2k |" in tables
+    else:
+        assert "tend-web-2k, tend-web-1m skipped: tend has no web plugin yet" in tables
+
+
+@pytest.mark.timeout(240)
+def test_run_py_twistd_proxy_smoke(binaries: None, tmp_path: Path) -> None:
+    """The tutorial's proxy under twistd caches, and with --no-cache fetches for every client."""
+    if not (BENCH / ".venv" / "bin" / "twistd").exists():
+        pytest.skip("needs bench/.venv with Twisted: make -C bench venv")
+    results, tables = run_bench(
+        tmp_path, "--only", "twistd-proxy,twistd-proxy-miss", "--miss-delay", "0.01"
+    )
+    servers = results["servers"]
+    for name in ("twistd-proxy", "twistd-proxy-miss"):
+        assert servers[name]["summary"]["errors"] == 0
+    # The cached proxy fetched once, for run.py's first client, and never again.
+    assert servers["twistd-proxy"]["summary"]["upstream_per_client"]["max"] < 0.01
+    per_client = servers["twistd-proxy-miss"]["summary"]["upstream_per_client"]["median"]
+    assert 0.9 <= per_client <= 1.05
+    assert "| twistd-proxy-miss |" in tables

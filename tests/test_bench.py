@@ -578,3 +578,60 @@ def test_run_py_twistd_proxy_smoke(binaries: None, tmp_path: Path) -> None:
     per_client = servers["twistd-proxy-miss"]["summary"]["upstream_per_client"]["median"]
     assert 0.9 <= per_client <= 1.05
     assert "| twistd-proxy-miss |" in tables
+
+
+def test_chart_draws_every_measured_row(tmp_path: Path) -> None:
+    """bench/chart.py turns run.py's results into an SVG naming each row it has figures for."""
+    python = BENCH / ".venv" / "bin" / "python"
+    if not (BENCH / ".venv" / ".chart-installed").exists():
+        pytest.skip("needs matplotlib in bench/.venv: make -C bench venv")
+
+    def spread(value: float) -> dict[str, float]:
+        return {"median": value, "min": value * 0.9, "max": value * 1.1, "n": 3}
+
+    def row(cpu: float, rate: float) -> dict[str, Any]:
+        return {"summary": {"cpu_us_per_fetch": spread(cpu), "fetches_per_s": spread(rate)}}
+
+    results = {
+        "meta": {
+            "date": "2026-12-01 12:00 UTC",
+            "cpus": 2,
+            "cpu": "a test CPU",
+            "python": "3.11",
+            "tend": "0.2.0",
+            "twisted": "26.10.0",
+            "git": "abc1234",
+        },
+        "settings": {"rounds": 3},
+        "servers": {
+            "tend-uvloop": row(20.0, 50000),
+            "twistd": row(47.0, 21000),
+            "twistd-proxy": row(70.0, 12000),
+            "twistd-web-2k": row(200.0, 4800),
+            "tend-web-2k": {"samples": []},  # skipped: no summary, no bar
+        },
+    }
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(results))
+    chart = tmp_path / "chart.svg"
+    done = subprocess.run(
+        [
+            str(python),
+            str(BENCH / "chart.py"),
+            str(source),
+            str(chart),
+            "--png",
+            str(tmp_path / "c.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    svg = chart.read_text()
+    for name in ("tend-uvloop", "twistd", "twistd-proxy", "twistd-web-2k"):
+        assert f">{name}<" in svg
+    assert ">tend-web-2k<" not in svg
+    assert "tend not measured in this run" in svg
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -1657,16 +1657,16 @@ def missing_feature(server: Server) -> str | None:
     """Why this tend cannot run *server*'s row, or None if it can."""
     if server.app == "web" and tend_plugin_help("web") is None:
         return "tend has no web plugin yet (`tend web --help` fails; `tend` does not list it)"
-    if server.app == "proxy":
+    if server.app == "proxy" and server.kind == "tend":
         proxy = tend_plugin_help("poetry-proxy")
         if proxy is None:
             return "tend has no poetry-proxy plugin"
         if not server.cache and "--cache-ttl" not in proxy:
             return "`tend poetry-proxy` has no --cache-ttl option yet"
-    if upstream_of(server) is not None or server.app == "poetry":
-        poetry = tend_plugin_help("poetry") or ""
-        if server.app == "proxy" and not server.cache and "--chunk-size" not in poetry:
-            return "`tend poetry` has no --chunk-size/--delay for the slow upstream yet"
+    # Both proxies' cache misses fetch from a slow `tend poetry`.
+    slow = "--chunk-size" in (tend_plugin_help("poetry") or "")
+    if server.app == "proxy" and not server.cache and not slow:
+        return "`tend poetry` has no --chunk-size/--delay for the slow upstream yet"
     if server.group == "reload" and not TENDCTL.exists():
         return f"{TENDCTL} is missing"
     return None

@@ -376,6 +376,22 @@ def tree_rss_kib(pid: int) -> int:
     return rss_kib(pid) + sum(rss_kib(child) for child in descendants(pid))
 
 
+def pss_kib(pid: int) -> int:
+    """Pss of one process in KiB (0 if it is gone): each page shared with other processes
+    counted as its share, so that a forked tree's memory is not counted twice."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def tree_pss_kib(pid: int) -> int:
+    """Pss of *pid* and all its descendants, in KiB: what the tree costs the machine."""
+    return pss_kib(pid) + sum(pss_kib(child) for child in descendants(pid))
+
+
 # --------------------------------------------------------------------------- machine
 
 
@@ -561,6 +577,7 @@ class Running:
     log_path: Path
     exec_to_first_fetch_s: float | None
     idle_rss_kib: int
+    idle_pss_kib: int
     pidfile: Path | None = None
     upstream: Running | None = None  # a proxy's upstream poetry server
 
@@ -716,6 +733,7 @@ def start(
         log_path,
         exec_to_fetch if full_fetch else None,
         tree_rss_kib(proc.pid),
+        tree_pss_kib(proc.pid),
         pidfile,
     )
 
@@ -919,6 +937,7 @@ def measure_round(ctx: Context, server: Server, settings: Settings) -> Json:
     with serving(ctx, server, settings) as running:
         sample["exec_to_first_fetch_ms"] = 1000 * (running.exec_to_first_fetch_s or 0)
         sample["idle_rss_kib"] = running.idle_rss_kib
+        sample["idle_pss_kib"] = running.idle_pss_kib
         if settings.warmup > 0:
             warm = load(ctx, running, settings.concurrency, settings.warmup)
             fetched += warm["fetches"] + warm["mismatches"]
@@ -968,6 +987,7 @@ def measure_start(ctx: Context, server: Server, settings: Settings) -> Json:
     return {
         "exec_to_first_fetch_ms": 1000 * (running.exec_to_first_fetch_s or 0),
         "idle_rss_kib": running.idle_rss_kib,
+        "idle_pss_kib": running.idle_pss_kib,
         "exit_after_sigterm_ms": 1000 * exit_s,
         "exit_status": status,
         "clean_exit": clean_exit(status),
@@ -1103,6 +1123,7 @@ def summarize(samples: list[Json], starts: list[Json], sweep: list[int]) -> Json
         "errors": sum(r["errors"] + r["mismatches"] for r in loads),
         "exec_to_first_fetch_ms": spread(s["exec_to_first_fetch_ms"] for s in every_start),
         "idle_rss_kib": spread(s["idle_rss_kib"] for s in every_start),
+        "idle_pss_kib": spread(s.get("idle_pss_kib", 0) for s in every_start),
         "exit_after_sigterm_ms": spread(s["exit_after_sigterm_ms"] for s in every_start),
         "unclean_exits": sum(not s["clean_exit"] for s in every_start),
         "failures": failure_kinds(loads),
@@ -1168,6 +1189,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def fmt_ratio(value: float | None) -> str:
     return f"{value:.2f}{TIMES}" if value is not None else DASH
+
+
+def fmt_measured(value: float | None, goal: str) -> str:
+    """A target's figure as its goal is written: a ratio, or a difference in ms or MiB."""
+    unit = goal.rsplit(" ", 1)[-1]
+    if value is None or unit not in ("ms", "MiB"):
+        return fmt_ratio(value)
+    return f"{value:+.1f} {unit}"
 
 
 def fmt_spread(value: Json | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -1466,6 +1495,7 @@ def report(results: Json, settings: Settings) -> str:
                 fmt_ratio(ratio(start, median_of(twistd, "exec_to_first_fetch_ms"))),
                 fmt_spread(summary["idle_rss_kib"], scale=1 / 1024),
                 fmt_ratio(ratio(rss, median_of(twistd, "idle_rss_kib"))),
+                fmt_spread(summary["idle_pss_kib"], scale=1 / 1024),
                 fmt_spread(summary["exit_after_sigterm_ms"]),
                 str(summary["unclean_exits"]),
             ]
@@ -1478,6 +1508,7 @@ def report(results: Json, settings: Settings) -> str:
                 "vs twistd",
                 "idle RSS MiB",
                 "vs twistd",
+                "idle PSS MiB",
                 "exit after SIGTERM ms",
                 "unclean exits",
             ],
@@ -1561,7 +1592,7 @@ def report(results: Json, settings: Settings) -> str:
     if any(t["measured"] is not None for t in results["targets"]):
         out += ["", "### Targets", ""]
         rows = [
-            [t["target"], fmt_ratio(t["measured"]), t["goal"], t["verdict"]]
+            [t["target"], fmt_measured(t["measured"], t["goal"]), t["goal"], t["verdict"]]
             for t in results["targets"]
         ]
         out.append(markdown_table(["target", "measured", "goal", "verdict"], rows))
@@ -1570,6 +1601,11 @@ def report(results: Json, settings: Settings) -> str:
         out += ["", "Notes:", ""]
         out += [f"- {n}" for n in results["notes"]]
     return "\n".join(out) + "\n"
+
+
+def difference(value: float | None, base: float | None, unit: float = 1) -> float | None:
+    """*value* less *base*, in *unit*s; None if either is missing."""
+    return None if value is None or base is None else (value - base) / unit
 
 
 def check_targets(results: Json) -> list[Json]:
@@ -1612,6 +1648,31 @@ def check_targets(results: Json) -> list[Json]:
             ratio(med("tend-asyncio", "idle_rss_kib"), med("twistd", "idle_rss_kib")),
             f"≤ 0.60{TIMES}",
             lambda v: v <= 0.6,
+        ),
+        (
+            "tend-asyncio exec → first fetch minus bare-asyncio, ms",
+            difference(
+                med("tend-asyncio", "exec_to_first_fetch_ms"),
+                med("bare-asyncio", "exec_to_first_fetch_ms"),
+            ),
+            "≤ 10 ms",
+            lambda v: v <= 10,
+        ),
+        (
+            "tend-asyncio idle RSS minus bare-asyncio, MiB (the whole tree)",
+            difference(
+                med("tend-asyncio", "idle_rss_kib"), med("bare-asyncio", "idle_rss_kib"), 1024
+            ),
+            "≤ 1 MiB",
+            lambda v: v <= 1,
+        ),
+        (
+            "tend-asyncio idle PSS minus bare-asyncio, MiB (shared pages once)",
+            difference(
+                med("tend-asyncio", "idle_pss_kib"), med("bare-asyncio", "idle_pss_kib"), 1024
+            ),
+            "≤ 1 MiB",
+            lambda v: v <= 1,
         ),
     ]
     return [

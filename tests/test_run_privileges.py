@@ -129,9 +129,13 @@ def _port(log: Path) -> int | None:
 
 
 def _count_sent(rundir: Path) -> int:
-    return sum(
-        path.read_text().count("sending 2807 bytes of poetry") for path in rundir.glob("*.log*")
-    )
+    """Lines sent, over the log and its rotated files; -1 if a rotation moved one meanwhile."""
+    try:
+        return sum(
+            path.read_text().count("sending 2807 bytes of poetry") for path in rundir.glob("*.log*")
+        )
+    except FileNotFoundError:
+        return -1
 
 
 @needs_root

@@ -823,7 +823,6 @@ class Supervisor:
             loop_factory=self.loop_factory,
             limits=self.limits,
             ping_interval=self._ping_interval(),
-            supervisor_pid=os.getpid(),
         )
         self.sink.flush()
         with self.signals.forking():

@@ -36,7 +36,7 @@ from tend.settings import Settings
 from tend.signals import CAUGHT, STOP, Signals, abandoning_on_stop, name_of
 from tend.sources import TreeSource
 from tend.supervision import Limits
-from tend.supervisor import Supervisor, Upstream, WorkerFailedError
+from tend.supervisor import Supervisor, Upstream
 from tend.systemd import Notifier
 
 log = logging.getLogger("tend")
@@ -130,6 +130,7 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
             upstream.launcher = channel
             upstream.started()
             daemon.redirect_standard_streams()
+        sink.settle()
         supervisor = Supervisor(
             application,
             source=source,
@@ -160,10 +161,9 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
             supervisor.watch_files()
         return supervisor.run()
     except TendError as error:
-        # The launcher's daemon, or a failing worker, has logged this already.
+        # The launcher's daemon has logged this already.
         if not in_launcher:
-            if not isinstance(error, WorkerFailedError):
-                log.error("tend: %s", error)
+            log.error("tend: %s", error)
             error.already_said = sink.shares_stderr
         upstream.failed(str(error))
         raise

@@ -79,6 +79,7 @@ class Exit:
     pid: int
     how: str  # "status 3", "signal SIGKILL"
     restart_in: float
+    error: str | None = None  # what the worker said went wrong (ERROR=), if it did
 
 
 def describe_exit(code: int) -> str:
@@ -156,7 +157,7 @@ class Supervision:
         self.quick_deaths[worker.number] = deaths
         delay = 0.0 if deaths == 0 else min(RESTART_MAX, RESTART_FIRST * 2 ** (deaths - 1))
         self.restarts[worker.number] = now + delay
-        return Exit(worker.number, pid, describe_exit(code), delay)
+        return Exit(worker.number, pid, describe_exit(code), delay, worker.error)
 
     def stop(self) -> bool:
         """A stop was asked for (or the start failed); True the first time."""

@@ -962,10 +962,11 @@ class Supervisor:
         exit_ = generation.core.exited(worker.pid, os.waitstatus_to_exitcode(wait_status))
         if exit_ is not None:
             log.warning(
-                "worker %d (pid %d) exited with %s; starting a new one in %.1f s",
+                "worker %d (pid %d) exited with %s%s; starting a new one in %.1f s",
                 exit_.number,
                 exit_.pid,
                 exit_.how,
+                "" if exit_.error is None else f" ({exit_.error})",
                 exit_.restart_in,
             )
             if exit_.restart_in >= COPY_KEPT_FOR and self.incoming is None and not self.retiring:

@@ -59,7 +59,7 @@ def run_worker(
             ping_interval=plan.ping_interval,
         )
     except TendError as error:
-        log.error("tend: %s", error)
+        # The supervisor logs it: once for a failed start, however many workers fail alike.
         channel.send(ERROR=error)
     except BaseException as error:
         log.exception("worker %d stopped on an unexpected error", plan.number)

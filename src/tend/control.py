@@ -60,7 +60,11 @@ class ControlServer:
         return self.socket.fileno()
 
     def accept(self) -> Connection | None:
-        """Take the next peer, or None if none is waiting or it may not ask anything."""
+        """Take the next peer, or None if none is waiting.
+
+        A peer that may not ask anything is answered so once its request has arrived (not
+        at once: closing before it has sent would leave it a broken pipe, not the reason).
+        """
         try:
             peer, _ = self.socket.accept()
         except (BlockingIOError, InterruptedError):
@@ -69,12 +73,8 @@ class ControlServer:
             return None
         peer.setblocking(False)
         uid = peer_uid(peer)
-        if uid not in self.allowed:
-            with contextlib.suppress(OSError):
-                peer.send(_encode({"ok": False, "message": f"uid {uid} may not control tend"}))
-            peer.close()
-            return None
-        connection = Connection(peer)
+        refusal = None if uid in self.allowed else f"uid {uid} may not control tend"
+        connection = Connection(peer, refusal)
         self.connections[connection.fileno()] = connection
         return connection
 
@@ -96,8 +96,9 @@ class ControlServer:
 class Connection:
     """One tendctl asking one thing."""
 
-    def __init__(self, peer: socket.socket) -> None:
+    def __init__(self, peer: socket.socket, refusal: str | None = None) -> None:
         self.peer = peer
+        self.refusal = refusal  # the answer to whatever it asks: it may not ask
         self.buffer = b""
         self.deadline = time.monotonic() + REQUEST_TIMEOUT
         self.answered = False
@@ -126,6 +127,9 @@ class Connection:
                 self.answer({"ok": False, "message": "the request is too long"})
                 raise ValueError("too long")
             return None
+        if self.refusal is not None:
+            self.answer({"ok": False, "message": self.refusal})
+            raise ValueError("refused")
         import json  # here: a run that is never asked anything need not import it
 
         line = self.buffer.split(b"\n", 1)[0]

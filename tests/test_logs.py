@@ -1069,7 +1069,7 @@ def test_syslog_sends_rfc3164_with_tag_pid_and_facility(
     pid = os.getpid()
     daemon = 3 << 3
     logging.getLogger("tend.poetry.server").warning("slow client %s", "127.0.0.1:1")
-    # The first lines wait until this process forks, logs an error, or closes the log.
+    # The first lines wait until tend settles which process serves, an error, or the end.
     sink.close()
     assert server.recv(4096) == f"<{daemon | 6}>poetry[{pid}]: [-] Log opened.\0".encode()
     assert (
@@ -1104,10 +1104,11 @@ def test_syslog_sends_each_traceback_line_as_a_message(
 def test_syslog_reports_the_pid_of_a_forked_process(
     open_sink: OpenSink, attach: Attach, syslog_socket: tuple[str, socket.socket]
 ) -> None:
-    """The pid is read per message: a daemon opens syslog, then forks."""
+    """The pid is read per message: a daemon opens syslog, then forks its workers."""
     path, server = syslog_socket
     sink = open_sink(LogConfig(syslog=True, syslog_address=path))
     log = attach(sink)
+    sink.settle()  # as tend does once it knows it serves, before it forks workers
     child = os.fork()
     if child == 0:  # pragma: no cover -- runs in the child
         try:
@@ -1133,6 +1134,7 @@ def test_syslog_first_lines_carry_the_pid_of_the_process_that_forked_on(
         try:
             os.close(read)
             os.setsid()
+            sink.settle()  # as the daemon does once detached
             logging.getLogger("tend").info("the daemon")
             sink.close()
             os.write(write, b".")
@@ -1178,7 +1180,7 @@ def test_syslog_json_format(
     path, server = syslog_socket
     sink = open_sink(LogConfig(syslog=True, syslog_address=path, format="json"))
     attach(sink).info("hello", extra={"peer": "x"})
-    sink.close()  # sends the first lines, which wait for a fork, an error or the end
+    sink.close()  # sends the first lines, which wait for settle(), an error or the end
     head, body = server.recv(4096).decode().rstrip("\0").split(": ", 1)
     assert head == f"<14>tend[{os.getpid()}]"
     assert json.loads(body)["peer"] == "x"

@@ -171,6 +171,11 @@ class LogSink:
         """Write out every buffered line now."""
         self.handler.flush()
 
+    def settle(self) -> None:
+        """This process is the one that runs the services (it has detached, or will not):
+        write what was held until it was known which process that would be."""
+        self.handler.settle()
+
     def close(self) -> None:
         """Detach from the root logger, write out every buffered line and close; idempotent."""
         if self._closed:

@@ -65,6 +65,9 @@ class LogHandler(logging.Handler):
         """The descriptor that detaching must keep open, if any."""
         return None
 
+    def settle(self) -> None:
+        """The process that runs the services is this one: send anything held for it."""
+
     def relay_to(self, fd: int) -> None:
         """In a forked worker: send formatted lines to *fd*, a pipe, for the supervisor."""
         raise RuntimeError(f"{self!r} cannot relay: only a log file's lines are relayed")

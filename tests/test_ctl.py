@@ -172,8 +172,10 @@ def test_status_lists_unix_sockets(run_tend, tmp_path):
         pytest.skip("tmp_path is too long for a UNIX socket path")
     tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "poetry", "--port", f"unix:{path}")
     tend.wait_for_output(r"starting on ")
-    # The supervisor also listens on its control socket, tend.ctl beside the pidfile.
-    assert listening_addresses(tend.pid) == [str(tmp_path / "tend.ctl"), str(path)]
+    # The supervisor also listens on its control socket, tend.ctl beside the pidfile (made
+    # while the worker starts).
+    expected = [str(tmp_path / "tend.ctl"), str(path)]
+    wait_until(lambda: listening_addresses(tend.pid) == expected)
     status = tendctl("status", cwd=tmp_path)
     assert f"listening on: {path}\n" in status.stdout
 

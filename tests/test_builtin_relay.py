@@ -20,12 +20,14 @@ import pytest
 from conftest import wait_until_async
 
 import tend
+from tend.builtins.portforward import PortForwardMaker
 from tend.builtins.relay import (
     RelayProtocol,
     RelayService,
     endpoints,
     open_tcp,
 )
+from tend.builtins.socks import SocksMaker
 
 # -- peers, shared with the socks and portforward tests ----------------------------------------
 
@@ -485,6 +487,27 @@ def test_cap_closes_a_connection_past_it(caplog: pytest.LogCaptureFixture) -> No
 
 
 # -- options ----------------------------------------------------------------------------------
+
+
+def test_a_repeated_option_adds_up() -> None:
+    """--listen (and socks' --allow) may be given again; each adds to the last."""
+    options = SocksMaker().parse_options(
+        [
+            *("--listen", "1080", "--listen", "unix:/run/socks.sock"),
+            *("--allow", "10.0.0.0/8", "--allow", "127.0.0.1:80 [::1]:443"),
+        ],
+        "tend socks",
+    )
+    assert options["listen"] == ("1080", "unix:/run/socks.sock")
+    assert [str(rule.network) for rule in options["allow"]] == [  # type: ignore[attr-defined]
+        "10.0.0.0/8",
+        "127.0.0.1/32",
+        "::1/128",
+    ]
+    once = PortForwardMaker().parse_options(
+        ["--listen", "1 2", "--connect", "localhost:80"], "tend portforward"
+    )
+    assert once["listen"] == ("1", "2")
 
 
 def test_endpoints_take_several_separated_by_spaces() -> None:

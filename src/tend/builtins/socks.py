@@ -585,7 +585,7 @@ class SocksProtocol(RelayProtocol):
             self._stage = REQUEST  # for the line's "socks5"
             self._write(bytes((5, NO_ACCEPTABLE_METHOD)))
             needed = "user and password" if wanted == USER_PASSWORD else "no authentication"
-            self.close_with(f"refused: the client does not offer {needed}")
+            self.close_with(f"refused: the client does not offer {needed}, the one method taken")
             return
         self._write(bytes((5, wanted)))
         self._stage = LOGIN if wanted == USER_PASSWORD else REQUEST

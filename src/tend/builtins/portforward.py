@@ -235,7 +235,7 @@ class PortForwardFactory:
 
 class PortForwardMaker(RelayMaker):
     name = "portforward"
-    description = "Relays every connection on --listen to --connect (half-close kept)."
+    description = "A port forwarder: relays each connection on --listen to --connect."
     repeatable = ("listen",)
     options = (
         Option(

@@ -283,7 +283,9 @@ async def peer_server(
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    # Bound here, not by start_server: given a host, uvloop resolves it in libuv's thread
+    # pool, whose threads outlive the test and take signals meant for the main thread.
+    server = await asyncio.start_server(serve, sock=socket.create_server(("127.0.0.1", 0)))
     try:
         yield server.sockets[0].getsockname()[1]
     finally:

@@ -7,16 +7,22 @@ INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 
 # Debian programs the tests run for real, with the package that brings each one
-# (strace, prlimit and timeout for the torture suite's faults and guards; curl, ncat and
-# netcat-openbsd's nc as the clients of tend socks and tend portforward).
+# (strace, prlimit and timeout for the torture suite's faults and guards; supervisord,
+# start-stop-daemon and logrotate for the README's recipes; curl, wget, lftp, ncat and nc
+# as clients of tend web, ftp, socks and portforward and of the poetry server).
 SYSTEM_TOOLS := systemd-socket-activate:systemd openssl:openssl ss:iproute2 setpriv:util-linux cc:gcc \
-	strace:strace prlimit:util-linux timeout:coreutils curl:curl ncat:ncat nc:netcat-openbsd
+	strace:strace prlimit:util-linux timeout:coreutils \
+	supervisord:supervisor start-stop-daemon:dpkg logrotate:logrotate nc:netcat-openbsd curl:curl wget:wget lftp:lftp ncat:ncat
+# What `make systemd-test` needs on the host to build and boot its Debian container.
+SYSTEMD_TEST_TOOLS := debootstrap:debootstrap systemd-nspawn:systemd-container nsenter:util-linux
+SYSTEMD_ROOT := build/systemd-root
+WHEELS := build/wheels
 
 # A second Python for `make test-3.13`: python3.13 on PATH, else pyenv's, else none.
 PYTHON313 ?= $(firstword $(shell command -v python3.13 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
 VENV313 := .venv-3.13
 
-.PHONY: run test test-3.13 torture torture-short bench clean system-tools
+.PHONY: run test test-3.13 torture torture-short bench clean system-tools systemd-test
 
 run: $(INSTALLED)
 	$(BIN)/tend --nodaemon poetry
@@ -25,8 +31,9 @@ test: $(DEV_INSTALLED) system-tools
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict src/
-	$(BIN)/pytest --ignore=tests/torture
+	$(BIN)/pytest --ignore=tests/torture --ignore=tests/systemd
 	$(BIN)/python tests/torture/run.py --short
+	@$(MAKE) --no-print-directory systemd-test
 
 # The hardening suite (tests/torture): every enumerated bad input, hypothesis at thousands
 # of examples, the security checks (as root) and the fault scenarios at full scale, then a
@@ -53,6 +60,37 @@ test-3.13: system-tools
 	echo "test-3.13: $$($(VENV313)/bin/python --version)"; \
 	$(VENV313)/bin/mypy --strict --python-version 3.13 src/; \
 	$(VENV313)/bin/pytest -p no:cacheprovider --ignore=tests/torture
+
+# The contrib/systemd units under a real systemd (PID 1 of a Debian bookworm container):
+# readiness, stop, restart, socket activation, the watchdog, journald, users and the
+# security score (tests/systemd). The first run builds the container's root in
+# build/systemd-root (debootstrap, about 2 minutes); later runs reuse it, and take about
+# 1.5 minutes. Needs root; as another user, or without debootstrap and systemd-nspawn and
+# a way to install them, it says why in one line and skips.
+systemd-test: $(DEV_INSTALLED)
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "systemd-test: skipped: needs root to build and boot a container (debootstrap, systemd-nspawn)"; \
+		exit 0; \
+	fi; \
+	missing=""; for pair in $(SYSTEMD_TEST_TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if ! command -v apt-get >/dev/null; then \
+			echo "systemd-test: skipped: missing$$missing, and no apt-get to install them"; \
+			exit 0; \
+		fi; \
+		echo "installing:$$missing"; \
+		if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }; then \
+			echo "systemd-test: skipped: could not install$$missing with apt-get"; \
+			exit 0; \
+		fi; \
+	fi; \
+	set -e; \
+	rm -rf $(WHEELS); \
+	$(BIN)/python -m pip wheel --quiet --no-deps --disable-pip-version-check -w $(WHEELS) .; \
+	$(BIN)/python tests/systemd/machine.py prepare $(SYSTEMD_ROOT) $$(ls $(WHEELS)/tend-*.whl); \
+	TEND_SYSTEMD_ROOT=$(SYSTEMD_ROOT) $(BIN)/pytest -p no:cacheprovider tests/systemd
 
 bench: $(DEV_INSTALLED)
 	$(MAKE) -C bench PYTHON=$(abspath $(BIN)/python)

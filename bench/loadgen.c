@@ -7,16 +7,24 @@
  * place.  In hold mode (-H) it opens C connections and keeps them open while
  * reading slowly (at most -r bytes every -i milliseconds per connection), to
  * see how many concurrent clients a slow server can hold; a connection that
- * ends is replaced.
+ * ends is replaced.  In HTTP mode (-k PATH) each connection sends
+ * "GET PATH HTTP/1.1" and, once the whole response has arrived, the next
+ * request on the same connection (keep-alive), one request in flight per
+ * connection; a connection the server closes is replaced.  A response needs a
+ * Content-Length or ends at end-of-file; chunked responses are not supported
+ * (counted as bad responses).
  *
  * The run is bounded by -d SECONDS and/or -n FETCHES (at most N connections
  * are started and the run ends when all of them have finished), and it stops
  * early and still reports on SIGINT/SIGTERM.  The result is one JSON line on
  * standard output; with -p MS a progress line is printed every MS
- * milliseconds first.  Every outcome of a started connection is counted
- * exactly once: fetches (end-of-file with the expected byte count),
- * mismatches (end-of-file with another byte count), errors (refused, reset,
- * timed out, other), or abandoned (still open when the run stopped).
+ * milliseconds first.  Every outcome of a started connection (of a started
+ * request, in HTTP mode) is counted exactly once: fetches (end-of-file with
+ * the expected byte count; a whole response with the expected body size),
+ * mismatches (another byte count, split into short and long), errors
+ * (refused, reset, timed out, other; in HTTP mode also a status other than
+ * 2xx and a malformed response), or abandoned (still open when the run
+ * stopped).
  *
  * Exit status: 0 after a run (whatever the outcomes), 2 on a usage error,
  * 1 when the run could not start.
@@ -29,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -36,7 +45,11 @@
 #include <unistd.h>
 
 enum state { ST_IDLE, ST_CONNECTING, ST_OPEN };
-enum outcome { OUT_EOF, OUT_ERROR, OUT_TIMEOUT };
+enum outcome { OUT_EOF, OUT_ERROR, OUT_TIMEOUT, OUT_STATUS, OUT_BAD, OUT_CLOSED };
+enum phase { PH_HEADERS, PH_BODY };
+
+/* HTTP mode: the most header bytes a response may have. */
+#define HEADER_MAX 8192
 
 struct conn {
 	int fd;
@@ -44,8 +57,15 @@ struct conn {
 	uint32_t gen;      /* bumped on every start; stale pause entries skip */
 	int paused;        /* hold mode: waiting before the next read */
 	int receiving;     /* hold mode: has received at least one byte */
-	uint64_t start_ns; /* when connect() was called */
-	long long bytes;
+	uint64_t start_ns; /* when connect() was called (HTTP: the request sent) */
+	long long bytes;   /* HTTP mode: body bytes of the current response */
+	/* HTTP mode only. */
+	enum phase phase;
+	int keep_alive;    /* the server keeps the connection after this response */
+	int until_close;   /* no Content-Length: the body ends at end-of-file */
+	long long body_left;
+	size_t header_len;
+	char *header;      /* HEADER_MAX bytes, allocated once per slot */
 };
 
 struct pause_entry {
@@ -65,17 +85,20 @@ struct options {
 	int read_interval_ms;  /* hold mode: pause between reads */
 	int progress_ms;       /* 0 = no progress lines */
 	int max_connecting;    /* hold mode: connects in flight at once */
+	const char *http_path; /* HTTP mode: the path to GET, or NULL */
 	const char *host;
 	const char *port;
 };
 
 struct stats {
 	long long started, fetches, mismatches, errors, abandoned;
-	long long refused, reset, timeouts, other;
+	long long refused, reset, timeouts, other, http_status, bad_response;
+	long long short_, long_; /* mismatches: fewer or more bytes than expected */
+	long long connections;    /* TCP connections opened (HTTP mode: fewer than requests) */
 	long long connected; /* hold mode: connections that got established */
 	long long bytes;
 	long long max_open, max_receiving;
-	int first_errno;
+	char first_error[96];
 	uint32_t *lat_us;
 	size_t lat_len, lat_cap;
 };
@@ -99,16 +122,17 @@ static void usage(const char *argv0)
 {
 	fprintf(stderr,
 		"usage: %s [-c CONNS] [-d SECONDS] [-n FETCHES] [-b BYTES] [-T SECONDS]\n"
-		"          [-H [-r BYTES] [-i MS] [-P CONNECTING]] [-p MS] HOST PORT\n"
+		"          [-H [-r BYTES] [-i MS] [-P CONNECTING] | -k PATH] [-p MS] HOST PORT\n"
 		"  -c  connections kept in flight (default 50)\n"
 		"  -d  stop after this many seconds (default 10 unless -n is given)\n"
 		"  -n  start at most this many fetches; stop when all have finished\n"
-		"  -b  expected bytes per fetch; other counts are mismatches\n"
+		"  -b  expected bytes per fetch (HTTP: per response body); others are mismatches\n"
 		"  -T  seconds before an unfinished fetch counts as an error (default 10)\n"
 		"  -H  hold mode: keep the connections open, reading slowly\n"
 		"  -r  hold mode: bytes per read (default 64)\n"
 		"  -i  hold mode: milliseconds between reads of one connection (default 100)\n"
 		"  -P  hold mode: connection attempts in flight at once (default 512)\n"
+		"  -k  HTTP/1.1 keep-alive mode: GET PATH again and again on each connection\n"
 		"  -p  print a progress line every MS milliseconds\n",
 		argv0);
 }
@@ -150,7 +174,7 @@ static int parse_options(int argc, char **argv, struct options *o)
 		.read_interval_ms = 100,
 		.max_connecting = 512,
 	};
-	while ((opt = getopt(argc, argv, "c:d:n:b:T:Hr:i:p:P:h")) != -1) {
+	while ((opt = getopt(argc, argv, "c:d:n:b:T:Hr:i:p:P:k:h")) != -1) {
 		switch (opt) {
 		case 'c':
 			if (parse_long(optarg, 1, &v) || v > 1000000)
@@ -197,11 +221,18 @@ static int parse_options(int argc, char **argv, struct options *o)
 				return -1;
 			o->max_connecting = (int)v;
 			break;
+		case 'k':
+			if (optarg[0] != '/' || strpbrk(optarg, " \r\n"))
+				return -1;
+			o->http_path = optarg;
+			break;
 		default:
 			return -1;
 		}
 	}
 	if (argc - optind != 2)
+		return -1;
+	if (o->hold && o->http_path)
 		return -1;
 	/* -n alone bounds the run by count; -d 0 means "no time bound". */
 	if (o->max_fetches && !have_duration)
@@ -256,11 +287,16 @@ static void record_latency(uint32_t us)
 	st.lat_us[st.lat_len++] = us;
 }
 
+static void note_first_error(const char *message)
+{
+	if (!st.first_error[0])
+		snprintf(st.first_error, sizeof st.first_error, "%s", message);
+}
+
 static void count_error(int err)
 {
 	st.errors++;
-	if (!st.first_errno)
-		st.first_errno = err;
+	note_first_error(strerror(err));
 	if (err == ECONNREFUSED)
 		st.refused++;
 	else if (err == ECONNRESET || err == EPIPE)
@@ -288,24 +324,55 @@ static void release(uint32_t slot)
 	idle[idle_top++] = slot;
 }
 
+/* A whole poem or response arrived: a fetch, or a mismatch if its size is off. */
+static void count_arrival(struct conn *c, uint64_t now)
+{
+	if (opt.expected >= 0 && c->bytes != opt.expected) {
+		st.mismatches++;
+		if (c->bytes < opt.expected)
+			st.short_++;
+		else
+			st.long_++;
+	} else {
+		uint64_t us = (now - c->start_ns) / 1000;
+		st.fetches++;
+		record_latency(us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
+	}
+}
+
 static void finish(uint32_t slot, enum outcome out, int err, uint64_t now)
 {
 	struct conn *c = &conns[slot];
-	if (out == OUT_EOF) {
-		if (opt.expected >= 0 && c->bytes != opt.expected) {
-			st.mismatches++;
-		} else {
-			uint64_t us = (now - c->start_ns) / 1000;
-			st.fetches++;
-			record_latency(us > UINT32_MAX ? UINT32_MAX : (uint32_t)us);
-		}
-	} else if (out == OUT_TIMEOUT) {
+	switch (out) {
+	case OUT_EOF:
+		count_arrival(c, now);
+		break;
+	case OUT_TIMEOUT:
 		count_error(ETIMEDOUT);
-	} else {
+		break;
+	case OUT_STATUS:
+		st.errors++;
+		st.http_status++;
+		note_first_error("HTTP status other than 2xx");
+		break;
+	case OUT_BAD:
+		st.errors++;
+		st.bad_response++;
+		note_first_error("malformed or unsupported HTTP response");
+		break;
+	case OUT_CLOSED:
+		st.errors++;
+		st.other++;
+		note_first_error("connection closed before a whole response");
+		break;
+	case OUT_ERROR:
 		count_error(err);
+		break;
 	}
 	release(slot);
 }
+
+static void send_request(uint32_t slot, uint64_t now, int count_it);
 
 /* Start a connection in a free slot; 0 on success, -1 if it failed at once
  * (counted as an error, slot freed). */
@@ -316,6 +383,7 @@ static int start(uint32_t slot)
 	int fd, r;
 
 	st.started++;
+	st.connections++;
 	fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0) {
 		count_error(errno);
@@ -338,8 +406,8 @@ static int start(uint32_t slot)
 	}
 	/* Fetch mode needs no EPOLLOUT: a failed connect shows up as an error
 	 * on the first read.  Hold mode waits for EPOLLOUT to count the
-	 * connection as established. */
-	if (opt.hold && r < 0) {
+	 * connection as established, HTTP mode to send its request. */
+	if ((opt.hold || opt.http_path) && r < 0) {
 		c->state = ST_CONNECTING;
 		connecting_count++;
 		ev.events = EPOLLIN | EPOLLOUT;
@@ -356,6 +424,8 @@ static int start(uint32_t slot)
 		count_error(err);
 		return -1;
 	}
+	if (opt.http_path && c->state == ST_OPEN)
+		send_request(slot, c->start_ns, 0);
 	return 0;
 }
 
@@ -479,6 +549,216 @@ static void on_event_hold(uint32_t slot, uint32_t events, uint64_t now)
 	}
 }
 
+/* HTTP mode: the request every connection sends, built once. */
+static char request[1024];
+static size_t request_len;
+
+/* The next request on an open connection; *count_it* is 0 for a connection's
+ * first request, which start() has counted already. */
+static void send_request(uint32_t slot, uint64_t now, int count_it)
+{
+	struct conn *c = &conns[slot];
+	if (count_it)
+		st.started++;
+	c->phase = PH_HEADERS;
+	c->header_len = 0;
+	c->bytes = 0;
+	c->body_left = 0;
+	c->until_close = 0;
+	c->keep_alive = 0;
+	c->start_ns = now;
+	/* A request this small fits in an idle socket's send buffer: a short
+	 * write would mean something is badly wrong, so it counts as an error. */
+	ssize_t n = write(c->fd, request, request_len);
+	if (n != (ssize_t)request_len)
+		finish(slot, OUT_ERROR, n < 0 ? errno : EIO, now);
+}
+
+/* The value of header *name* in the NUL-terminated header block *h*, with
+ * its length in *len*, or NULL. */
+static const char *header_value(const char *h, const char *name, size_t *len)
+{
+	size_t name_len = strlen(name);
+	for (const char *line = strstr(h, "\r\n"); line; line = strstr(line, "\r\n")) {
+		line += 2;
+		if (strncasecmp(line, name, name_len) == 0 && line[name_len] == ':') {
+			const char *v = line + name_len + 1;
+			while (*v == ' ' || *v == '\t')
+				v++;
+			const char *end = strstr(v, "\r\n");
+			*len = end ? (size_t)(end - v) : strlen(v);
+			while (*len && (v[*len - 1] == ' ' || v[*len - 1] == '\t'))
+				(*len)--;
+			return v;
+		}
+	}
+	return NULL;
+}
+
+static int token_in(const char *v, size_t len, const char *token)
+{
+	size_t t = strlen(token);
+	for (size_t i = 0; i + t <= len; i++)
+		if (strncasecmp(v + i, token, t) == 0)
+			return 1;
+	return 0;
+}
+
+/* Parse the status line and headers (c->header[0..end), NUL-terminated by
+ * the caller): OUT_EOF if the body follows, OUT_STATUS or OUT_BAD. */
+static enum outcome parse_response(struct conn *c)
+{
+	const char *h = c->header, *v;
+	size_t len;
+	int minor, status;
+
+	if (sscanf(h, "HTTP/1.%1d %3d", &minor, &status) != 2 || h[8] != ' ')
+		return OUT_BAD;
+	c->keep_alive = minor >= 1;
+	if ((v = header_value(h, "Connection", &len))) {
+		if (token_in(v, len, "close"))
+			c->keep_alive = 0;
+		else if (token_in(v, len, "keep-alive"))
+			c->keep_alive = 1;
+	}
+	if ((v = header_value(h, "Transfer-Encoding", &len)) && !(len == 8 && !strncasecmp(v, "identity", 8)))
+		return OUT_BAD;
+	if ((v = header_value(h, "Content-Length", &len))) {
+		char *end;
+		errno = 0;
+		long long n = strtoll(v, &end, 10);
+		if (errno || end != v + len || n < 0)
+			return OUT_BAD;
+		c->body_left = n;
+	} else {
+		c->until_close = 1;
+		c->keep_alive = 0;
+	}
+	if (status < 200 || status > 299)
+		return OUT_STATUS;
+	return OUT_EOF;
+}
+
+/* A whole response arrived: count it, then ask again on the same connection
+ * if it stays open and the run goes on; else free the slot for a new one. */
+static void complete_response(uint32_t slot, uint64_t now)
+{
+	struct conn *c = &conns[slot];
+	count_arrival(c, now);
+	if (c->keep_alive && !stop_requested &&
+	    !(opt.max_fetches && st.started >= opt.max_fetches))
+		send_request(slot, now, 1);
+	else
+		release(slot);
+}
+
+static void on_event_http(uint32_t slot, uint32_t events, uint64_t now)
+{
+	struct conn *c = &conns[slot];
+	if (c->state == ST_CONNECTING) {
+		int err = 0;
+		socklen_t len = sizeof err;
+		if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+			return;
+		getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+		if (err) {
+			finish(slot, OUT_ERROR, err, now);
+			return;
+		}
+		c->state = ST_OPEN;
+		connecting_count--;
+		open_count++;
+		struct epoll_event ev = { .events = EPOLLIN, .data.u32 = slot };
+		epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
+		send_request(slot, now, 0);
+		return;
+	}
+	for (;;) {
+		ssize_t n;
+		if (c->phase == PH_HEADERS) {
+			n = read(c->fd, c->header + c->header_len, HEADER_MAX - c->header_len);
+			if (n > 0) {
+				size_t from = c->header_len >= 3 ? c->header_len - 3 : 0;
+				c->header_len += (size_t)n;
+				st.bytes += n;
+				c->header[c->header_len] = '\0';
+				char *end = memmem(c->header + from, c->header_len - from, "\r\n\r\n", 4);
+				if (!end) {
+					if (c->header_len == HEADER_MAX) {
+						finish(slot, OUT_BAD, 0, now);
+						return;
+					}
+					continue;
+				}
+				size_t body_start = (size_t)(end - c->header) + 4;
+				long long extra = (long long)(c->header_len - body_start);
+				end[2] = '\0'; /* keep the last header's CRLF for header_value */
+				enum outcome out = parse_response(c);
+				if (out != OUT_EOF) {
+					finish(slot, out, 0, now);
+					return;
+				}
+				c->phase = PH_BODY;
+				c->bytes = extra;
+				if (!c->until_close) {
+					c->body_left -= extra;
+					if (c->body_left < 0) {
+						finish(slot, OUT_BAD, 0, now); /* more than one response */
+						return;
+					}
+					if (c->body_left == 0) {
+						complete_response(slot, now);
+						return;
+					}
+				}
+				continue;
+			}
+			if (n == 0) {
+				finish(slot, OUT_CLOSED, 0, now);
+				return;
+			}
+		} else {
+			size_t want = sizeof buf;
+			if (!c->until_close && (long long)want > c->body_left + 1)
+				want = (size_t)c->body_left + 1; /* one more shows a server that sends too much */
+			n = read(c->fd, buf, want);
+			if (n > 0) {
+				c->bytes += n;
+				st.bytes += n;
+				if (c->until_close)
+					continue;
+				c->body_left -= n;
+				if (c->body_left < 0) {
+					finish(slot, OUT_BAD, 0, now);
+				} else if (c->body_left == 0) {
+					complete_response(slot, now);
+				} else {
+					continue;
+				}
+				return;
+			}
+			if (n == 0) {
+				/* End-of-file: the end of a body without a length, or a
+				 * body cut short (a short mismatch, as in fetch mode). */
+				if (c->until_close) {
+					finish(slot, OUT_EOF, 0, now);
+				} else {
+					st.mismatches++;
+					st.short_++;
+					release(slot);
+				}
+				return;
+			}
+		}
+		if (errno == EAGAIN)
+			return;
+		if (errno != EINTR) {
+			finish(slot, OUT_ERROR, errno, now);
+			return;
+		}
+	}
+}
+
 static void expire(uint64_t now)
 {
 	uint64_t limit = (uint64_t)(opt.timeout * 1e9);
@@ -532,14 +812,17 @@ static void print_result(double elapsed)
 	qsort(st.lat_us, st.lat_len, sizeof *st.lat_us, cmp_u32);
 	printf("{\"type\":\"result\",\"mode\":\"%s\",\"concurrency\":%d,\"expected_bytes\":%lld,"
 	       "\"started\":%lld,\"fetches\":%lld,\"mismatches\":%lld,\"errors\":%lld,"
-	       "\"error_kinds\":{\"refused\":%lld,\"reset\":%lld,\"timeout\":%lld,\"other\":%lld},"
+	       "\"error_kinds\":{\"refused\":%lld,\"reset\":%lld,\"timeout\":%lld,\"other\":%lld,"
+	       "\"http_status\":%lld,\"bad_response\":%lld},"
+	       "\"mismatch_kinds\":{\"short\":%lld,\"long\":%lld},\"connections\":%lld,"
 	       "\"first_error\":\"%s\",\"abandoned\":%lld,\"elapsed_s\":%.6f,"
 	       "\"fetches_per_s\":%.1f,\"p50_us\":%u,\"p90_us\":%u,\"p99_us\":%u,\"max_us\":%u,"
 	       "\"mean_us\":%.1f,\"bytes\":%lld,\"connected\":%lld,\"max_open\":%lld,"
 	       "\"max_receiving\":%lld,\"cpu_user_s\":%.3f,\"cpu_sys_s\":%.3f}\n",
-	       opt.hold ? "hold" : "fetch", opt.concurrency, opt.expected, st.started,
-	       st.fetches, st.mismatches, st.errors, st.refused, st.reset, st.timeouts,
-	       st.other, st.first_errno ? strerror(st.first_errno) : "", st.abandoned,
+	       opt.hold ? "hold" : opt.http_path ? "http" : "fetch", opt.concurrency, opt.expected,
+	       st.started, st.fetches, st.mismatches, st.errors, st.refused, st.reset,
+	       st.timeouts, st.other, st.http_status, st.bad_response, st.short_, st.long_,
+	       st.connections, st.first_error, st.abandoned,
 	       elapsed, elapsed > 0 ? (double)st.fetches / elapsed : 0.0, percentile(50),
 	       percentile(90), percentile(99), st.lat_len ? st.lat_us[st.lat_len - 1] : 0,
 	       mean, st.bytes, st.connected, st.max_open, st.max_receiving,
@@ -594,6 +877,21 @@ int main(int argc, char **argv)
 	for (int i = opt.concurrency - 1; i >= 0; i--) {
 		conns[i].fd = -1;
 		idle[idle_top++] = (uint32_t)i;
+		if (opt.http_path && !(conns[i].header = malloc(HEADER_MAX + 1))) {
+			fprintf(stderr, "loadgen: out of memory\n");
+			return 1;
+		}
+	}
+	if (opt.http_path) {
+		int n = snprintf(request, sizeof request,
+				 "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUser-Agent: tend-bench-loadgen\r\n"
+				 "Accept: */*\r\n\r\n",
+				 opt.http_path, opt.host, opt.port);
+		if (n < 0 || (size_t)n >= sizeof request) {
+			usage(argv[0]);
+			return 2;
+		}
+		request_len = (size_t)n;
 	}
 
 	t0 = now_ns();
@@ -640,6 +938,8 @@ int main(int argc, char **argv)
 				continue;
 			if (opt.hold)
 				on_event_hold(slot, events[i].events, now);
+			else if (opt.http_path)
+				on_event_http(slot, events[i].events, now);
 			else
 				on_readable_fetch(slot, now);
 		}

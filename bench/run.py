@@ -18,6 +18,8 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
+import http.client
 import importlib.metadata
 import json
 import os
@@ -32,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,11 @@ TWISTED_PYTHON = BENCH / ".venv" / "bin" / "python"
 TWISTED_PLUGIN = BENCH / "twisted_plugin"
 # Not resolved: the venv's python is a symlink, and its bin/ is where tend lives.
 TEND = Path(sys.executable).parent / "tend"
+TENDCTL = TEND.parent / "tendctl"
 PROJECT_POEM = REPO / "src" / "tend" / "poetry" / "poems" / "ecstasy.txt"
 DEFAULT_OUTPUT = BENCH / "results" / "latest.json"
+WWW = BUILD / "www"
+RUNDIRS = BUILD / "run"
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PORT_LINE = re.compile(rb"starting on (\d+)")
@@ -76,49 +81,86 @@ def note(message: str) -> None:
 # --------------------------------------------------------------------------- servers
 
 
+# The tables a row belongs to. "poetry" rows also get the concurrency sweep, the start,
+# memory and stop table, and the targets.
+GROUPS = ("poetry", "workers", "proxy-cached", "proxy-miss", "reload", "web")
+
+
 @dataclass(frozen=True)
 class Server:
     """One row of the benchmark: how to start it and what it stands for."""
 
     name: str
     what: str
-    kind: str  # "tend", "twistd", "bare" or "epoll"
+    kind: str  # "tend", "twistd", "bare", "epoll" or "http.server"
     loop: str = "asyncio"
     workers: int = 1
     logs: bool = True
+    group: str = "poetry"
+    # "pinned": the server on its own CPU(s), the load generator on the last one;
+    # "shared": both may run on every CPU (the --workers rows); "helper": an upstream
+    # that is not measured, on the load generator's CPU.
+    placement: str = "pinned"
+    app: str = "poetry"  # "poetry", "proxy" or "web"
+    cache: bool = True  # proxy rows: serve from the cache, or fetch for every client
+    web_file: str = ""  # web rows: the file under build/www that is fetched
+    reloads: bool = False  # the reload row: `tendctl reload` every second under load
 
     @property
     def ready_on_stdout(self) -> bool:
-        """Bare and C servers print their port; tend and twistd log `starting on PORT`."""
-        return self.kind in ("bare", "epoll")
+        """Bare, C and http.server print their port; tend and twistd log `starting on PORT`."""
+        return self.kind in ("bare", "epoll", "http.server")
 
-    def command(self, poem: Path, log_path: Path, extra: Sequence[str] = ()) -> list[str]:
+    def command(self, where: Launch) -> list[str]:
         if self.kind == "tend":
-            argv = [str(TEND), "--nodaemon", "--pidfile", "", "-l", str(log_path)]
+            pidfile = str(where.pidfile) if where.pidfile else ""
+            argv = [str(TEND), "--nodaemon", "--pidfile", pidfile, "-l", str(where.log_path)]
             argv += ["--loop", self.loop]  # named even for asyncio: tend's default is auto
             if self.workers > 1:
                 argv += ["--workers", str(self.workers)]
-            argv += ["poetry", "--port", "0", "--iface", "127.0.0.1", "--poem", str(poem)]
-            return argv + list(extra)
+            if self.app == "proxy":
+                argv += ["poetry-proxy", "--port", "0", "--iface", "127.0.0.1"]
+                argv += ["--server", f"127.0.0.1:{where.upstream_port}"]
+                return argv + ([] if self.cache else ["--cache-ttl", "0"])
+            if self.app == "web":
+                argv += ["web", "--listen", "tcp:0:interface=127.0.0.1", "--path", str(WWW)]
+                return argv
+            argv += ["poetry", "--port", "0", "--iface", "127.0.0.1", "--poem", str(where.poem)]
+            return argv + list(where.extra)
         if self.kind == "twistd":
+            argv = [str(TWISTD), "--nodaemon", "--pidfile=", "-l", str(where.log_path)]
+            if self.app == "proxy":
+                argv += ["poetryproxy", "--port", "0", "--iface", "127.0.0.1"]
+                argv += ["--server", f"127.0.0.1:{where.upstream_port}"]
+                return argv + ([] if self.cache else ["--no-cache"])
+            if self.app == "web":
+                return [*argv, "web", "--listen", "tcp:0:interface=127.0.0.1", "--path", str(WWW)]
             return [
-                str(TWISTD),
-                "--nodaemon",
-                "--pidfile=",
-                "-l",
-                str(log_path),
+                *argv,
                 "fastpoetry",
                 "--port",
                 "0",
                 "--poem",
-                str(poem),
+                str(where.poem),
                 "--iface",
                 "127.0.0.1",
             ]
+        if self.kind == "http.server":
+            # HTTP/1.1, or it answers HTTP/1.0 and closes after every response. -u: it
+            # prints its port with print(), which a pipe would buffer.
+            argv = [sys.executable, "-u", "-m", "http.server", "--bind", "127.0.0.1"]
+            return [*argv, "--directory", str(WWW), "--protocol", "HTTP/1.1", "0"]
         if self.kind == "bare":
-            argv = [sys.executable, str(BARE_SERVER), "--poem", str(poem), "--loop", self.loop]
-            return argv + (["--log", str(log_path)] if self.logs else [])
-        return [str(EPOLL_SERVER), "0", str(poem)]
+            argv = [
+                sys.executable,
+                str(BARE_SERVER),
+                "--poem",
+                str(where.poem),
+                "--loop",
+                self.loop,
+            ]
+            return argv + (["--log", str(where.log_path)] if self.logs else [])
+        return [str(EPOLL_SERVER), "0", str(where.poem)]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -129,6 +171,51 @@ class Server:
             paths = [str(TWISTED_PLUGIN), env.get("PYTHONPATH", "")]
             env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         return env
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a server's command line names: files, and the upstream a proxy fetches from."""
+
+    poem: Path
+    log_path: Path
+    extra: Sequence[str] = ()
+    upstream_port: int = 0
+    pidfile: Path | None = None
+
+
+# A 2 KiB and a 1 MiB file, made in build/www by run.py, for the web rows.
+WEB_FILES = {"2k.bin": 2048, "1m.bin": 1024 * 1024}
+
+
+def web_rows(size: str, file: str) -> list[Server]:
+    return [
+        Server(
+            f"tend-web-{size}",
+            f"`tend --loop uvloop web --path DIR`, {size} file, keep-alive",
+            "tend",
+            "uvloop",
+            group="web",
+            app="web",
+            web_file=file,
+        ),
+        Server(
+            f"twistd-web-{size}",
+            f"`twistd web --path DIR`, {size} file, keep-alive",
+            "twistd",
+            group="web",
+            app="web",
+            web_file=file,
+        ),
+        Server(
+            f"http.server-{size}",
+            f"`python -m http.server --protocol HTTP/1.1`, {size} file, keep-alive",
+            "http.server",
+            group="web",
+            app="web",
+            web_file=file,
+        ),
+    ]
 
 
 SERVERS = [
@@ -151,8 +238,82 @@ SERVERS = [
         "uvloop",
     ),
     Server("epoll-c", "C epoll server: the machine's ceiling; no log", "epoll", logs=False),
+    Server(
+        "tend-uvloop-shared",
+        "`tend --loop uvloop poetry` (1 worker), server and load generator on every CPU",
+        "tend",
+        "uvloop",
+        group="workers",
+        placement="shared",
+    ),
+    Server(
+        "tend-uvloop-w2-shared",
+        "`tend --loop uvloop --workers 2 poetry`, server and load generator on every CPU",
+        "tend",
+        "uvloop",
+        workers=2,
+        group="workers",
+        placement="shared",
+    ),
+    Server(
+        "tend-proxy",
+        "`tend --loop uvloop poetry-proxy --server UPSTREAM`, serving from its cache",
+        "tend",
+        "uvloop",
+        group="proxy-cached",
+        app="proxy",
+    ),
+    Server(
+        "twistd-proxy",
+        "`twistd poetryproxy --server UPSTREAM` (the tutorial's proxy), from its cache",
+        "twistd",
+        group="proxy-cached",
+        app="proxy",
+    ),
+    Server(
+        "tend-proxy-miss",
+        "`tend --loop uvloop poetry-proxy --cache-ttl 0`, slow upstream",
+        "tend",
+        "uvloop",
+        group="proxy-miss",
+        app="proxy",
+        cache=False,
+    ),
+    Server(
+        "twistd-proxy-miss",
+        "`twistd poetryproxy --no-cache`, slow upstream",
+        "twistd",
+        group="proxy-miss",
+        app="proxy",
+        cache=False,
+    ),
+    Server(
+        "tend-steady",
+        "`tend --loop uvloop --pidfile PATH poetry`, no reload (the reload row's baseline)",
+        "tend",
+        "uvloop",
+        group="reload",
+    ),
+    Server(
+        "tend-reload",
+        "the same, with `tendctl reload` every second under load",
+        "tend",
+        "uvloop",
+        group="reload",
+        reloads=True,
+    ),
+    *web_rows("2k", "2k.bin"),
+    *web_rows("1m", "1m.bin"),
 ]
 SERVER_NAMES = [s.name for s in SERVERS]
+# Names --only takes for a whole group of rows.
+ONLY_GROUPS = {
+    "poetry": ("poetry",),
+    "workers": ("workers",),
+    "proxy": ("proxy-cached", "proxy-miss"),
+    "reload": ("reload",),
+    "web": ("web",),
+}
 
 
 # --------------------------------------------------------------------------- /proc
@@ -215,6 +376,22 @@ def tree_rss_kib(pid: int) -> int:
     return rss_kib(pid) + sum(rss_kib(child) for child in descendants(pid))
 
 
+def pss_kib(pid: int) -> int:
+    """Pss of one process in KiB (0 if it is gone): each page shared with other processes
+    counted as its share, so that a forked tree's memory is not counted twice."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def tree_pss_kib(pid: int) -> int:
+    """Pss of *pid* and all its descendants, in KiB: what the tree costs the machine."""
+    return pss_kib(pid) + sum(pss_kib(child) for child in descendants(pid))
+
+
 # --------------------------------------------------------------------------- machine
 
 
@@ -226,16 +403,24 @@ class Pinning:
     loadgen_cpus: tuple[int, ...] = ()
     description: str = "no pinning"
 
-    def server_prefix(self, workers: int = 1) -> list[str]:
+    def server_prefix(self, workers: int = 1, placement: str = "pinned") -> list[str]:
         if not self.server_cpus:
             return []
-        cpus = self.server_cpus[: max(1, workers)]
+        if placement == "shared":
+            cpus = self.server_cpus + self.loadgen_cpus
+        elif placement == "helper":
+            cpus = self.loadgen_cpus
+        else:
+            cpus = self.server_cpus[: max(1, workers)]
         return ["taskset", "-c", ",".join(map(str, cpus))]
 
-    def loadgen_prefix(self) -> list[str]:
+    def loadgen_prefix(self, placement: str = "pinned") -> list[str]:
         if not self.loadgen_cpus:
             return []
-        return ["taskset", "-c", ",".join(map(str, self.loadgen_cpus))]
+        # run.py itself runs on the load generator's CPU, and its children inherit that:
+        # a shared row has to name every CPU to be let out.
+        cpus = self.server_cpus + self.loadgen_cpus if placement == "shared" else self.loadgen_cpus
+        return ["taskset", "-c", ",".join(map(str, cpus))]
 
 
 def choose_pinning(enabled: bool) -> Pinning:
@@ -295,6 +480,16 @@ def raise_nofile(wanted: int) -> str:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return f"RLIMIT_NOFILE raised to {soft}"
+
+
+def make_web_files() -> None:
+    """build/www/2k.bin and 1m.bin for the web rows: fixed bytes, made once."""
+    WWW.mkdir(parents=True, exist_ok=True)
+    for name, size in WEB_FILES.items():
+        path = WWW / name
+        if not path.is_file() or path.stat().st_size != size:
+            pattern = bytes(range(256))
+            path.write_bytes((pattern * (size // len(pattern) + 1))[:size])
 
 
 def poem_file() -> Path:
@@ -369,6 +564,10 @@ class Context:
     pinning: Pinning
     live: set[subprocess.Popen[bytes]] = field(default_factory=set)
 
+    def expected_size(self, server: Server) -> int:
+        """What one fetch brings: the poem, or a web row's file."""
+        return WEB_FILES[server.web_file] if server.app == "web" else self.poem_size
+
 
 @dataclass
 class Running:
@@ -378,6 +577,9 @@ class Running:
     log_path: Path
     exec_to_first_fetch_s: float | None
     idle_rss_kib: int
+    idle_pss_kib: int
+    pidfile: Path | None = None
+    upstream: Running | None = None  # a proxy's upstream poetry server
 
 
 def log_files(log_path: Path) -> list[Path]:
@@ -407,12 +609,16 @@ def wait_for_port(
                 left = deadline - time.monotonic()
                 if left <= 0 or not selector.select(left):
                     raise ServerFailedError(f"printed no port in {READY_TIMEOUT:.0f} s")
-                chunk = os.read(proc.stdout.fileno(), 100)
+                chunk = os.read(proc.stdout.fileno(), 1)  # no further: the rest is its own
                 if not chunk:
                     proc.wait(timeout=5)
                     raise ServerFailedError(f"exited: {stderr_tail(proc, stderr_path)}")
                 line += chunk
-        return int(line.strip())
+        # A bare number, or http.server's "Serving HTTP on 127.0.0.1 port 8000 (...) ...".
+        match = re.fullmatch(rb"\s*(\d+)\s*", line) or re.search(rb"port (\d+)", line)
+        if match is None:
+            raise ServerFailedError(f"printed no port: {line[:200]!r}")
+        return int(match.group(1))
     while True:
         with contextlib.suppress(OSError):
             match = PORT_LINE.search(log_path.read_bytes())
@@ -434,19 +640,38 @@ def fetch(port: int) -> bytes:
     return b"".join(chunks)
 
 
+def http_get(port: int, path: str) -> bytes:
+    """One response body, from a plain HTTP/1.1 client."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise ServerFailedError(f"GET {path}: HTTP status {response.status}")
+        return body
+    finally:
+        connection.close()
+
+
 def wait_first_fetch(
-    proc: subprocess.Popen[bytes], port: int, size: int, full_fetch: bool, stderr_path: Path
+    proc: subprocess.Popen[bytes],
+    port: int,
+    size: int,
+    full_fetch: bool,
+    stderr_path: Path,
+    web_path: str = "",
 ) -> None:
-    """Poll until the server serves the whole poem (or, for a slow server, accepts)."""
+    """Poll until the server serves the whole poem or file (or, for a slow server, accepts)."""
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
             if not full_fetch:
                 socket.create_connection(("127.0.0.1", port), timeout=10).close()
                 return
-            poem = fetch(port)
+            poem = http_get(port, web_path) if web_path else fetch(port)
             if len(poem) != size:
-                raise ServerFailedError(f"served {len(poem)} bytes, not the poem's {size}")
+                raise ServerFailedError(f"served {len(poem)} bytes, not the {size} expected")
             return
         except OSError as error:
             if proc.poll() is not None:
@@ -459,7 +684,11 @@ def wait_first_fetch(
 
 
 def start(
-    ctx: Context, server: Server, extra: Sequence[str] = (), full_fetch: bool = True
+    ctx: Context,
+    server: Server,
+    extra: Sequence[str] = (),
+    full_fetch: bool = True,
+    upstream_port: int = 0,
 ) -> Running:
     """Start *server*, time exec to first fetch, and read its idle RSS."""
     LOGS.mkdir(parents=True, exist_ok=True)
@@ -467,7 +696,14 @@ def start(
     for old in log_files(log_path):
         old.unlink()
     stderr_path = LOGS / f"{server.name}.stderr"
-    argv = ctx.pinning.server_prefix(server.workers) + server.command(ctx.poem, log_path, extra)
+    pidfile = None
+    if server.group == "reload":
+        # A pidfile, so that tend opens its control socket (tend.ctl) beside it.
+        rundir = RUNDIRS / server.name
+        rundir.mkdir(parents=True, exist_ok=True)
+        pidfile = rundir / "tend.pid"
+    where = Launch(ctx.poem, log_path, extra, upstream_port, pidfile)
+    argv = ctx.pinning.server_prefix(server.workers, server.placement) + server.command(where)
     env = server.environment()
     with stderr_path.open("wb") as stderr:
         started = time.perf_counter()
@@ -483,7 +719,9 @@ def start(
     ctx.live.add(proc)
     try:
         port = wait_for_port(server, proc, log_path, stderr_path)
-        wait_first_fetch(proc, port, ctx.poem_size, full_fetch, stderr_path)
+        web_path = f"/{server.web_file}" if server.app == "web" else ""
+        size = ctx.expected_size(server)
+        wait_first_fetch(proc, port, size, full_fetch, stderr_path, web_path)
         exec_to_fetch = time.perf_counter() - started
     except BaseException:
         stop(ctx, proc)
@@ -495,6 +733,8 @@ def start(
         log_path,
         exec_to_fetch if full_fetch else None,
         tree_rss_kib(proc.pid),
+        tree_pss_kib(proc.pid),
+        pidfile,
     )
 
 
@@ -524,33 +764,53 @@ def clean_exit(status: int | None) -> bool:
     return status in (0, -signal.SIGTERM)
 
 
-def run_loadgen(ctx: Context, args: Sequence[str], timeout: float) -> Json:
-    argv = [*ctx.pinning.loadgen_prefix(), str(LOADGEN), *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    if done.returncode != 0:
-        raise ServerFailedError(f"loadgen failed ({done.returncode}): {done.stderr.strip()}")
-    result: Json = json.loads(done.stdout.strip().splitlines()[-1])
+def loadgen_argv(ctx: Context, running: Running, concurrency: int, duration: float) -> list[str]:
+    """The load generator's command line for one window against *running*."""
+    server = running.server
+    argv = [*ctx.pinning.loadgen_prefix(server.placement), str(LOADGEN)]
+    argv += ["-c", str(concurrency), "-d", str(duration), "-b", str(ctx.expected_size(server))]
+    if server.app == "web":
+        argv += ["-k", f"/{server.web_file}"]
+    if server.app == "proxy" and not server.cache:
+        # Each fetch waits for the slow upstream: give it room before it counts as lost.
+        argv += ["-T", "30"]
+    return [*argv, "127.0.0.1", str(running.port)]
+
+
+def parse_loadgen(returncode: int, stdout: str, stderr: str) -> Json:
+    if returncode != 0:
+        raise ServerFailedError(f"loadgen failed ({returncode}): {stderr.strip()}")
+    result: Json = json.loads(stdout.strip().splitlines()[-1])
     return result
 
 
-def load(ctx: Context, running: Running, concurrency: int, duration: float) -> Json:
-    """One load window: loadgen's result plus the server's CPU over the window."""
+def load(
+    ctx: Context,
+    running: Running,
+    concurrency: int,
+    duration: float,
+    during: Callable[[subprocess.Popen[str]], None] | None = None,
+) -> Json:
+    """One load window: loadgen's result plus the server's CPU over the window.
+
+    *during*, if given, is called once the load generator runs, and returns before it ends
+    (the reload row reloads the server from it).
+    """
     pid = running.proc.pid
     before = tree_cpu_ticks(pid)
-    result = run_loadgen(
-        ctx,
-        [
-            "-c",
-            str(concurrency),
-            "-d",
-            str(duration),
-            "-b",
-            str(ctx.poem_size),
-            "127.0.0.1",
-            str(running.port),
-        ],
-        timeout=duration + 60,
-    )
+    argv = loadgen_argv(ctx, running, concurrency, duration)
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as loadgen:
+        try:
+            if during is not None:
+                during(loadgen)
+            out, err = loadgen.communicate(timeout=duration + 60)
+        except BaseException:
+            loadgen.kill()
+            loadgen.wait()
+            raise
+    result = parse_loadgen(loadgen.returncode, out, err)
     after = tree_cpu_ticks(pid)
     if running.proc.poll() is not None:
         raise ServerFailedError(f"died under load (exit status {running.proc.returncode})")
@@ -583,49 +843,151 @@ class Settings:
     hold_chunk: int
     hold_delay: float
     hold_timeout: float
+    reload_duration: float = 10.0
+    reload_interval: float = 1.0
+    miss_chunk: int = 1000
+    miss_delay: float = 0.05
+
+
+def upstream_of(server: Server) -> Server | None:
+    """The poetry server a proxy row fetches from, on the load generator's CPU; not measured."""
+    if server.app != "proxy":
+        return None
+    return Server(
+        f"{server.name}-upstream",
+        "tend poetry, the upstream of a proxy row",
+        "tend",
+        "uvloop",
+        group="helper",
+        placement="helper",
+    )
+
+
+@contextlib.contextmanager
+def serving(ctx: Context, server: Server, settings: Settings) -> Iterator[Running]:
+    """*server* started (with its upstream first, for a proxy row), and stopped after.
+
+    The running server's ``upstream`` log is read by the caller once the block ends.
+    """
+    upstream = upstream_of(server)
+    if upstream is None:
+        running = start(ctx, server)
+        try:
+            yield running
+        finally:
+            if running.proc in ctx.live:
+                stop(ctx, running.proc)
+        return
+    # A cache miss waits for this server's slow poem; a cached poem for its fast one.
+    extra = [] if server.cache else slow_upstream_options(settings)
+    up = start(ctx, upstream, extra)
+    try:
+        running = start(ctx, server, upstream_port=up.port)
+        running.upstream = up
+        try:
+            yield running
+        finally:
+            if running.proc in ctx.live:
+                stop(ctx, running.proc)
+    finally:
+        stop(ctx, up.proc)
+
+
+def slow_upstream_options(settings: Settings) -> list[str]:
+    return ["--chunk-size", str(settings.miss_chunk), "--delay", str(settings.miss_delay)]
+
+
+def reloading(
+    running: Running, settings: Settings, duration: float, record: list[Json]
+) -> Callable[[subprocess.Popen[str]], None]:
+    """While the load runs: `tendctl reload` every --reload-interval, each timed."""
+
+    def during(loadgen: subprocess.Popen[str]) -> None:
+        began = time.monotonic()
+        tick = 0
+        while True:
+            # Half an interval in, then every interval: none at the window's very edges.
+            at = began + (tick + 0.5) * settings.reload_interval
+            if at >= began + duration:
+                return
+            time.sleep(max(0.0, at - time.monotonic()))
+            if loadgen.poll() is not None:
+                return
+            argv = [str(TENDCTL), "--pidfile", str(running.pidfile), "reload"]
+            asked = time.perf_counter()
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=90, check=False)
+            record.append(
+                {
+                    "at_s": at - began,
+                    "ms": 1000 * (time.perf_counter() - asked),
+                    "status": done.returncode,
+                    "said": (done.stdout + done.stderr).strip()[-300:],
+                }
+            )
+            tick += 1
+
+    return during
 
 
 def measure_round(ctx: Context, server: Server, settings: Settings) -> Json:
-    """Start, warm up, measure at the main concurrency and the sweep, stop."""
-    running = start(ctx, server)
-    sample: Json = {
-        "exec_to_first_fetch_ms": 1000 * (running.exec_to_first_fetch_s or 0),
-        "idle_rss_kib": running.idle_rss_kib,
-    }
+    """Start, warm up, measure at the main concurrency (and the sweep), stop."""
+    sample: Json = {}
     fetched = 1  # the first fetch
-    try:
+    clients = 1  # connections the server accepted, finished or not
+    with serving(ctx, server, settings) as running:
+        sample["exec_to_first_fetch_ms"] = 1000 * (running.exec_to_first_fetch_s or 0)
+        sample["idle_rss_kib"] = running.idle_rss_kib
+        sample["idle_pss_kib"] = running.idle_pss_kib
         if settings.warmup > 0:
             warm = load(ctx, running, settings.concurrency, settings.warmup)
             fetched += warm["fetches"] + warm["mismatches"]
-        main = load(ctx, running, settings.concurrency, settings.duration)
+            clients += warm["started"]
+        if server.group == "reload":
+            reloads: list[Json] = []
+            during = reloading(running, settings, settings.reload_duration, reloads)
+            main = load(
+                ctx,
+                running,
+                settings.concurrency,
+                settings.reload_duration,
+                during if server.reloads else None,
+            )
+            sample["reloads"] = reloads
+        else:
+            main = load(ctx, running, settings.concurrency, settings.duration)
         fetched += main["fetches"] + main["mismatches"]
+        clients += main["started"]
         sample["load"] = main
         sample["sweep"] = {}
-        for clients in settings.sweep:
+        for clients in settings.sweep if server.group == "poetry" else []:
             if clients == settings.concurrency:
                 sample["sweep"][str(clients)] = main
                 continue
             swept = load(ctx, running, clients, settings.sweep_duration)
             fetched += swept["fetches"] + swept["mismatches"]
             sample["sweep"][str(clients)] = swept
-    finally:
         exit_s, status = stop(ctx, running.proc)
     sample["exit_after_sigterm_ms"] = 1000 * exit_s
     sample["exit_status"] = status
     sample["clean_exit"] = clean_exit(status)
-    if server.logs:
+    if server.app == "poetry" and server.logs:
         sample["log_lines"] = count_log_lines(running.log_path)
         sample["fetches_served"] = fetched
+    if running.upstream is not None:
+        # Less the one fetch that run.py made to see the upstream serve.
+        sample["upstream_fetches"] = count_log_lines(running.upstream.log_path) - 1
+        sample["clients"] = clients
     return sample
 
 
-def measure_start(ctx: Context, server: Server) -> Json:
+def measure_start(ctx: Context, server: Server, settings: Settings) -> Json:
     """Only start (to the first fetch) and stop: more samples of the cheap figures."""
-    running = start(ctx, server)
-    exit_s, status = stop(ctx, running.proc)
+    with serving(ctx, server, settings) as running:
+        exit_s, status = stop(ctx, running.proc)
     return {
         "exec_to_first_fetch_ms": 1000 * (running.exec_to_first_fetch_s or 0),
         "idle_rss_kib": running.idle_rss_kib,
+        "idle_pss_kib": running.idle_pss_kib,
         "exit_after_sigterm_ms": 1000 * exit_s,
         "exit_status": status,
         "clean_exit": clean_exit(status),
@@ -761,12 +1123,33 @@ def summarize(samples: list[Json], starts: list[Json], sweep: list[int]) -> Json
         "errors": sum(r["errors"] + r["mismatches"] for r in loads),
         "exec_to_first_fetch_ms": spread(s["exec_to_first_fetch_ms"] for s in every_start),
         "idle_rss_kib": spread(s["idle_rss_kib"] for s in every_start),
+        "idle_pss_kib": spread(s.get("idle_pss_kib", 0) for s in every_start),
         "exit_after_sigterm_ms": spread(s["exit_after_sigterm_ms"] for s in every_start),
         "unclean_exits": sum(not s["clean_exit"] for s in every_start),
+        "failures": failure_kinds(loads),
+        "requests_per_connection": spread(
+            r["started"] / r["connections"] for r in loads if r.get("connections")
+        ),
         "sweep": {},
     }
+    proxied = [s for s in samples if "upstream_fetches" in s]
+    if proxied:
+        summary["upstream_per_client"] = spread(
+            s["upstream_fetches"] / s["clients"] for s in proxied
+        )
+    reload_rounds = [s["reloads"] for s in samples if "reloads" in s]
+    if any(reload_rounds):
+        every_reload = [r for rounds in reload_rounds for r in rounds]
+        summary["reloads"] = {
+            "asked": len(every_reload),
+            "done": sum(r["status"] == 0 for r in every_reload),
+            "ms": spread(r["ms"] for r in every_reload),
+            "failed": [r["said"] for r in every_reload if r["status"] != 0][:3],
+        }
     for clients in sweep:
-        runs = [s["sweep"][str(clients)] for s in samples if "sweep" in s]
+        runs = [s["sweep"][str(clients)] for s in samples if str(clients) in s.get("sweep", {})]
+        if not runs:
+            continue
         summary["sweep"][str(clients)] = {
             "fetches_per_s": spread(r["fetches_per_s"] for r in runs),
             "p99_us": spread(r["p99_us"] for r in runs),
@@ -777,6 +1160,20 @@ def summarize(samples: list[Json], starts: list[Json], sweep: list[int]) -> Json
     if short_logs:
         summary["warning"] = f"logged fewer lines than fetches served in {len(short_logs)} round(s)"
     return summary
+
+
+FAILURE_KINDS = ("refused", "reset", "timeout", "other", "http_status", "bad_response")
+
+
+def failure_kinds(loads: list[Json]) -> Json:
+    """Failed fetches over every round, by kind: the load generator's error and mismatch kinds."""
+    total = dict.fromkeys([*FAILURE_KINDS, "short", "long"], 0)
+    for result in loads:
+        for kind, count in result.get("error_kinds", {}).items():
+            total[kind] = total.get(kind, 0) + count
+        for kind, count in result.get("mismatch_kinds", {}).items():
+            total[kind] = total.get(kind, 0) + count
+    return total
 
 
 def median_of(summary: Json | None, key: str) -> float | None:
@@ -792,6 +1189,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def fmt_ratio(value: float | None) -> str:
     return f"{value:.2f}{TIMES}" if value is not None else DASH
+
+
+def fmt_measured(value: float | None, goal: str) -> str:
+    """A target's figure as its goal is written: a ratio, or a difference in ms or MiB."""
+    unit = goal.rsplit(" ", 1)[-1]
+    if value is None or unit not in ("ms", "MiB"):
+        return fmt_ratio(value)
+    return f"{value:+.1f} {unit}"
 
 
 def fmt_spread(value: Json | None, scale: float = 1.0, digits: int = 1) -> str:
@@ -810,19 +1215,224 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def row_label(name: str, row: Json, settings: Settings) -> str:
+    """The row's name, and how many rounds it ran if fewer than asked."""
+    rounds = row["summary"]["rounds"]
+    return name if rounds == settings.rounds else f"{name} ({rounds} of {settings.rounds} rounds)"
+
+
+def summary_of(results: Json, name: str) -> Json | None:
+    summary: Json | None = results["servers"].get(name, {}).get("summary")
+    return summary
+
+
+def workers_table(results: Json, settings: Settings) -> list[str]:
+    """One and two workers, the server pinned to one core and sharing both with the load."""
+    rows = []
+    cases = [
+        ("tend-uvloop", 1, "pinned", "tend-uvloop"),
+        ("tend-uvloop-w2", 2, "pinned", "tend-uvloop"),
+        ("tend-uvloop-shared", 1, "shared", "tend-uvloop-shared"),
+        ("tend-uvloop-w2-shared", 2, "shared", "tend-uvloop-shared"),
+    ]
+    if not any(summary_of(results, name) for name, *_ in cases[2:]):
+        return []
+    for name, workers, placement, one in cases:
+        summary = summary_of(results, name)
+        if summary is None:
+            continue
+        base = summary_of(results, one)
+        cpu = median_of(summary, "cpu_us_per_fetch")
+        fps = median_of(summary, "fetches_per_s")
+        rows.append(
+            [
+                row_label(name, results["servers"][name], settings),
+                str(workers),
+                "server on 1 core, load on the other"
+                if placement == "pinned"
+                else "server and load share every core",
+                fmt_spread(summary["cpu_us_per_fetch"]),
+                fmt_ratio(ratio(cpu, median_of(base, "cpu_us_per_fetch"))),
+                fmt_spread(summary["fetches_per_s"], digits=0),
+                fmt_ratio(ratio(fps, median_of(base, "fetches_per_s"))),
+                fmt_spread(summary["p99_us"], digits=0),
+                fmt_spread(summary["server_cpu_pct"], digits=0),
+                fmt_spread(summary["loadgen_cpu_pct"], digits=0),
+                str(summary["errors"]),
+                str(summary["unclean_exits"]),
+            ]
+        )
+    header = [
+        "server",
+        "workers",
+        "CPUs",
+        "CPU µs/fetch",
+        "vs 1 worker",
+        f"fetches/s @{settings.concurrency}",
+        "vs 1 worker",
+        "p99 µs",
+        "server CPU %",
+        "loadgen CPU %",
+        "errors",
+        "unclean exits",
+    ]
+    return [
+        "",
+        "### Workers: one and two, pinned and sharing the cores",
+        "",
+        markdown_table(header, rows),
+    ]
+
+
+def proxy_tables(results: Json, settings: Settings) -> list[str]:
+    """tend's proxy against the tutorial's under twistd: from the cache, and on a miss."""
+    out: list[str] = []
+    groups = [
+        ("tend-proxy", "twistd-proxy", "### The proxy, serving from its cache", False),
+        (
+            "tend-proxy-miss",
+            "twistd-proxy-miss",
+            f"### The proxy on a cache miss (upstream: `tend poetry --chunk-size "
+            f"{settings.miss_chunk} --delay {settings.miss_delay:g}`, "
+            f"{settings.concurrency} clients)",
+            True,
+        ),
+    ]
+    for tend_name, twistd_name, title, miss in groups:
+        reference = summary_of(results, twistd_name)
+        rows = []
+        for name in (tend_name, twistd_name):
+            summary = summary_of(results, name)
+            if summary is None:
+                continue
+            cpu = median_of(summary, "cpu_us_per_fetch")
+            fps = median_of(summary, "fetches_per_s")
+            row = [
+                row_label(name, results["servers"][name], settings),
+                fmt_spread(summary["cpu_us_per_fetch"]),
+                fmt_ratio(ratio(cpu, median_of(reference, "cpu_us_per_fetch"))),
+                fmt_spread(summary["fetches_per_s"], digits=0),
+                fmt_ratio(ratio(fps, median_of(reference, "fetches_per_s"))),
+                fmt_spread(summary["p50_us"], digits=0),
+                fmt_spread(summary["p99_us"], digits=0),
+                fmt_spread(summary["server_cpu_pct"], digits=0),
+            ]
+            if miss:
+                row.append(fmt_spread(summary.get("upstream_per_client"), digits=3))
+            rows.append([*row, str(summary["errors"])])
+        if not rows:
+            continue
+        header = [
+            "proxy",
+            "CPU µs/fetch",
+            "vs twistd",
+            f"fetches/s @{settings.concurrency}",
+            "vs twistd",
+            "p50 µs",
+            "p99 µs",
+            "proxy CPU %",
+        ]
+        if miss:
+            header.append("upstream fetches per client")
+        out += ["", title, "", markdown_table([*header, "errors"], rows)]
+    return out
+
+
+def reload_table(results: Json, settings: Settings) -> list[str]:
+    """Fetches and failures while tend reloads every second, beside the same run without."""
+    rows = []
+    for name in ("tend-steady", "tend-reload"):
+        summary = summary_of(results, name)
+        if summary is None:
+            continue
+        failures = summary["failures"]
+        reloads = summary.get("reloads")
+        rows.append(
+            [
+                row_label(name, results["servers"][name], settings),
+                f"{reloads['done']} of {reloads['asked']}" if reloads else DASH,
+                fmt_spread(reloads["ms"], digits=0) if reloads else DASH,
+                fmt_spread(summary["fetches_per_s"], digits=0),
+                fmt_spread(summary["cpu_us_per_fetch"]),
+                fmt_spread(summary["p99_us"], digits=0),
+                str(failures["refused"]),
+                str(failures["reset"]),
+                str(failures["short"]),
+                str(failures["timeout"] + failures["other"] + failures["long"]),
+            ]
+        )
+    if not rows:
+        return []
+    header = [
+        "server",
+        "reloads done",
+        "reload ms",
+        f"fetches/s @{settings.concurrency}",
+        "CPU µs/fetch",
+        "p99 µs",
+        "refused",
+        "reset",
+        "short",
+        "other failures",
+    ]
+    title = (
+        f"### Reload under load (`tendctl reload` every {settings.reload_interval:g} s "
+        f"for {settings.reload_duration:g} s; failures summed over the rounds)"
+    )
+    return ["", title, "", markdown_table(header, rows)]
+
+
+def web_tables(results: Json, settings: Settings) -> list[str]:
+    """Static files over HTTP/1.1 keep-alive: tend web, twistd web, python -m http.server."""
+    rows = []
+    for size, file in (("2k", "2k.bin"), ("1m", "1m.bin")):
+        reference = summary_of(results, f"twistd-web-{size}")
+        for kind in ("tend-web", "twistd-web", "http.server"):
+            name = f"{kind}-{size}"
+            summary = summary_of(results, name)
+            if summary is None:
+                continue
+            cpu = median_of(summary, "cpu_us_per_fetch")
+            fps = median_of(summary, "fetches_per_s")
+            rows.append(
+                [
+                    row_label(name, results["servers"][name], settings),
+                    f"{WEB_FILES[file]:,} B",
+                    fmt_spread(summary["cpu_us_per_fetch"]),
+                    fmt_ratio(ratio(cpu, median_of(reference, "cpu_us_per_fetch"))),
+                    fmt_spread(summary["fetches_per_s"], digits=0),
+                    fmt_ratio(ratio(fps, median_of(reference, "fetches_per_s"))),
+                    fmt_spread(summary["p50_us"], digits=0),
+                    fmt_spread(summary["p99_us"], digits=0),
+                    fmt_spread(summary["requests_per_connection"], digits=0),
+                    str(summary["errors"]),
+                ]
+            )
+    if not rows:
+        return []
+    header = [
+        "server",
+        "file",
+        "CPU µs/request",
+        "vs twistd web",
+        f"requests/s @{settings.concurrency}",
+        "vs twistd web",
+        "p50 µs",
+        "p99 µs",
+        "requests per connection",
+        "errors",
+    ]
+    title = f"### Static files over HTTP/1.1 keep-alive ({settings.concurrency} connections)"
+    return ["", title, "", markdown_table(header, rows)]
+
+
 def report(results: Json, settings: Settings) -> str:
     """The markdown the README quotes."""
     meta = results["meta"]
     summaries: dict[str, Json] = {}
     for name, row in results["servers"].items():
-        if "summary" in row:
-            rounds = row["summary"]["rounds"]
-            label = (
-                name
-                if rounds == settings.rounds
-                else f"{name} ({rounds} of {settings.rounds} rounds)"
-            )
-            summaries[label] = row["summary"]
+        if "summary" in row and row.get("group", "poetry") == "poetry":
+            summaries[row_label(name, row, settings)] = row["summary"]
     twistd = results["servers"].get("twistd", {}).get("summary")
     bare = results["servers"].get("bare-uvloop", {}).get("summary")
     out = [
@@ -833,10 +1443,8 @@ def report(results: Json, settings: Settings) -> str:
         f"{meta['pinning']}. {meta['nofile']}. Poem: {results['poem']['bytes']} bytes. "
         f"{settings.rounds} round(s) of {settings.duration:g} s at {settings.concurrency} "
         f"concurrent clients per server, after a warm-up; medians, with (min{DASH}max).",
-        "",
-        "### Throughput (primary figure: server CPU µs per fetch, lower is better)",
-        "",
     ]
+    poetry = ["", "### Throughput (primary figure: server CPU µs per fetch, lower is better)", ""]
     rows = []
     for name, summary in summaries.items():
         cpu = median_of(summary, "cpu_us_per_fetch")
@@ -856,7 +1464,7 @@ def report(results: Json, settings: Settings) -> str:
                 str(summary["errors"]),
             ]
         )
-    out.append(
+    poetry.append(
         markdown_table(
             [
                 "server",
@@ -875,7 +1483,7 @@ def report(results: Json, settings: Settings) -> str:
         )
     )
 
-    out += ["", "### Start, memory, stop", ""]
+    poetry += ["", "### Start, memory, stop", ""]
     rows = []
     for name, summary in summaries.items():
         start = median_of(summary, "exec_to_first_fetch_ms")
@@ -887,11 +1495,12 @@ def report(results: Json, settings: Settings) -> str:
                 fmt_ratio(ratio(start, median_of(twistd, "exec_to_first_fetch_ms"))),
                 fmt_spread(summary["idle_rss_kib"], scale=1 / 1024),
                 fmt_ratio(ratio(rss, median_of(twistd, "idle_rss_kib"))),
+                fmt_spread(summary["idle_pss_kib"], scale=1 / 1024),
                 fmt_spread(summary["exit_after_sigterm_ms"]),
                 str(summary["unclean_exits"]),
             ]
         )
-    out.append(
+    poetry.append(
         markdown_table(
             [
                 "server",
@@ -899,6 +1508,7 @@ def report(results: Json, settings: Settings) -> str:
                 "vs twistd",
                 "idle RSS MiB",
                 "vs twistd",
+                "idle PSS MiB",
                 "exit after SIGTERM ms",
                 "unclean exits",
             ],
@@ -907,7 +1517,7 @@ def report(results: Json, settings: Settings) -> str:
     )
 
     if settings.sweep:
-        out += ["", "### Fetches/s by concurrent clients (p99 µs in brackets)", ""]
+        poetry += ["", "### Fetches/s by concurrent clients (p99 µs in brackets)", ""]
         rows = []
         for name, summary in summaries.items():
             row = [name]
@@ -922,7 +1532,14 @@ def report(results: Json, settings: Settings) -> str:
                     cell += f" ({level['errors']} errors)"
                 row.append(cell)
             rows.append(row)
-        out.append(markdown_table(["server", *(f"@{c}" for c in settings.sweep)], rows))
+        poetry.append(markdown_table(["server", *(f"@{c}" for c in settings.sweep)], rows))
+
+    if summaries:
+        out += poetry
+    out += workers_table(results, settings)
+    out += proxy_tables(results, settings)
+    out += reload_table(results, settings)
+    out += web_tables(results, settings)
 
     if results["cli"]:
         out += ["", f"### The command line (wall ms, median (min{DASH}max))", ""]
@@ -972,10 +1589,10 @@ def report(results: Json, settings: Settings) -> str:
             )
         )
 
-    if results["targets"]:
+    if any(t["measured"] is not None for t in results["targets"]):
         out += ["", "### Targets", ""]
         rows = [
-            [t["target"], fmt_ratio(t["measured"]), t["goal"], t["verdict"]]
+            [t["target"], fmt_measured(t["measured"], t["goal"]), t["goal"], t["verdict"]]
             for t in results["targets"]
         ]
         out.append(markdown_table(["target", "measured", "goal", "verdict"], rows))
@@ -984,6 +1601,11 @@ def report(results: Json, settings: Settings) -> str:
         out += ["", "Notes:", ""]
         out += [f"- {n}" for n in results["notes"]]
     return "\n".join(out) + "\n"
+
+
+def difference(value: float | None, base: float | None, unit: float = 1) -> float | None:
+    """*value* less *base*, in *unit*s; None if either is missing."""
+    return None if value is None or base is None else (value - base) / unit
 
 
 def check_targets(results: Json) -> list[Json]:
@@ -1027,6 +1649,31 @@ def check_targets(results: Json) -> list[Json]:
             f"≤ 0.60{TIMES}",
             lambda v: v <= 0.6,
         ),
+        (
+            "tend-asyncio exec → first fetch minus bare-asyncio, ms",
+            difference(
+                med("tend-asyncio", "exec_to_first_fetch_ms"),
+                med("bare-asyncio", "exec_to_first_fetch_ms"),
+            ),
+            "≤ 10 ms",
+            lambda v: v <= 10,
+        ),
+        (
+            "tend-asyncio idle RSS minus bare-asyncio, MiB (the whole tree)",
+            difference(
+                med("tend-asyncio", "idle_rss_kib"), med("bare-asyncio", "idle_rss_kib"), 1024
+            ),
+            "≤ 1 MiB",
+            lambda v: v <= 1,
+        ),
+        (
+            "tend-asyncio idle PSS minus bare-asyncio, MiB (shared pages once)",
+            difference(
+                med("tend-asyncio", "idle_pss_kib"), med("bare-asyncio", "idle_pss_kib"), 1024
+            ),
+            "≤ 1 MiB",
+            lambda v: v <= 1,
+        ),
     ]
     return [
         {
@@ -1055,9 +1702,40 @@ def tend_help() -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+@functools.cache
+def tend_plugin_help(plugin: str) -> str | None:
+    """`tend PLUGIN --help` output, or None if tend has no such plugin (yet)."""
+    try:
+        done = subprocess.run(
+            [str(TEND), plugin, "--help"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except OSError:
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def missing_feature(server: Server) -> str | None:
+    """Why this tend cannot run *server*'s row, or None if it can."""
+    if server.app == "web" and tend_plugin_help("web") is None:
+        return "tend has no web plugin yet (`tend web --help` fails; `tend` does not list it)"
+    if server.app == "proxy" and server.kind == "tend":
+        proxy = tend_plugin_help("poetry-proxy")
+        if proxy is None:
+            return "tend has no poetry-proxy plugin"
+        if not server.cache and "--cache-ttl" not in proxy:
+            return "`tend poetry-proxy` has no --cache-ttl option yet"
+    # Both proxies' cache misses fetch from a slow `tend poetry`.
+    slow = "--chunk-size" in (tend_plugin_help("poetry") or "")
+    if server.app == "proxy" and not server.cache and not slow:
+        return "`tend poetry` has no --chunk-size/--delay for the slow upstream yet"
+    if server.group == "reload" and not TENDCTL.exists():
+        return f"{TENDCTL} is missing"
+    return None
+
+
 def available(selected: list[Server], notes: list[str]) -> list[Server]:
-    """The selected servers that can run here; a note for each that cannot."""
-    help_text = tend_help() if any(s.kind == "tend" for s in selected) else None
+    """The selected servers that can run here; a note for each reason some cannot."""
+    help_text = tend_help() if any(s.kind == "tend" or s.app == "proxy" for s in selected) else None
     try:
         import uvloop  # noqa: F401 (only checking that it is installed)
 
@@ -1065,12 +1743,15 @@ def available(selected: list[Server], notes: list[str]) -> list[Server]:
     except ImportError:
         has_uvloop = False
     ready = []
+    skipped: dict[str, list[str]] = {}
     for server in selected:
         reason = None
-        if server.kind == "tend" and help_text is None:
+        if (server.kind == "tend" or server.app == "proxy") and help_text is None:
             reason = f"{TEND} --help fails: tend cannot run yet"
         elif server.kind == "tend" and server.workers > 1 and "--workers" not in help_text:
             reason = "tend has no --workers option yet"
+        elif (server.kind == "tend" or server.app == "proxy") and missing_feature(server):
+            reason = missing_feature(server)
         elif server.kind == "twistd" and not TWISTD.exists():
             reason = f"{TWISTD} is missing: run `make -C bench venv`"
         elif server.kind == "epoll" and not EPOLL_SERVER.exists():
@@ -1078,9 +1759,11 @@ def available(selected: list[Server], notes: list[str]) -> list[Server]:
         elif server.loop == "uvloop" and not has_uvloop:
             reason = "uvloop is not installed in this interpreter"
         if reason:
-            notes.append(f"{server.name} skipped: {reason}.")
+            skipped.setdefault(reason, []).append(server.name)
         else:
             ready.append(server)
+    for reason, names in skipped.items():
+        notes.append(f"{', '.join(names)} skipped: {reason}.")
     return ready
 
 
@@ -1103,7 +1786,25 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--hold-delay", type=float, default=0.5, help="slow poetry --delay")
     parser.add_argument("--hold-timeout", type=float, help="seconds to reach the target (60)")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--only", help="comma-separated servers: " + ",".join(SERVER_NAMES))
+    parser.add_argument(
+        "--only",
+        help="comma-separated rows or groups of rows ("
+        + ", ".join(ONLY_GROUPS)
+        + "): "
+        + ",".join(SERVER_NAMES),
+    )
+    parser.add_argument(
+        "--reload-duration", type=float, help="seconds of load in the reload rows (10)"
+    )
+    parser.add_argument(
+        "--reload-interval", type=float, default=1.0, help="seconds between reloads (1)"
+    )
+    parser.add_argument(
+        "--miss-chunk", type=int, default=1000, help="slow upstream --chunk-size (1000)"
+    )
+    parser.add_argument(
+        "--miss-delay", type=float, default=0.05, help="slow upstream --delay (0.05)"
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument("--no-cli", action="store_true", help="skip the command-line timings")
     parser.add_argument("--no-hold", action="store_true", help="skip the slow-poetry hold")
@@ -1111,10 +1812,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--tend", type=Path, default=TEND, help=f"the tend to run ({TEND})")
     args = parser.parse_args(argv)
     if args.only:
-        args.only = [name.strip() for name in args.only.split(",") if name.strip()]
-        unknown = [name for name in args.only if name not in SERVER_NAMES]
+        names = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in names if name not in SERVER_NAMES and name not in ONLY_GROUPS]
         if unknown:
-            parser.error(f"unknown server {unknown[0]!r}; known: {', '.join(SERVER_NAMES)}")
+            known = ", ".join([*ONLY_GROUPS, *SERVER_NAMES])
+            parser.error(f"unknown server {unknown[0]!r}; known: {known}")
+        args.only = {
+            server.name
+            for server in SERVERS
+            for name in names
+            if name == server.name or server.group in ONLY_GROUPS.get(name, ())
+        }
     try:
         sweep = [int(c) for c in args.sweep.split(",") if c.strip()]
     except ValueError:
@@ -1137,9 +1845,15 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
         hold_chunk=args.hold_chunk,
         hold_delay=args.hold_delay,
         hold_timeout=pick(args.hold_timeout, 60.0, 15.0),
+        reload_duration=pick(args.reload_duration, 10.0, 2.0),
+        reload_interval=args.reload_interval,
+        miss_chunk=args.miss_chunk,
+        miss_delay=args.miss_delay,
     )
     if settings.rounds < 1 or settings.duration <= 0:
         parser.error("--rounds and --duration must be positive")
+    if settings.reload_duration <= 0 or settings.reload_interval <= 0:
+        parser.error("--reload-duration and --reload-interval must be positive")
     return args, settings
 
 
@@ -1153,6 +1867,8 @@ def run(args: argparse.Namespace, settings: Settings) -> Json:
     notes: list[str] = []
     selected = [s for s in SERVERS if not args.only or s.name in args.only]
     servers = available(selected, notes)
+    if any(s.app == "web" for s in servers):
+        make_web_files()
     meta = machine_info(pinning, nofile)
     meta["busy_before_start_pct"] = busy = busy_before_start()
     if any(pct > 10 for pct in busy.values()):
@@ -1166,7 +1882,9 @@ def run(args: argparse.Namespace, settings: Settings) -> Json:
         "meta": meta,
         "settings": dataclasses.asdict(settings),
         "poem": {"path": str(poem), "bytes": ctx.poem_size},
-        "servers": {s.name: {"what": s.what, "samples": [], "starts": []} for s in servers},
+        "servers": {
+            s.name: {"what": s.what, "group": s.group, "samples": [], "starts": []} for s in servers
+        },
         "cli": {},
         "hold": {},
         "targets": [],
@@ -1179,7 +1897,7 @@ def run(args: argparse.Namespace, settings: Settings) -> Json:
         for server in servers:
             note(f"checking {server.name} starts ...")
             try:
-                measure_start(ctx, server)
+                measure_start(ctx, server, settings)
             except ServerFailedError as error:
                 failed[server.name] = str(error)
                 note(f"  {server.name} failed: {error}")
@@ -1206,11 +1924,14 @@ def run(args: argparse.Namespace, settings: Settings) -> Json:
                     f"exit {sample['exit_after_sigterm_ms']:.0f} ms"
                 )
         for _ in range(settings.starts):
+            # Only the rows of the start, memory and stop table.
             for server in servers:
-                if server.name in failed:
+                if server.name in failed or server.group != "poetry":
                     continue
                 try:
-                    results["servers"][server.name]["starts"].append(measure_start(ctx, server))
+                    results["servers"][server.name]["starts"].append(
+                        measure_start(ctx, server, settings)
+                    )
                 except ServerFailedError as error:
                     failed[server.name] = str(error)
         for name, reason in failed.items():
@@ -1264,7 +1985,7 @@ def time_cli(ctx: Context, servers: list[Server], settings: Settings, notes: lis
 
 def run_holds(ctx: Context, servers: list[Server], settings: Settings, notes: list[str]) -> Json:
     holds: Json = {}
-    candidates = [s for s in servers if s.kind == "tend" and s.workers == 1]
+    candidates = [s for s in servers if s.kind == "tend" and s.group == "poetry" and s.workers == 1]
     if not candidates:
         return holds
     help_done = subprocess.run(
@@ -1292,9 +2013,10 @@ def run_holds(ctx: Context, servers: list[Server], settings: Settings, notes: li
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    global TEND  # one tend per run, as the commands above read it
+    global TEND, TENDCTL  # one tend per run, as the commands above read it
     args, settings = parse_args(sys.argv[1:] if argv is None else argv)
     TEND = args.tend.absolute()
+    TENDCTL = TEND.parent / "tendctl"
     results = run(args, settings)
     table = report(results, settings)
     results["markdown"] = table

@@ -32,7 +32,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TypeVar
@@ -341,8 +341,15 @@ class Tend(Spawned):
 
     name = "tend"
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None) -> None:
-        super().__init__([*TEND, *args], cwd, env)
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str] | None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
+        # A wrapper (setpriv, strace) that execs tend keeps its pid.
+        super().__init__([*wrapper, *TEND, *args], cwd, env)
 
     def wait_for_port(self, timeout: float = 10.0, source: str = "stdout") -> int:
         """Wait for the listener's start line and return the port it bound."""
@@ -361,10 +368,15 @@ def run_tend(tmp_path: Path) -> Iterator[Callable[..., Tend]]:
     """Start `tend` with the given arguments in *tmp_path*; kill what is left at the end."""
     started: list[Tend] = []
 
-    def start(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Tend:
+    def start(
+        *args: str,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> Tend:
         environment = dict(os.environ if env is None else env)
         environment.setdefault("PYTHONUNBUFFERED", "1")
-        handle = Tend(list(args), cwd or tmp_path, environment)
+        handle = Tend(list(args), cwd or tmp_path, environment, wrapper)
         started.append(handle)
         return handle
 

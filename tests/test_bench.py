@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,6 +122,12 @@ async def run_loadgen_async(*args: object) -> dict[str, object]:
     return result
 
 
+def error_kinds(**counts: int) -> dict[str, int]:
+    """loadgen's error_kinds with these counts, every other kind 0."""
+    kinds = ("refused", "reset", "timeout", "other", "http_status", "bad_response")
+    return {kind: counts.get(kind, 0) for kind in kinds}
+
+
 def outcomes(result: dict[str, object]) -> int:
     """Every started connection ends in exactly one of these."""
     counts = [result[k] for k in ("fetches", "mismatches", "errors", "abandoned")]
@@ -221,6 +228,7 @@ async def test_counts_short_and_long_poems_as_mismatches(binaries: None) -> None
     assert served.connections == 60
     assert served.wrong > 0
     assert result["mismatches"] == served.wrong
+    assert result["mismatch_kinds"] == {"short": 20, "long": served.wrong - 20}
     assert result["fetches"] == 60 - served.wrong
     assert result["errors"] == 0
 
@@ -235,7 +243,7 @@ async def test_counts_resets_as_errors(binaries: None) -> None:
         result = await run_loadgen_async("-n", 20, "-c", 2, "-b", len(POEM), "127.0.0.1", port)
     assert served.resets == 10
     assert result["errors"] == 10
-    assert result["error_kinds"] == {"refused": 0, "reset": 10, "timeout": 0, "other": 0}
+    assert result["error_kinds"] == error_kinds(reset=10)
     assert (result["fetches"], result["mismatches"]) == (10, 0)
 
 
@@ -246,7 +254,7 @@ def test_counts_refused_connections_as_errors(binaries: None) -> None:
         port = bound.getsockname()[1]
         result = run_loadgen("-n", 5, "-c", 2, "-b", len(POEM), "127.0.0.1", port)
     assert (result["fetches"], result["errors"]) == (0, 5)
-    assert result["error_kinds"] == {"refused": 5, "reset": 0, "timeout": 0, "other": 0}
+    assert result["error_kinds"] == error_kinds(refused=5)
     assert result["first_error"] == "Connection refused"
 
 
@@ -364,3 +372,266 @@ def test_run_py_smoke(binaries: None, tmp_path: Path) -> None:
         assert summary["exec_to_first_fetch_ms"]["n"] == 2
     assert "| epoll-c |" in done.stdout
     assert "| bare-asyncio |" in done.stdout
+
+
+def http_response(
+    body: bytes, status: str = "200 OK", headers: str = "", length: bool = True
+) -> bytes:
+    """An HTTP/1.1 response: the status line, headers (Content-Length unless told not), body."""
+    head = f"HTTP/1.1 {status}\r\n"
+    if length:
+        head += f"Content-Length: {len(body)}\r\n"
+    return (head + headers + "\r\n").encode() + body
+
+
+class ScriptedHTTP:
+    """What a scripted HTTP server saw: requests, connections, the first request's bytes."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.connections = 0
+        self.first_request = b""
+
+
+@contextlib.asynccontextmanager
+async def scripted_http_server(
+    script: Callable[[int], tuple[bytes, bool]],
+) -> AsyncIterator[tuple[ScriptedHTTP, int]]:
+    """Answers request number N with script(N): the bytes to send, and whether to close after."""
+    seen = ScriptedHTTP()
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        seen.connections += 1
+        try:
+            while True:
+                try:
+                    request = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if not seen.first_request:
+                    seen.first_request = request
+                number = seen.requests
+                seen.requests += 1
+                data, close = script(number)
+                writer.write(data)
+                await writer.drain()
+                if close:
+                    return
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield seen, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+        async with asyncio.timeout(TIMEOUT):
+            await asyncio.gather(*handlers, return_exceptions=True)
+
+
+async def test_http_mode_asks_again_on_the_same_connection(binaries: None) -> None:
+    """-k sends GET PATH over HTTP/1.1 and keeps each connection for the next request."""
+    async with scripted_http_server(lambda _: (http_response(POEM), False)) as (seen, port):
+        result = await run_loadgen_async(
+            "-k", "/poem.txt", "-n", 100, "-c", 4, "-b", len(POEM), "127.0.0.1", port
+        )
+    assert result["mode"] == "http"
+    assert (result["started"], result["fetches"], result["errors"]) == (100, 100, 0)
+    assert result["connections"] == seen.connections == 4
+    assert seen.requests == 100
+    assert seen.first_request.startswith(b"GET /poem.txt HTTP/1.1\r\nHost: 127.0.0.1:")
+
+
+async def test_http_mode_counts_each_kind_of_response(binaries: None) -> None:
+    """Non-2xx, chunked, cut short, Connection: close and read-to-close are each counted once."""
+
+    def script(number: int) -> tuple[bytes, bool]:
+        kind = number % 6
+        if kind == 1:
+            return http_response(b"not here\n", "404 Not Found"), False
+        if kind == 2:
+            return http_response(POEM, headers="Connection: close\r\n"), True
+        if kind == 3:
+            chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(POEM), POEM)
+            return http_response(
+                chunked, headers="Transfer-Encoding: chunked\r\n", length=False
+            ), True
+        if kind == 4:  # promises the whole poem, sends half, and closes
+            return http_response(POEM)[: -len(POEM) // 2], True
+        if kind == 5:  # no Content-Length: the body ends when the connection does
+            return http_response(POEM, length=False), True
+        return http_response(POEM), False
+
+    async with scripted_http_server(script) as (seen, port):
+        result = await run_loadgen_async(
+            "-k", "/", "-n", 60, "-c", 1, "-b", len(POEM), "127.0.0.1", port
+        )
+    assert seen.requests == 60
+    assert result["fetches"] == 30  # kinds 0, 2 and 5
+    assert result["error_kinds"] == error_kinds(http_status=10, bad_response=10)
+    assert result["mismatch_kinds"] == {"short": 10, "long": 0}
+    assert outcomes(result) == result["started"] == 60
+    # Kinds 1 to 5 each end their connection, so every six requests take five.
+    assert result["connections"] == seen.connections == 50
+
+
+def test_http_mode_is_not_hold_mode(binaries: None) -> None:
+    """-k and -H together, or a -k path without its leading slash, are usage errors."""
+    for args in (["-H", "-k", "/"], ["-k", "poem.txt"]):
+        done = subprocess.run(
+            [str(LOADGEN), *args, "127.0.0.1", "1"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert done.returncode == 2, args
+        assert "usage:" in done.stderr
+
+
+def run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """bench/run.py with tiny windows; its results JSON and its tables."""
+    output = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "run.py"),
+            *("--rounds", "1", "--duration", "0.5", "--warmup", "0", "--starts", "0"),
+            *("--no-cli", "--no-hold", "--output", str(output), *args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results: dict[str, Any] = json.loads(output.read_text())
+    return results, done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_run_py_new_rows_smoke(binaries: None, tmp_path: Path) -> None:
+    """The proxy, reload, workers and web rows run end to end; `tend web` waits if absent."""
+    results, tables = run_bench(
+        tmp_path,
+        *("--only", "tend-proxy,tend-proxy-miss,reload,tend-uvloop-shared,web"),
+        *("--reload-duration", "2", "--reload-interval", "0.5", "--miss-delay", "0.01"),
+    )
+    servers = results["servers"]
+    measured = ["tend-proxy", "tend-proxy-miss", "tend-steady", "tend-reload", "tend-uvloop-shared"]
+    for name in measured:
+        summary = servers[name]["summary"]
+        assert summary["errors"] == 0, (name, summary["failures"])
+        assert summary["cpu_us_per_fetch"]["n"] == 1
+    # Clients that arrive during a fetch share it: far fewer upstream fetches than clients.
+    assert servers["tend-proxy-miss"]["summary"]["upstream_per_client"]["median"] < 0.5
+    reloads = servers["tend-reload"]["summary"]["reloads"]
+    assert reloads["asked"] >= 3
+    assert reloads["done"] == reloads["asked"], reloads["failed"]
+    assert "reloads" not in servers["tend-steady"]["summary"]
+    if (BENCH / ".venv" / "bin" / "twistd").exists():
+        for name in ("http.server-2k", "twistd-web-1m"):
+            summary = servers[name]["summary"]
+            assert summary["errors"] == 0, (name, summary["failures"])
+            assert summary["requests_per_connection"]["median"] > 1  # keep-alive held
+    for title in (
+        "### The proxy, serving from its cache",
+        "### The proxy on a cache miss",
+        "### Reload under load",
+        "### Workers: one and two",
+        "### Static files over HTTP/1.1 keep-alive",
+    ):
+        assert title in tables
+    assert "### Throughput" not in tables  # no poetry rows were asked for
+    has_web = subprocess.run(
+        [str(Path(sys.executable).parent / "tend"), "web", "--help"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if has_web.returncode == 0:
+        assert "| tend-web-2k |" in tables
+    else:
+        assert "tend-web-2k, tend-web-1m skipped: tend has no web plugin yet" in tables
+
+
+@pytest.mark.timeout(240)
+def test_run_py_twistd_proxy_smoke(binaries: None, tmp_path: Path) -> None:
+    """The tutorial's proxy under twistd caches, and with --no-cache fetches for every client."""
+    if not (BENCH / ".venv" / "bin" / "twistd").exists():
+        pytest.skip("needs bench/.venv with Twisted: make -C bench venv")
+    results, tables = run_bench(
+        tmp_path, "--only", "twistd-proxy,twistd-proxy-miss", "--miss-delay", "0.01"
+    )
+    servers = results["servers"]
+    for name in ("twistd-proxy", "twistd-proxy-miss"):
+        assert servers[name]["summary"]["errors"] == 0
+    # The cached proxy fetched once, for run.py's first client, and never again.
+    assert servers["twistd-proxy"]["summary"]["upstream_per_client"]["max"] < 0.01
+    per_client = servers["twistd-proxy-miss"]["summary"]["upstream_per_client"]["median"]
+    assert 0.9 <= per_client <= 1.05
+    assert "| twistd-proxy-miss |" in tables
+
+
+def test_chart_draws_every_measured_row(tmp_path: Path) -> None:
+    """bench/chart.py turns run.py's results into an SVG naming each row it has figures for."""
+    python = BENCH / ".venv" / "bin" / "python"
+    if not (BENCH / ".venv" / ".chart-installed").exists():
+        pytest.skip("needs matplotlib in bench/.venv: make -C bench venv")
+
+    def spread(value: float) -> dict[str, float]:
+        return {"median": value, "min": value * 0.9, "max": value * 1.1, "n": 3}
+
+    def row(cpu: float, rate: float) -> dict[str, Any]:
+        return {"summary": {"cpu_us_per_fetch": spread(cpu), "fetches_per_s": spread(rate)}}
+
+    results = {
+        "meta": {
+            "date": "2026-12-01 12:00 UTC",
+            "cpus": 2,
+            "cpu": "a test CPU",
+            "python": "3.11",
+            "tend": "0.2.0",
+            "twisted": "26.10.0",
+            "git": "abc1234",
+        },
+        "settings": {"rounds": 3},
+        "servers": {
+            "tend-uvloop": row(20.0, 50000),
+            "twistd": row(47.0, 21000),
+            "twistd-proxy": row(70.0, 12000),
+            "twistd-web-2k": row(200.0, 4800),
+            "tend-web-2k": {"samples": []},  # skipped: no summary, no bar
+        },
+    }
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps(results))
+    chart = tmp_path / "chart.svg"
+    done = subprocess.run(
+        [
+            str(python),
+            str(BENCH / "chart.py"),
+            str(source),
+            str(chart),
+            "--png",
+            str(tmp_path / "c.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    svg = chart.read_text()
+    for name in ("tend-uvloop", "twistd", "twistd-proxy", "twistd-web-2k"):
+        assert f">{name}<" in svg
+    assert ">tend-web-2k<" not in svg
+    assert "tend not measured in this run" in svg
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -481,12 +481,12 @@ def test_a_listener_other_hosts_can_reach_gets_one_warning(tmp_path: Path) -> No
 def test_a_deployment_file_runs_it(
     run_tend: Callable[..., Tend], http_peer: PeerServer, tmp_path: Path
 ) -> None:
-    """socks runs from a deployment file; several rules share one string there."""
+    """socks runs from a deployment file; several rules are an array there."""
     (tmp_path / "deploy.toml").write_text(
         "[[service]]\n"
         'plugin = "socks"\n'
         'listen = "tcp:0:interface=127.0.0.1"\n'
-        f'allow = "10.0.0.0/8 127.0.0.1:{http_peer.port}"\n'
+        f'allow = ["10.0.0.0/8", "127.0.0.1:{http_peer.port}"]\n'
         "handshake-timeout = 5\n"
     )
     socks = run_tend(*FOREGROUND, "-c", "deploy.toml")

@@ -293,6 +293,11 @@ async def test_get_poetry_raises_poetry_error_for_a_cut_poem(
     assert caught.value.address == f"127.0.0.1:{cut.port}"
     assert caught.value.reason.startswith("connection reset")
     assert str(caught.value).startswith(f"cannot get poetry from 127.0.0.1:{cut.port}: ")
+    # `received` is the bytes themselves, as the README says: the start of the poem.
+    received = caught.value.received
+    assert isinstance(received, bytes)
+    assert received == POEM.read_bytes()[: len(received)]
+    assert f"after {len(received)} bytes" in caught.value.reason or not received
 
 
 async def test_get_poetry_raises_poetry_error_on_timeout(
@@ -305,7 +310,7 @@ async def test_get_poetry_raises_poetry_error_on_timeout(
         await get_poetry("127.0.0.1", silent.port, timeout=0.1)
     never.set()
     assert caught.value.reason == "timed out after 0.1 s (0 bytes received)"
-    assert caught.value.received == 0
+    assert caught.value.received == b""
 
 
 @pytest.mark.parametrize(

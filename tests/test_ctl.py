@@ -92,6 +92,11 @@ def test_status_without_a_pidfile_is_3(tmp_path: Path) -> None:
     assert result.stderr == ""
 
 
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is *pid* (a supervisor's workers)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def test_status_of_a_running_tend_is_0(run_tend, tmp_path):
     """A live tend: its pid, uptime, pidfile and listening address, exit 0."""
     tend, port = start_with_pidfile(run_tend, "poetry", *LOCAL)
@@ -105,7 +110,14 @@ def test_status_of_a_running_tend_is_0(run_tend, tmp_path):
         rf"tend is running: pid {tend.pid}, up \d+ s \(since \d{{4}}-\d\d-\d\d [\d:]+[+-]\d{{4}}\)",
         lines[0],
     ), lines
-    assert lines[1:] == [f"pidfile: {tmp_path / 'tend.pid'}", f"listening on: 127.0.0.1:{port}"]
+    assert lines[1:3] == [f"pidfile: {tmp_path / 'tend.pid'}", f"listening on: 127.0.0.1:{port}"]
+    assert re.fullmatch(r"version: tend [\d.]+; generation 1, up \d+ s", lines[3]), lines
+    assert lines[4] == "workers: 1"
+    (worker,) = children_of(tend.pid)
+    assert re.fullmatch(
+        rf"  worker 1: pid {worker}, generation 1, up \d+ s, \d+ connection\(s\) open, \d+ served",
+        lines[5],
+    ), lines
 
 
 def test_status_with_another_pidfile_path(run_tend, tmp_path):
@@ -120,7 +132,10 @@ def test_status_with_another_pidfile_path(run_tend, tmp_path):
 
     assert after.returncode == before.returncode == 0
     assert f"pid {tend.pid}" in after.stdout
-    assert after.stdout == before.stdout
+    # The same report, but for what may change between the two: the uptimes, and the
+    # counts a worker's next heartbeat brings.
+    changing = r"up \d+ s|\d+ connection\(s\) open|\d+ served"
+    assert re.sub(changing, "", after.stdout) == re.sub(changing, "", before.stdout)
 
 
 def test_status_of_a_stale_pidfile_naming_a_live_pid_is_1(
@@ -157,7 +172,10 @@ def test_status_lists_unix_sockets(run_tend, tmp_path):
         pytest.skip("tmp_path is too long for a UNIX socket path")
     tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "poetry", "--port", f"unix:{path}")
     tend.wait_for_output(r"starting on ")
-    assert listening_addresses(tend.pid) == [str(path)]
+    # The supervisor also listens on its control socket, tend.ctl beside the pidfile.
+    assert listening_addresses(tend.pid) == [str(tmp_path / "tend.ctl"), str(path)]
+    status = tendctl("status", cwd=tmp_path)
+    assert f"listening on: {path}\n" in status.stdout
 
 
 @pytest.mark.parametrize(

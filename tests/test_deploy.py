@@ -50,6 +50,7 @@ class RecorderMaker(tend.ServiceMaker):
         tend.Option("label", None, None, "A string."),
         tend.Flag("loud", "l", "A flag."),
         path_option("data-file", None, None, "A path."),
+        tend.Option("tag", "t", "plain", "Repeatable.", type=str.upper, repeatable=True),
     ]
 
     def make_service(self, options):
@@ -251,6 +252,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         label = "seven"
         loud = true
         data_file = "data/input.txt"
+        tag = ["red", "green"]
 
         [[service]]
         plugin = "recorder"
@@ -258,6 +260,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         count = 12
         ratio = 0.25
         loud = false
+        tag = "blue"
         """,
     )
     tend = run_tend("--nodaemon", "--pidfile", "", "-c", str(deploy))
@@ -271,6 +274,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         "label": "seven",
         "loud": True,
         "data_file": str(conf / "data" / "input.txt"),
+        "tag": ["RED", "GREEN"],
     }
     assert second == {
         "record": str(tmp_path / "second.json"),
@@ -279,6 +283,7 @@ def test_plugin_options_are_converted_like_the_command_line(
         "label": None,
         "loud": False,
         "data_file": None,
+        "tag": ["BLUE"],
     }
     assert tend.stop() == 0
 
@@ -320,6 +325,25 @@ ERRORS = {
         """,
         "deploy.toml: entry 1 ('ecstasy'): option 'port': "
         "expected a string or a number, not an array",
+    ),
+    "empty array for a repeatable option": (
+        """\
+        [[service]]
+        plugin = "ftp"
+        listen = []
+        """,
+        "deploy.toml: entry 1 ('ftp-1'): option 'listen': "
+        "expected at least one value, not an empty array",
+    ),
+    "bad item in a repeatable option": (
+        """\
+        [[service]]
+        plugin = "ftp"
+        listen = ["2121", "unix:/tmp/x"]
+        """,
+        "deploy.toml: entry 1 ('ftp-1'): option 'listen': invalid endpoint 'unix:/tmp/x': "
+        "FTP needs TCP (its data connections go to IP addresses) and this server has no TLS; "
+        "give a port or tcp:PORT",
     ),
     "invalid value": (
         """\
@@ -563,3 +587,69 @@ def test_a_plugin_that_fails_to_make_its_service_names_the_entry(
         "RuntimeError: no luck (the traceback is in the log)\n"
     )
     assert "Traceback" in tend.stdout
+
+
+CLASHES = {
+    "same port": ("port = 10300", "port = 10300", "localhost:10300"),
+    "same endpoint": ('port = "tcp:10300"', 'port = "tcp:10300"', "localhost:10300"),
+    "a wildcard and one interface": (
+        'port = "tcp:10300:interface=0.0.0.0"',
+        'port = "tcp:10300:interface=127.0.0.1"',
+        "127.0.0.1:10300",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CLASHES))
+def test_two_entries_on_one_port_are_both_named(tmp_path: Path, case: str) -> None:
+    """Two entries that would listen on the same address: one line naming both, and where."""
+    first, second, where = CLASHES[case]
+    write(
+        tmp_path / "deploy.toml",
+        f'[[service]]\nplugin = "poetry"\nname = "ecstasy"\n{first}\n'
+        f'[[service]]\nplugin = "poetry"\nname = "tyger"\n{second}\n',
+    )
+    with pytest.raises(DeploymentError) as caught:
+        load_deployment(str(tmp_path / "deploy.toml")).build()
+    assert str(caught.value).endswith(
+        f"deploy.toml: entry 1 ('ecstasy') and entry 2 ('tyger') both listen on {where}; "
+        "give each entry its own port"
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("port = 0", "port = 0"),
+        ("port = 10300", "port = 10301"),
+        ('port = "tcp:10300:reusePort=yes"', 'port = "tcp:10300:reusePort=yes"'),
+        ('port = "tcp:10300:interface=127.0.0.1"', 'port = "tcp:10300:interface=127.0.0.2"'),
+    ],
+)
+def test_entries_that_can_share_are_not_called_a_clash(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """Port 0, other ports, SO_REUSEPORT on both, other interfaces: no clash is claimed."""
+    write(
+        tmp_path / "deploy.toml",
+        f'[[service]]\nplugin = "poetry"\n{first}\n[[service]]\nplugin = "poetry"\n{second}\n',
+    )
+    assert len(list(load_deployment(str(tmp_path / "deploy.toml")).build())) == 2
+
+
+def test_a_port_clash_is_one_line_before_anything_listens(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """tend -c with two entries on one port exits 1 with the line naming both."""
+    write(
+        tmp_path / "deploy.toml",
+        '[[service]]\nplugin = "poetry"\nname = "ecstasy"\nport = 10300\n'
+        '[[service]]\nplugin = "poetry"\nname = "tyger"\nport = 10300\n',
+    )
+    tend = run_tend("--nodaemon", "--pidfile", "", "-c", "deploy.toml")
+    assert tend.wait() == 1
+    assert tend.stderr == (
+        "tend: deploy.toml: entry 1 ('ecstasy') and entry 2 ('tyger') both listen on "
+        "localhost:10300; give each entry its own port\n"
+    )
+    assert "starting on" not in tend.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -1067,8 +1068,10 @@ def test_syslog_sends_rfc3164_with_tag_pid_and_facility(
     sink.install()
     pid = os.getpid()
     daemon = 3 << 3
-    assert server.recv(4096) == f"<{daemon | 6}>poetry[{pid}]: [-] Log opened.\0".encode()
     logging.getLogger("tend.poetry.server").warning("slow client %s", "127.0.0.1:1")
+    # The first lines wait until this process forks, logs an error, or closes the log.
+    sink.close()
+    assert server.recv(4096) == f"<{daemon | 6}>poetry[{pid}]: [-] Log opened.\0".encode()
     assert (
         server.recv(4096)
         == f"<{daemon | 4}>poetry[{pid}]: [tend.poetry.server] slow client 127.0.0.1:1\0".encode()
@@ -1115,6 +1118,43 @@ def test_syslog_reports_the_pid_of_a_forked_process(
     assert server.recv(4096) == f"<14>tend[{child}]: [-] from the child\0".encode()
 
 
+def test_syslog_first_lines_carry_the_pid_of_the_process_that_forked_on(
+    open_sink: OpenSink, syslog_socket: tuple[str, socket.socket]
+) -> None:
+    """Lines logged before a detach are sent by the detached daemon, with its pid, once."""
+    path, server = syslog_socket
+    sink = open_sink(LogConfig(syslog=True, syslog_address=path))
+    sink.install()
+    logging.getLogger("tend").info("starting up")
+    sink.flush()  # as tend does before it detaches: the lines still wait
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover -- runs in the child, which detaches
+        try:
+            os.close(read)
+            os.setsid()
+            logging.getLogger("tend").info("the daemon")
+            sink.close()
+            os.write(write, b".")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.read(read, 1)
+    os.close(read)
+    os.waitpid(child, 0)
+    sink.close()  # the launcher: its copy of the lines is not sent again
+    server.settimeout(0.5)
+    received = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            received.append(server.recv(4096).decode())
+    assert received == [
+        f"<14>tend[{child}]: [-] Log opened.\0",
+        f"<14>tend[{child}]: [-] starting up\0",
+        f"<14>tend[{child}]: [-] the daemon\0",
+    ]
+
+
 def test_syslog_over_udp(open_sink: OpenSink, attach: Attach) -> None:
     """HOST:PORT sends UDP datagrams there."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
@@ -1138,6 +1178,7 @@ def test_syslog_json_format(
     path, server = syslog_socket
     sink = open_sink(LogConfig(syslog=True, syslog_address=path, format="json"))
     attach(sink).info("hello", extra={"peer": "x"})
+    sink.close()  # sends the first lines, which wait for a fork, an error or the end
     head, body = server.recv(4096).decode().rstrip("\0").split(": ", 1)
     assert head == f"<14>tend[{os.getpid()}]"
     assert json.loads(body)["peer"] == "x"
@@ -1419,7 +1460,9 @@ def test_access_lines_reach_syslog_as_logging_lines_do(
     path, server = syslog_socket
     sink = open_sink(LogConfig(syslog=True, syslog_address=path, syslog_facility="daemon"))
     sink.install()
+    logging.getLogger("tend").error("an error sends the first lines at once")
     server.recv(4096)  # Log opened.
+    server.recv(4096)  # the error
     name = "app.access.syslog"
     for level in ("info", "warning"):
         getattr(logging.getLogger(name), level)("to %s\nand on", "127.0.0.1:1")

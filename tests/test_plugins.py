@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator, Mapping
@@ -153,6 +155,34 @@ def test_text_default_goes_through_the_type_once() -> None:
 
     assert Maker().parse_options([], "tend maker") == {"greeting": "HELLO!"}
     assert calls == ["hello"]
+
+
+def test_repeatable_option_gathers_every_value_in_order() -> None:
+    """A repeatable option given twice arrives as both values; left out, as its default."""
+
+    class Maker(ServiceMaker):
+        epilog = "Ends the help."
+        options = (Option("listen", "p", "80", type=integer, repeatable=True),)
+
+    maker = Maker()
+    assert maker.parse_options([], "tend maker") == {"listen": [80]}
+    assert maker.parse_options(["-p", "1", "--listen", "2", "-p1"], "tend maker") == {
+        "listen": [1, 2, 1]
+    }
+    with pytest.raises(UsageError, match="argument -p/--listen: invalid literal for int"):
+        maker.parse_options(["-p", "1", "-p", "x"], "tend maker")
+    help_text = maker.parser("tend maker").format_help()
+    assert "(repeatable; default: 80)" in help_text
+    assert help_text.rstrip().endswith("Ends the help.")
+
+
+def test_repeatable_option_without_a_default_arrives_empty() -> None:
+    """No default and not given: an empty list, so make_service can always iterate."""
+
+    class Maker(ServiceMaker):
+        options = (Option("tag", None, None, repeatable=True),)
+
+    assert Maker().parse_options([], "tend maker") == {"tag": []}
 
 
 def test_non_text_default_arrives_as_it_is() -> None:
@@ -385,6 +415,55 @@ def test_entry_point_wins_over_a_folder_plugin_of_the_same_name(
 
     assert find_plugins().makers["poetry"] is service_maker
     assert find_plugin("poetry") is service_maker
+
+
+def test_a_folder_plugin_named_like_an_installed_one_is_reported(
+    write_plugin: WritePlugin, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Listing or running: one warning line naming the ignored file and the entry point."""
+    from tend.poetry.plugin import service_maker
+
+    path = write_plugin(
+        "impostor.py",
+        """
+        import tend
+
+        class Impostor(tend.ServiceMaker):
+            name = "poetry"
+
+        impostor = Impostor()
+        """,
+    )
+    expected = (
+        f"tend: plugin 'poetry' in {path} is ignored: the installed entry point "
+        "'poetry = tend.poetry.plugin:service_maker' has the same name; rename one of them"
+    )
+    for find in (find_plugins, lambda: find_plugin("poetry")):
+        caplog.clear()
+        find()
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("WARNING", expected)]
+    assert find_plugin("poetry") is service_maker
+
+
+def test_the_warning_is_one_line_on_standard_error(tmp_path: Path) -> None:
+    """`tend` (the listing) with a colliding drop-in prints the one line, nothing more."""
+    folder = tmp_path / "tend_plugins"
+    folder.mkdir()
+    (folder / "impostor.py").write_text(
+        "import tend\n\nclass I(tend.ServiceMaker):\n    name = 'poetry'\n\ni = I()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tend"],
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [
+        f"tend: plugin 'poetry' in {folder / 'impostor.py'} is ignored: the installed entry "
+        "point 'poetry = tend.poetry.plugin:service_maker' has the same name; rename one of them"
+    ]
 
 
 def test_unknown_plugin_suggests_a_close_name() -> None:

@@ -64,17 +64,19 @@ def test_a_start_that_never_ends_fails_after_the_start_timeout(
 def test_a_stopped_worker_is_killed_and_replaced(run_tend, tmp_path: Path) -> None:
     """--worker-timeout: a SIGSTOPped worker answers nothing; it is killed, logged, replaced,
     and the port is served again."""
-    tend = run_tend("--nodaemon", "--pidfile=", "--workers", "2", "--worker-timeout", "1",
+    tend = run_tend("--nodaemon", "--pidfile=", "--workers", "2", "--worker-timeout", "2",
                     "poetry", "--port", "0", "--iface", "127.0.0.1")  # fmt: skip
     port = tend.wait_for_port()
     children = Path(f"/proc/{tend.pid}/task/{tend.pid}/children")
     wait_until(lambda: len(children.read_text().split()) == 2)
+    # Both ready (a worker stopped before it is ready is the start timeout's business).
+    wait_until(lambda: tend.stdout.count("PoetryFactory starting on") == 2)
     stopped = int(children.read_text().split()[0])
     os.kill(stopped, signal.SIGSTOP)
     tend.wait_for_output(
-        rf"worker \d \(pid {stopped}\) has not answered for 1 s; killing it", timeout=15
+        rf"worker \d \(pid {stopped}\) has not answered for 2 s; killing it", timeout=30
     )
-    tend.wait_for_output(rf"worker \d \(pid {stopped}\) exited with signal SIGKILL")
+    tend.wait_for_output(rf"worker \d \(pid {stopped}\) exited with signal SIGKILL", timeout=30)
     wait_until(lambda: len(children.read_text().split()) == 2 and str(stopped) not in
                children.read_text().split())  # fmt: skip
     for _ in range(10):

@@ -52,6 +52,29 @@ def test_journal_gets_priorities_instead_of_timestamps(tmp_path):
     assert any(line.startswith("<3>[-] tend: cannot read poem file") for line in lines)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_failed_start_is_said_once_when_both_streams_are_the_journal(tmp_path, workers):
+    """Under systemd standard output and error are one journal stream: the failure's line,
+    logged there, is not printed on standard error a second time."""
+    journal = tmp_path / "journal"
+    script = (
+        "import os, subprocess, sys\n"
+        f"fd = os.open({str(journal)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)\n"
+        "st = os.fstat(fd)\n"
+        "env = dict(os.environ, JOURNAL_STREAM=f'{st.st_dev}:{st.st_ino}')\n"
+        "sys.exit(subprocess.call(sys.argv[1:], env=env, stdout=fd, stderr=fd))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, *TEND, "--nodaemon", "--pidfile", "", "--workers",
+         workers, "poetry", "--poem", "missing.txt", "--port", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    said = [line for line in journal.read_text().splitlines() if "cannot read poem" in line]
+    assert len(said) == 1, journal.read_text()
+    assert said[0].startswith("<3>[-] tend: cannot read poem file")
+
+
 def test_syslog_receives_rfc3164_messages(run_tend, tmp_path):
     """--syslog sends each line to the syslog socket, tagged with --prefix and the pid."""
     path = tmp_path / "log.sock"
@@ -175,3 +198,20 @@ def test_a_workers_traceback_is_never_split_across_rotated_files(run_tend, tmp_p
                 assert f"ValueError: boom {number}\n" in text, (file, number)
             if f"ValueError: boom {number}\n" in text:
                 assert f"] record {number}\n" in text, (file, number)
+
+
+def test_a_detached_daemons_first_syslog_lines_carry_its_pid(tmp_path, daemons):
+    """`Log opened.` and `starting up`, logged before tend detaches, name the daemon's pid."""
+    path = tmp_path / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(path))
+        syslog.settimeout(10)
+        subprocess.run(
+            [*TEND, "--syslog", "--syslog-address", str(path), *LOCAL],
+            cwd=tmp_path, check=True, timeout=60,
+        )  # fmt: skip
+        daemon = int((tmp_path / "tend.pid").read_text())
+        daemons.add(daemon)
+        first, second = syslog.recv(4096).decode(), syslog.recv(4096).decode()
+    assert first.startswith(f"<14>tend[{daemon}]: [-] Log opened.")
+    assert second.startswith(f"<14>tend[{daemon}]: [-] tend ")

@@ -78,8 +78,10 @@ def test_both_workers_take_connections(run_tend, tmp_path):
 
 def test_a_worker_failing_to_start_fails_the_whole_start(tmp_path):
     """If a worker cannot start, the others are stopped and the one line is printed; exit 1."""
+    # A name no other test uses, so that pgrep finds this run's processes only.
+    missing = f"missing-{os.getpid()}-{tmp_path.name}.txt"
     result = subprocess.run(
-        [*TEND, "--workers", "2", "poetry", "--poem", "missing.txt", *LOCAL],
+        [*TEND, "--workers", "2", "poetry", "--poem", missing, *LOCAL],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -89,7 +91,7 @@ def test_a_worker_failing_to_start_fails_the_whole_start(tmp_path):
     assert result.stderr.strip().startswith("tend: cannot read poem file")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "tend.pid").exists()
-    leftover = subprocess.run(["pgrep", "-f", "missing.txt"], capture_output=True, text=True)
+    leftover = subprocess.run(["pgrep", "-f", missing], capture_output=True, text=True)
     assert leftover.stdout == ""
 
 

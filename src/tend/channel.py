@@ -10,6 +10,7 @@ one datagram. tend's processes send each other:
 ``WATCHDOG=1``     the event loop is alive (a worker to its supervisor)
 ``ERROR=text``     the start failed; the text is the one line for the user
 ``MAINPID=n``      from a detached daemon, as soon as it exists: who to pass signals to
+``STOP=1``         from a supervisor to a worker it may not signal: stop, as on SIGTERM
 =================  ==================================================================
 
 so the supervisor can forward what systemd understands as it is. Values are one line
@@ -62,6 +63,10 @@ class Message:
     @property
     def watchdog(self) -> bool:
         return self.fields.get("WATCHDOG") == "1"
+
+    @property
+    def stop(self) -> bool:
+        return self.fields.get("STOP") == "1"
 
     @property
     def error(self) -> str | None:

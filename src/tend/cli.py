@@ -11,14 +11,13 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from tend.errors import TendError, UsageError, one_line, quote
 
 if TYPE_CHECKING:
-    from tend.plugins import ServiceMaker
-    from tend.service import Application
+    pass
 
 PROG = "tend"
 
@@ -32,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         say(f"{error.prog or PROG}: {error}", error.hint)
         sys.exit(2)
     except TendError as error:
+        if error.already_said:  # in the journal already, from the log on the same stream
+            sys.exit(1)
         _fail(str(error), 1)
     except KeyboardInterrupt:
         _fail("interrupted before the services were ready", 1)
@@ -110,25 +111,26 @@ def run_command(arguments: list[str]) -> int:
         _list_plugins()
         return 0
     if parsed.plugin is not None and (parsed.python or parsed.config):
-        source = "-y" if parsed.python else "-c"
+        flag = "-y" if parsed.python else "-c"
         raise UsageError(
-            f"give a plugin or {source}, not both: {quote(parsed.plugin)} was given with {source}"
+            f"give a plugin or {flag}, not both: {quote(parsed.plugin)} was given with {flag}"
         )
-    from_file: Mapping[str, object] = {}
-    build: Callable[[], Application]
-    if parsed.python is not None:
-        build = _app_file_builder(parsed.python)
-        origin = f"app file {quote(parsed.python)}"
-    elif parsed.config is not None:
-        from tend.deploy import load_deployment
+    from tend.sources import AppFileSource, DeploymentSource, PluginSource, TreeSource
 
-        deployment = load_deployment(os.path.abspath(parsed.config))
+    from_file: Mapping[str, object] = {}
+    source: TreeSource
+    if parsed.python is not None:
+        source = AppFileSource(parsed.python)
+    elif parsed.config is not None:
+        from tend.deploy import Deployment
+
+        source = DeploymentSource(parsed.config)
+        deployment = source.load()
+        assert isinstance(deployment, Deployment)
         from_file = deployment.settings
-        build = deployment.build
-        origin = f"deployment file {quote(parsed.config)}"
     else:
-        build = _plugin_builder(parsed.plugin, parsed.plugin_arguments)
-        origin = f"plugin {quote(parsed.plugin)}"
+        source = PluginSource(parsed.plugin, parsed.plugin_arguments)
+        source.check()
     from tend.settings import SETTINGS, resolve
 
     given = {option.key: getattr(parsed, option.key) for option in SETTINGS}
@@ -136,34 +138,7 @@ def run_command(arguments: list[str]) -> int:
 
     from tend.lifecycle import run
 
-    return run(settings, build, _abandon, origin)
-
-
-def _plugin_builder(name: str, arguments: list[str]) -> Callable[[], Application]:
-    from tend.plugins import find_plugin
-
-    maker = find_plugin(name)
-    options = maker.parse_options(arguments, prog=f"{PROG} {name}")
-    return lambda: make_application(maker, options, name)
-
-
-def make_application(maker: ServiceMaker, options: Mapping[str, object], name: str) -> Application:
-    """Wrap the plugin's service in an Application, as twistd does for a plugin."""
-    from tend.plugins import make_service
-    from tend.service import Application
-
-    application = Application(name)
-    make_service(maker, options, "").set_service_parent(application)
-    return application
-
-
-def _app_file_builder(path: str) -> Callable[[], Application]:
-    def build() -> Application:
-        from tend.appfile import load_application
-
-        return load_application(path)
-
-    return build
+    return run(settings, source, _abandon)
 
 
 def _list_plugins() -> None:

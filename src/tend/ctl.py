@@ -18,12 +18,13 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
 from tend import __version__
 from tend.addresses import host_and_port
+from tend.control import ask, control_path
 from tend.errors import UsageError, one_line, quote
 from tend.options import CommandParser, seconds
 from tend.pidfile import PidfileError, PidfileState, read_pidfile
@@ -40,6 +41,9 @@ NOT_RUNNING_ACTION = 7
 
 DEFAULT_TIMEOUT = 15.0
 
+# A reload waits for new workers to start, at most the start timeout (60 s by default).
+RELOAD_TIMEOUT = 75.0
+
 # How long a SIGKILLed process may take to be gone before tendctl gives up on it (a
 # process blocked in the kernel, on a dead NFS server say, can't die until it returns).
 KILL_WAIT = 10.0
@@ -47,12 +51,18 @@ KILL_WAIT = 10.0
 DESCRIPTION = """\
 Control a running tend through its pidfile.
 
-  tendctl status        say whether tend runs, since when, and where it listens
+  tendctl status        say whether tend runs, since when, where it listens, its workers
+  tendctl reload        build the tree again and serve it with new workers (SIGHUP)
+  tendctl upgrade       run the tend program anew on the same sockets (SIGUSR2)
   tendctl stop          send SIGTERM and wait until tend has stopped
   tendctl reopen-logs   send SIGUSR1: tend reopens its log file (after logrotate moved it)
 
+tendctl asks through tend's control socket (tend.ctl beside tend.pid) where there is
+one, and then waits for the outcome; else it sends the signal.
+
 Exit statuses of status: 0 running, 1 not running but the pidfile remains (stale),
 3 not running, 4 unknown. stop: 0 stopped (or was not running), 1 still running.
+reload, upgrade: 0 done, 1 failed (the line says why), 7 not running.
 reopen-logs: 0 sent, 7 not running. Any error: 1.
 """
 
@@ -309,6 +319,13 @@ def status(path: str, out: Callable[[str], None]) -> int:
     out(f"tend is running: pid {state.pid}, up {describe_duration(seconds)} (since {started})")
     out(f"pidfile: {state.path}")
     try:
+        answer = _ask(state, "status", 5.0)
+    except ControlError:
+        answer = None
+    if answer is not None:
+        _describe_answer(answer, out)
+        return RUNNING
+    try:
         addresses = listening_addresses(state.pid)
     except OSError as error:
         out(
@@ -318,6 +335,119 @@ def status(path: str, out: Callable[[str], None]) -> int:
     else:
         out(f"listening on: {', '.join(addresses) if addresses else 'nothing'}")
     return RUNNING
+
+
+def _ask(state: PidfileState, command: str, timeout: float) -> dict[str, object] | None:
+    """Ask the tend holding *state*'s pidfile through its control socket; None if it has
+    none, so the caller sends a signal instead.
+
+    Raises:
+        ControlError: it has one, but did not answer in time or could not be understood.
+    """
+    path = control_path(state.path)
+    try:
+        return ask(path, command, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except TimeoutError:
+        raise ControlError(
+            f"tend (pid {state.pid}) did not answer {command} within {_seconds(timeout)}; "
+            "wait longer with --timeout"
+        ) from None
+    except PermissionError:
+        raise ControlError(
+            f"cannot use tend's control socket {quote(path)}: permission denied; "
+            "run tendctl as the user tend runs as, or as root"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise ControlError(f"cannot use tend's control socket {quote(path)}: {error}") from None
+
+
+def change(
+    path: str, command: str, signal_number: int, timeout: float, out: Callable[[str], None]
+) -> int:
+    """``reload`` or ``upgrade``: ask and wait for the outcome, or send the signal."""
+    state = read_state(path)
+    if state is None or not state.locked:
+        raise ControlError(f"cannot {command}: tend is not running", NOT_RUNNING_ACTION)
+    answer = _ask(state, command, timeout)
+    if answer is None:
+        server = find_server(state)
+        try:
+            server.signal(signal_number)
+        except PermissionError:
+            raise ControlError(_not_permitted(server.pid)) from None
+        finally:
+            server.close()
+        name = signal.Signals(signal_number).name
+        out(f"asked tend (pid {server.pid}) to {command} ({name}); its log says how it went")
+        return 0
+    message = str(answer.get("message", ""))
+    if not answer.get("ok"):
+        raise ControlError(message or f"tend could not {command}")
+    out(message)
+    return 0
+
+
+def _describe_answer(answer: Mapping[str, object], out: Callable[[str], None]) -> None:
+    """The control socket's status, for people: listeners, the generation, each worker."""
+    listeners = _items(answer.get("listeners"))
+    addresses = [
+        address
+        for listener in listeners
+        if isinstance(listener, dict)
+        for address in _items(listener.get("addresses"))
+    ]
+    out(f"listening on: {', '.join(map(str, addresses)) if addresses else 'nothing'}")
+    generation_started = _float(answer.get("generation_started"))
+    out(
+        f"version: tend {answer.get('version')}; generation {answer.get('generation')}, "
+        f"up {describe_duration(time.time() - generation_started)}"
+        + ("; a reload is under way" if answer.get("reloading") else "")
+    )
+    workers = _items(answer.get("workers"))
+    out(f"workers: {len(workers)}")
+    for worker in workers:
+        if isinstance(worker, dict):
+            out(
+                f"  worker {worker.get('number')}: pid {worker.get('pid')}, "
+                f"generation {worker.get('generation')}, "
+                f"up {describe_duration(_float(worker.get('uptime')))}, "
+                f"{worker.get('connections')} connection(s) open, "
+                f"{worker.get('served')} served"
+            )
+
+
+def _items(value: object) -> list[object]:
+    return list(value) if isinstance(value, list) else []
+
+
+def _float(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def status_json(path: str, out: Callable[[str], None]) -> int:
+    """``status --json``: the same facts as one JSON document."""
+    import json
+
+    state = read_state(path, UNKNOWN)
+    document: dict[str, object]
+    if state is None:
+        document, code = {"running": False, "pidfile": os.path.abspath(path)}, NOT_RUNNING
+    elif not state.locked:
+        document, code = {"running": False, "stale": True, "pidfile": state.path}, STALE
+    else:
+        try:
+            answer = _ask(state, "status", 5.0)
+        except ControlError:
+            answer = None
+        document = {"running": True, "pid": state.pid, "pidfile": state.path}
+        if answer is not None:
+            answer.pop("ok", None)
+            document.update(answer)
+        code = RUNNING
+    out(json.dumps(document, default=str, sort_keys=True))
+    return code
 
 
 def stop(path: str, timeout: float, kill: bool, out: Callable[[str], None]) -> int:
@@ -479,8 +609,25 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--version", action="version", version=f"{PROG} (tend {__version__})")
     actions = top.add_subparsers(dest="action", required=True, metavar="ACTION")
     status_parser = actions.add_parser(
-        "status", help="say whether tend runs, since when, where it listens"
+        "status", help="say whether tend runs, since when, where it listens, its workers"
     )
+    status_parser.add_argument(
+        "--json", action="store_true", help="print the same facts as one JSON document"
+    )
+    reload_parser = actions.add_parser(
+        "reload", help="build the tree again and serve it with new workers; wait for it"
+    )
+    upgrade_parser = actions.add_parser(
+        "upgrade", help="run the tend program anew on the same sockets; wait for it"
+    )
+    for waiting in (reload_parser, upgrade_parser):
+        waiting.add_argument(
+            "--timeout",
+            type=seconds,
+            metavar="SECONDS",
+            default=RELOAD_TIMEOUT,
+            help=f"how long to wait for the outcome (default: {RELOAD_TIMEOUT:g})",
+        )
     stop_parser = actions.add_parser("stop", help="send SIGTERM and wait until tend has stopped")
     stop_parser.add_argument(
         "--timeout",
@@ -498,7 +645,7 @@ def parser() -> argparse.ArgumentParser:
     reopen_parser = actions.add_parser(
         "reopen-logs", help="send SIGUSR1: tend reopens its log file (after logrotate moved it)"
     )
-    for action_parser in (status_parser, stop_parser, reopen_parser):
+    for action_parser in (status_parser, reload_parser, upgrade_parser, stop_parser, reopen_parser):
         # SUPPRESS: given before the action, --pidfile is not reset to a default after it.
         _add_pidfile_option(action_parser, argparse.SUPPRESS)
     return top
@@ -508,7 +655,11 @@ def run(arguments: Sequence[str], out: Callable[[str], None]) -> int:
     """Run one tendctl command; return its exit status. Raises ControlError."""
     parsed = parser().parse_args(arguments)
     if parsed.action == "status":
-        return status(parsed.pidfile, out)
+        return status_json(parsed.pidfile, out) if parsed.json else status(parsed.pidfile, out)
+    if parsed.action == "reload":
+        return change(parsed.pidfile, "reload", signal.SIGHUP, parsed.timeout, out)
+    if parsed.action == "upgrade":
+        return change(parsed.pidfile, "upgrade", signal.SIGUSR2, parsed.timeout, out)
     if parsed.action == "stop":
         return stop(parsed.pidfile, parsed.timeout, parsed.kill, out)
     return reopen_logs(parsed.pidfile, out)

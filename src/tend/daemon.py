@@ -7,6 +7,7 @@ services or event loops; the lifecycle decides when each step happens.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from typing import NoReturn
@@ -16,7 +17,11 @@ from tend.errors import StartupError
 
 def fork() -> int:
     """Fork a child (a worker); 0 in the child, the child's pid in the parent."""
-    return os.fork()
+    gc.freeze()
+    pid = os.fork()
+    if pid:
+        gc.unfreeze()
+    return pid
 
 
 # Taken now: while an app file is loaded, os._exit is briefly not itself (see appfile.py).
@@ -112,8 +117,8 @@ def enter_rundir(rundir: str, chroot: str | None) -> None:
 
 # Modules imported on first use after the process may have lost sight of the interpreter's
 # files (a chroot, or a user who cannot read them): the event loop's thread pool (for
-# getaddrinfo and to_thread), the IDNA codec getaddrinfo needs, and ctypes for prctl.
-LATE_IMPORTS = ("concurrent.futures.thread", "encodings.idna", "ctypes")
+# getaddrinfo and to_thread) and the IDNA codec getaddrinfo needs.
+LATE_IMPORTS = ("concurrent.futures.thread", "encodings.idna")
 
 
 def preload_modules() -> None:
@@ -122,18 +127,3 @@ def preload_modules() -> None:
 
     for name in LATE_IMPORTS:
         importlib.import_module(name)
-
-
-def die_with_parent(signal_number: int, parent: int) -> None:
-    """Ask the kernel to send *signal_number* when the parent process dies (Linux only).
-
-    A worker whose supervisor was killed outright must not serve on, orphaned and
-    unsupervised. Call it after dropping privileges: a change of credentials clears it.
-    """
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal_number, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal_number)

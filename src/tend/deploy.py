@@ -28,8 +28,10 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from tend.endpoints import Endpoint, TCPEndpoint, TLSEndpoint, UNIXEndpoint
 from tend.errors import StartupError, TendError, quote
 from tend.files import DEPLOYMENT_FILE_LIMIT, read_file
+from tend.net import listeners
 from tend.options import Flag, InvalidValue, Option, convert, default_of, describe_value
 from tend.plugins import ServiceMaker, find_plugin, make_service
 from tend.service import Application
@@ -80,8 +82,14 @@ class Deployment:
         return os.path.splitext(os.path.basename(self.path))[0]
 
     def build(self) -> Application:
-        """Make each entry's service and attach it to a new Application under its name."""
+        """Make each entry's service and attach it to a new Application under its name.
+
+        Raises:
+            DeploymentError: an entry's service cannot be made, or two entries would
+                listen on the same address (the message names both).
+        """
         application = Application(self.name)
+        bound: list[tuple[ServiceEntry, Endpoint]] = []
         for entry in self.services:
             where = f"{self.display}: {entry.label}: "
             try:
@@ -92,7 +100,39 @@ class Deployment:
                 raise DeploymentError(str(error)) from None
             except TendError as error:
                 raise DeploymentError(f"{where}{error}") from None
+            for server in listeners(service):
+                for other, endpoint in bound:
+                    if other is not entry and _same_address(endpoint, server.endpoint):
+                        raise DeploymentError(
+                            f"{self.display}: {other.label} and {entry.label} both listen on "
+                            f"{server.endpoint}; give each entry its own port"
+                        )
+                bound.append((entry, server.endpoint))
         return application
+
+
+def _same_address(first: Endpoint, second: Endpoint) -> bool:
+    """Whether binding both would clash, as far as can be told without resolving names.
+
+    A clash the names hide (``localhost`` and ``127.0.0.1``) is left to the bind's own
+    "address already in use".
+    """
+    if isinstance(first, UNIXEndpoint) and isinstance(second, UNIXEndpoint):
+        return os.path.abspath(first.path) == os.path.abspath(second.path)
+    if not (
+        isinstance(first, TCPEndpoint | TLSEndpoint)
+        and isinstance(second, TCPEndpoint | TLSEndpoint)
+    ):
+        return False  # systemd's sockets may be shared; a UNIX path never meets a port
+    if first.port == 0 or first.port != second.port or (first.reuse_port and second.reuse_port):
+        return False
+    hosts = {first.interface or "0.0.0.0", second.interface or "0.0.0.0"}
+    # One host, or a wildcard: "::" takes IPv4 too, "0.0.0.0" every IPv4 interface.
+    return (
+        len(hosts) == 1
+        or "::" in hosts
+        or ("0.0.0.0" in hosts and not any(":" in h for h in hosts))
+    )
 
 
 def load_deployment(path: str) -> Deployment:

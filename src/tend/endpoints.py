@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -256,6 +257,13 @@ class Listening:
         self.copies = [self.copies[chosen]]
         self._chosen = 0
 
+    def renamed(self, path: str) -> Listening:
+        """This UNIX socket's Listening after its file was renamed to *path*."""
+        if self._socket_file is not None:
+            self._socket_file.forget()
+        self._socket_file = _SocketFile.bound_at(path)
+        return self
+
     def close_copy(self, index: int) -> None:
         """Close copy *index* (a dead worker's), so the kernel sends its clients elsewhere.
 
@@ -274,6 +282,13 @@ class Listening:
         """
         if self.rebind is not None and 0 <= index < len(self.copies) and not self.copies[index]:
             self.copies[index] = self.rebind()
+
+    def forget(self) -> None:
+        """Close every socket here, leaving any socket file to the process that made it."""
+        if self._socket_file is not None:
+            self._socket_file.forget()
+            self._socket_file = None
+        self.close()
 
     def close(self) -> None:
         """Close every socket, and remove the UNIX socket file if it is ours."""
@@ -332,6 +347,41 @@ class _SocketFile:
 
 # twistd's systemd endpoint names address families as its domain= values.
 _DOMAINS = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+
+
+def endpoint_key(endpoint: Endpoint) -> str:
+    """How an endpoint is named across a reload or an upgrade: its parsed form."""
+    return repr(endpoint)
+
+
+def inherited_listening(
+    endpoint: Endpoint, copies: list[list[socket.socket]], wanted: int
+) -> Listening:
+    """A Listening of sockets an old tend passed on (an upgrade), as if bound here.
+
+    Copies beyond *wanted* are closed, missing ones bound (a TCP endpoint's); a UNIX
+    socket's file is this process's to remove from now on; a TLS key is read again.
+    """
+    for copy in copies:
+        for sock in copy:
+            sock.setblocking(False)
+    rebind = None
+    tcp = endpoint.tcp if isinstance(endpoint, TLSEndpoint) else endpoint
+    if isinstance(tcp, TCPEndpoint) and copies[0] and wanted > 1:
+        again = replace(tcp, port=copies[0][0].getsockname()[1], reuse_port=True)
+        rebind = functools.partial(_listen_tcp, again)
+    if rebind is not None or len(copies) > 1:
+        for extra in copies[max(1, wanted) :]:
+            for sock in extra:
+                sock.close()
+        copies = copies[: max(1, wanted)]
+    while rebind is not None and len(copies) < wanted:
+        copies.append(rebind())
+    socket_file = (
+        _SocketFile.bound_at(endpoint.path) if isinstance(endpoint, UNIXEndpoint) else None
+    )
+    context = tls_context(endpoint) if isinstance(endpoint, TLSEndpoint) else None
+    return Listening(endpoint, copies, socket_file, tls=context, rebind=rebind)
 
 
 def split_description(description: str) -> tuple[list[str], dict[str, str]]:

@@ -13,7 +13,14 @@ LONGEST_QUOTE = 80
 
 
 class TendError(Exception):
-    """A problem a user can fix; its message is the one line they will read."""
+    """A problem a user can fix; its message is the one line they will read.
+
+    *already_said* is set where the line has already reached standard error's
+    destination (the log on standard output, when both streams are systemd's journal), so
+    that the command does not say it twice.
+    """
+
+    already_said: bool = False
 
 
 class UsageError(TendError):

@@ -25,46 +25,50 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from tend import __version__, daemon
-from tend.errors import StartupError, TendError
+from tend.errors import StartupError, TendError, UsageError
 from tend.launcher import Launcher, detach
 from tend.logs import open_log
 from tend.net import listeners
 from tend.pidfile import PidfileLockedError, read_pidfile
 from tend.privileges import check_can_switch, resolve_identity
 from tend.serve import event_loop_factory
-from tend.service import Application
 from tend.settings import Settings
 from tend.signals import CAUGHT, STOP, Signals, abandoning_on_stop, name_of
+from tend.sources import TreeSource
 from tend.supervision import Limits
 from tend.supervisor import Supervisor, Upstream, WorkerFailedError
 from tend.systemd import Notifier
 
 log = logging.getLogger("tend")
 
-BuildTree = Callable[[], Application]
+# Set by a tend being upgraded for the program it starts (see tend.upgrade).
+UPGRADE_CHANNEL = "TEND_UPGRADE_CHANNEL"
 
 
-def run(
-    settings: Settings,
-    build_tree: BuildTree,
-    abandon: Callable[[str], NoReturn],
-    source: str = "the service tree",
-) -> int:
-    """Run the tree *build_tree* makes until it is stopped; return the exit status.
+def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoReturn]) -> int:
+    """Run the tree *source* builds until it is stopped; return the exit status.
 
     *abandon(line)* ends the process at once with that line for the user: for a stop
     signal while the tree is being built, by code that may never return, or a build that
-    outlasts ``--start-timeout``. *source* names what the tree is built from
-    (``app file 'app.py'``).
+    outlasts ``--start-timeout``. A reload builds the tree again from *source*.
 
     Raises:
         TendError: the start failed, with the line for the user.
     """
     daemon.fill_standard_streams()
+    first_cwd = os.getcwd()
     # From here on a signal only sets a flag; each phase below checks between its steps.
     signals = Signals(catch=CAUGHT).install()
+    handover = None
+    if os.environ.get(UPGRADE_CHANNEL):
+        from tend.upgrade import Handover
+
+        # Started by a tend being upgraded: it holds the pidfile and waits for our READY.
+        handover = Handover.from_environment()
     loop_factory = event_loop_factory(settings.loop)
-    if not settings.nodaemon:
+    if settings.reload and not settings.nodaemon:
+        raise UsageError("--reload is for development, in the foreground: add --nodaemon")
+    if not settings.nodaemon and handover is None:
         if settings.log.logfile is None and not settings.log.syslog:
             raise StartupError(
                 "cannot log to standard output when detached: it is /dev/null; "
@@ -74,7 +78,7 @@ def run(
         daemon.set_umask(0o077 if settings.umask is None else settings.umask)
     elif settings.umask is not None:
         daemon.set_umask(settings.umask)
-    if settings.pidfile:
+    if settings.pidfile and handover is None:
         # Refuse early, before writing to a log that the running server owns.
         state = read_pidfile(settings.pidfile)
         if state is not None and state.locked:
@@ -85,7 +89,8 @@ def run(
     sink.install()
     # Read here, in the process systemd started: WATCHDOG_PID names this one.
     notifier = Notifier.from_environment() if os.environ.get("NOTIFY_SOCKET") else None
-    upstream = Upstream(None, notifier)
+    upstream = Upstream(None if handover is None else handover.channel, notifier)
+    upstream.started()
     supervisor: Supervisor | None = None
     in_launcher = False
     try:
@@ -102,10 +107,10 @@ def run(
             signals,
             abandon_start,
             settings.start_timeout,
-            f"{source} did not finish loading within {settings.start_timeout:g} s "
+            f"{source.description} did not finish loading within {settings.start_timeout:g} s "
             "(--start-timeout)",
         ):
-            application = build_tree()
+            application = source.build()
         identity = resolve_identity(
             settings.uid if settings.uid is not None else application.uid,
             settings.gid if settings.gid is not None else application.gid,
@@ -117,7 +122,7 @@ def run(
             # Taken now: LISTEN_PID names this process, not the daemon it may fork.
             inherited_sockets()
         check_stop(signals)
-        if not settings.nodaemon:
+        if not settings.nodaemon and handover is None:
             sink.flush()
             channel, signals, in_launcher = detach(signals)
             if in_launcher:
@@ -127,6 +132,7 @@ def run(
             daemon.redirect_standard_streams()
         supervisor = Supervisor(
             application,
+            source=source,
             workers=settings.workers,
             identity=identity,
             sink=sink,
@@ -138,6 +144,9 @@ def run(
                 start_timeout=settings.start_timeout,
                 worker_timeout=settings.worker_timeout,
             ),
+            handover=handover,
+            first_cwd=first_cwd,
+            chrooted=settings.chroot is not None,
         )
         if settings.pidfile:
             supervisor.take_pidfile(settings.pidfile)
@@ -147,11 +156,15 @@ def run(
             daemon.preload_modules()
         daemon.enter_rundir(settings.rundir, settings.chroot)
         check_stop(signals)
+        if settings.reload:
+            supervisor.watch_files()
         return supervisor.run()
     except TendError as error:
         # The launcher's daemon, or a failing worker, has logged this already.
-        if not in_launcher and not isinstance(error, WorkerFailedError):
-            log.error("tend: %s", error)
+        if not in_launcher:
+            if not isinstance(error, WorkerFailedError):
+                log.error("tend: %s", error)
+            error.already_said = sink.shares_stderr
         upstream.failed(str(error))
         raise
     except BaseException:

@@ -76,6 +76,7 @@ class StreamServer(Service):
         self._connections: set[asyncio.BaseTransport] = set()
         self._idle: asyncio.Event | None = None
         self._aborted = 0
+        self._served = 0
         self._label = str(self.endpoint)
 
     def __repr__(self) -> str:
@@ -102,6 +103,11 @@ class StreamServer(Service):
         return len(self._connections)
 
     @property
+    def served(self) -> int:
+        """How many connections this server has accepted since it started."""
+        return self._served
+
+    @property
     def aborted_connections(self) -> int:
         """How many connections this server has reset because a stop could not wait."""
         return self._aborted
@@ -116,6 +122,11 @@ class StreamServer(Service):
             self._listening = self.endpoint.listen(copies)
             self._label = self._listening.label
         return self._listening
+
+    def adopt(self, listening: Listening) -> None:
+        """Listen on *listening*, already bound (by the generation before a reload)."""
+        self._listening = listening
+        self._label = listening.label
 
     def privileged_start_service(self) -> None:
         """Bind the listening sockets and read TLS keys, as the starting user."""
@@ -148,6 +159,7 @@ class StreamServer(Service):
         return _TrackedProtocol(self, protocol)
 
     def _connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._served += 1
         self._connections.add(transport)
         if self._idle is not None:
             self._idle.clear()

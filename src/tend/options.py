@@ -34,7 +34,9 @@ class Option:
     start); ``""`` and ``"-"`` are left as they are. *choices* limits the text to those
     words. An option with a *string_example* takes only a string in a deployment file, as
     the example shows it: a TOML number forgets how it was written (``0o27`` and ``23``
-    arrive alike), which matters for a umask.
+    arrive alike), which matters for a umask. A *repeatable* option may be given more
+    than once, on the command line or as a deployment file's array, and arrives as a list
+    of its converted values in the order given (its default, if any, as a one-item list).
     """
 
     long: str
@@ -47,6 +49,7 @@ class Option:
     metavar: str | None = field(default=None, kw_only=True)
     choices: tuple[str, ...] | None = field(default=None, kw_only=True)
     string_example: str | None = field(default=None, kw_only=True)
+    repeatable: bool = field(default=False, kw_only=True)
 
     @property
     def key(self) -> str:
@@ -80,8 +83,9 @@ def convert(option: Option | Flag, value: object, folder: str) -> object:
     """Turn *value*, command-line text or a TOML value, into what *option* delivers.
 
     A string goes through the option's type as the command line's text would; a TOML
-    number is taken as its digits; a flag takes a boolean. Relative paths are taken
-    from *folder*.
+    number is taken as its digits; a flag takes a boolean; a repeatable option takes one
+    such value or an array of them, and gives a list. Relative paths are taken from
+    *folder*.
 
     Raises:
         InvalidValue: the value is of the wrong kind or the option's type rejects it.
@@ -90,6 +94,15 @@ def convert(option: Option | Flag, value: object, folder: str) -> object:
         if not isinstance(value, bool):
             raise InvalidValue(f"expected true or false, not {describe_value(value)}")
         return value
+    if not option.repeatable:
+        return _convert_one(option, value, folder)
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise InvalidValue("expected at least one value, not an empty array")
+    return [_convert_one(option, each, folder) for each in values]
+
+
+def _convert_one(option: Option, value: object, folder: str) -> object:
     if option.path and not isinstance(value, str):
         raise InvalidValue(f"expected a path, as a string, not {describe_value(value)}")
     if option.string_example is not None and not isinstance(value, str):
@@ -115,10 +128,19 @@ def default_of(option: Option | Flag) -> object:
     Raises:
         InvalidValue: the option's own default is rejected by its type.
     """
-    if isinstance(option, Flag) or not isinstance(option.default, str):
+    if isinstance(option, Flag):
         return option.default
+    if option.repeatable:
+        defaults = [] if option.default is None else [option.default]
+        return [_default_one(option, default) for default in defaults]
+    return _default_one(option, option.default)
+
+
+def _default_one(option: Option, default: object) -> object:
+    if not isinstance(default, str):
+        return default
     try:
-        return option.type(option.default)
+        return option.type(default)
     except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
         raise InvalidValue(f"the default is invalid: {error}") from None
 
@@ -199,6 +221,7 @@ def add_options(
         parser.add_argument(
             *names,
             dest=option.key,
+            action="append" if option.repeatable else "store",
             metavar=option.metavar or _metavar(option),
             default=None,
             required=option.required,
@@ -215,17 +238,18 @@ def _metavar(option: Option) -> str:
 
 def _help(option: Option) -> str:
     text = option.help or " "
+    notes = ["repeatable"] if option.repeatable else []
     if option.required:
-        return f"{text} (required)"
-    if option.default is not None and option.default is not False:
-        return f"{text} (default: {option.default})"
-    return text
+        notes.append("required")
+    elif option.default is not None and option.default is not False:
+        notes.append(f"default: {option.default}")
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def _argparse_type(option: Option) -> Callable[[str], object]:
     def checked(text: str) -> object:
         try:
-            return convert(option, text, os.getcwd())
+            return _convert_one(option, text, os.getcwd())
         except InvalidValue as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 

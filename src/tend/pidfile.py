@@ -55,8 +55,12 @@ class Pidfile:
     def __repr__(self) -> str:
         return f"<Pidfile {self.path!r}>"
 
-    def acquire(self, pid: int | None = None) -> None:
+    def acquire(self, pid: int | None = None, *, take_over: bool = False) -> None:
         """Lock the pidfile and write *pid* (default: this process) into it.
+
+        With *take_over* (an upgrade), a pidfile locked by the tend this one succeeds is
+        replaced: the new file, locked first, is renamed over it, so the path always
+        names a locked file of a live tend.
 
         Raises:
             PidfileLockedError: a live server holds it.
@@ -64,7 +68,11 @@ class Pidfile:
                 be written.
         """
         pid = os.getpid() if pid is None else pid
-        guard = self._open_locked_existing()
+        guard = None if take_over else self._open_locked_existing()
+        if take_over:
+            fd = _open_pidfile(self.path, os.O_RDONLY)  # checked: a regular file, or none
+            if fd is not None:
+                os.close(fd)
         try:
             self._write(pid)
         except BaseException:

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 from tend.errors import StartupError, TendError, UsageError, quote
@@ -40,11 +40,13 @@ class ServiceMaker:
     """Makes the service a plugin runs (twistd: IServiceMaker + IPlugin).
 
     Subclass it, set ``name``, ``description`` and ``options``, implement
-    :meth:`make_service`, and leave an instance at module level.
+    :meth:`make_service`, and leave an instance at module level. An ``epilog``, if set,
+    ends the plugin's ``--help`` as written (twistd: a longer ``usage`` text).
     """
 
     name: str = ""
     description: str = ""
+    epilog: str | None = None
     options: Sequence[Option | Flag] = ()
 
     def make_service(self, options: Mapping[str, object]) -> Service:
@@ -59,6 +61,7 @@ class ServiceMaker:
         parser = CommandParser(
             prog=prog,
             description=self.description,
+            epilog=self.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         add_options(parser, self.options, negatable=False)
@@ -113,10 +116,28 @@ class PluginLoadError(Exception):
 
 @dataclass(slots=True)
 class PluginIndex:
-    """The plugins found, by name, and the modules that failed to load."""
+    """The plugins found, by name, and the modules that failed to load.
+
+    ``origins`` says where each maker came from, for the warning about a later plugin of
+    the same name (``entry point 'poetry = tend.poetry.plugin:service_maker'``, a path).
+    """
 
     makers: dict[str, ServiceMaker]
     failures: list[PluginLoadError]
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, maker: ServiceMaker, origin: str) -> None:
+        """Keep *maker* under *name* unless a plugin found earlier has it: then warn."""
+        if name not in self.makers:
+            self.makers[name] = maker
+            self.origins[name] = origin
+        elif self.makers[name] is not maker:
+            logging.getLogger("tend").warning(
+                "tend: plugin %s in %s is ignored: %s has the same name; rename one of them",
+                quote(name),
+                origin,
+                self.origins[name],
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +238,8 @@ def _load_entry_point(entry: EntryPoint, index: PluginIndex) -> None:
         index.failures.append(PluginLoadError(f"entry point {quote(entry.name)}", error))
         return
     if isinstance(value, ServiceMaker):
-        index.makers.setdefault(value.name or entry.name, value)
+        origin = f"the installed entry point {quote(f'{entry.name} = {entry.value}')}"
+        index.add(value.name or entry.name, value, origin)
     else:
         index.failures.append(
             PluginLoadError(
@@ -234,7 +256,7 @@ def _load_file(path: str, index: PluginIndex) -> None:
         index.failures.append(PluginLoadError(path, error))
         return
     for maker in _makers_in(module):
-        index.makers.setdefault(maker.name, maker)
+        index.add(maker.name, maker, path)
 
 
 def find_plugins() -> PluginIndex:
@@ -259,6 +281,10 @@ def find_plugin(name: str) -> ServiceMaker:
         if entry.name == name:
             _load_entry_point(entry, index)
             if name in index.makers:
+                # A drop-in of the same name is ignored; loading the drop-ins (if there
+                # are any) is what lets find_plugin say so.
+                for path in _plugin_files():
+                    _load_file(path, index)
                 return index.makers[name]
     index = find_plugins()
     if name in index.makers:

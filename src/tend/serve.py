@@ -83,6 +83,8 @@ class _Serving:
         loop = asyncio.get_running_loop()
         log.info("event loop class: %s.", _qualified_name(type(loop)))
         self.signals.hand_to_loop(loop, self._on_signal)
+        if not self.channel.closed:
+            loop.add_reader(self.channel.fileno(), self._on_message)
         watchdog = None
         try:
             await self._start_unless_stopped()
@@ -98,10 +100,28 @@ class _Serving:
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog
             self.signals.take_back_from_loop(loop)
+            if not self.channel.closed:
+                loop.remove_reader(self.channel.fileno())
             log.info("Main loop terminated.")
 
     def _on_signal(self, signal_number: int) -> None:
         # In the loop, not in a handler: record and wake; the main coroutine does the work.
+        self._request_stop(name_of(signal_number))
+
+    def _on_message(self) -> None:
+        """What the other end says: STOP=1 stands in for SIGTERM (a supervisor that may
+        not signal this process); its hanging up means nobody waits for this one."""
+        try:
+            message = self.channel.receive()
+        except BlockingIOError:
+            return
+        if message is None:
+            asyncio.get_running_loop().remove_reader(self.channel.fileno())
+            self._request_stop("a hang-up from the supervisor")
+        elif message.stop:
+            self._request_stop("STOP from the supervisor")
+
+    def _request_stop(self, name: str) -> None:
         now = asyncio.get_running_loop().time()
         if self.stop_signals and now - self.first_signal_at < SAME_STOP:
             # The same stop twice: sent to the whole process group (a supervisor's
@@ -109,7 +129,7 @@ class _Serving:
             return
         if not self.stop_signals:
             self.first_signal_at = now
-        self.stop_signals.append(name_of(signal_number))
+        self.stop_signals.append(name)
         self.stop_requested.set()
         if len(self.stop_signals) > 1:
             self.second_signal.set()
@@ -120,8 +140,14 @@ class _Serving:
         Sent from a task on the event loop, so a loop blocked by a runaway callback
         stops the pings, and the supervisor (and systemd behind it) notices.
         """
+        servers = listeners(self.application)
         while True:
-            self.channel.send(WATCHDOG=1)
+            # With what it serves, for `tendctl status`.
+            self.channel.send(
+                WATCHDOG=1,
+                CONNECTIONS=sum(server.connection_count for server in servers),
+                SERVED=sum(server.served for server in servers),
+            )
             await asyncio.sleep(interval)
 
     async def _start_unless_stopped(self) -> None:

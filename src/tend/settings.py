@@ -126,6 +126,11 @@ SETTINGS: tuple[Option | Flag, ...] = (
         choices=LOG_LEVELS,
     ),
     Flag("syslog", None, "log to syslog instead of a file"),
+    Flag(
+        "reload",
+        None,
+        "while developing, in the foreground: reload when a file of the tree's changes",
+    ),
     Option("prefix", default="tend", help="syslog tag", metavar="TAG"),
     Option(
         "syslog-facility",
@@ -214,6 +219,7 @@ class Settings:
     workers: int = 1
     start_timeout: float = 60.0
     worker_timeout: float = 30.0
+    reload: bool = False
 
 
 def _log_config(**values: object) -> LogConfig:
@@ -285,6 +291,7 @@ def resolve(
         workers=_int(value["workers"]),
         start_timeout=_float(value["start_timeout"]),
         worker_timeout=_float(value["worker_timeout"]),
+        reload=bool(value["reload"]),
     )
 
 

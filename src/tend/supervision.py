@@ -105,6 +105,9 @@ class Supervision:
         self.reported_ready = False
         self.failure: str | None = None  # why the start failed
         self.status = 0
+        # Whether how these workers stop counts in tend's exit status: not for a generation
+        # a reload replaced, nor for a reload's that failed.
+        self.status_counts = True
 
     # -- what happened -------------------------------------------------------------------
 

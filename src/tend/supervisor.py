@@ -14,17 +14,21 @@ forked from inside a running event loop would share the parent's epoll instance)
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import selectors
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tend import daemon
+from tend import __version__, daemon
 from tend.channel import Channel
-from tend.endpoints import ListenError
-from tend.errors import StartupError
+from tend.control import Connection, ControlServer, control_path
+from tend.endpoints import ListenError, Listening, endpoint_key, inherited_listening
+from tend.errors import StartupError, TendError, describe_error, quote
 from tend.logs import LogError, LogSink
 from tend.logs.rotating import RECORD_END
 from tend.net import describe_serving, listeners
@@ -33,9 +37,13 @@ from tend.privileges import Identity
 from tend.serve import LoopFactory, starting
 from tend.service import Application
 from tend.signals import STOP, WORKER_CATCHES, WORKER_IGNORES, Signals, name_of
-from tend.supervision import Limits, Supervision
+from tend.sources import TreeSource
+from tend.supervision import START_GRACE, Limits, Supervision, describe_exit
 from tend.systemd import Notifier
 from tend.worker import WorkerPlan, run_worker
+
+if TYPE_CHECKING:
+    from tend.upgrade import Handover, Successor
 
 log = logging.getLogger("tend")
 
@@ -78,6 +86,18 @@ class Upstream:
         if self.launcher is not None:
             self.launcher.send(ERROR=message)
 
+    def reloading(self) -> None:
+        """A reload began: systemd's Type=notify-reload wants the time it began."""
+        if self.notifier is not None:
+            self.notifier.send(
+                "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", "STATUS=reloading"
+            )
+
+    def handed_over(self, pid: int) -> None:
+        """An upgrade is done: systemd is to watch the successor from now on."""
+        if self.notifier is not None:
+            self.notifier.send(f"MAINPID={pid}", "STATUS=upgraded")
+
     def stopping(self) -> None:
         if self.notifier is not None:
             self.notifier.stopping("stopping")
@@ -94,25 +114,55 @@ class Upstream:
             self.notifier.close()
 
 
+@dataclass(slots=True, eq=False)
+class Generation:
+    """One build of the tree and the workers that run it; a reload makes the next one."""
+
+    number: int
+    application: Application
+    core: Supervision
+    status_line: str
+    listenings: list[Listening]  # what its servers listen on, in tree order
+    started: float = field(default_factory=time.time)
+    workers: dict[int, _Worker] = field(default_factory=dict)  # by pid
+
+
 @dataclass(slots=True)
 class _Worker:
-    """A worker's descriptors, as the supervisor holds them."""
+    """A worker's descriptors, as the supervisor holds them, and what it last reported."""
 
+    generation: Generation
     number: int
     pid: int
     pidfd: int
     channel: Channel
     log_pipe: int | None
     pending_log: bytes = field(default=b"")
+    started: float = field(default_factory=time.time)
+    connections: int = 0  # open, as of its last ping
+    served: int = 0  # since it started, as of its last ping
+    unsignalable: bool = False  # a signal to it failed with EPERM: it is asked on its channel
+
+
+Reply = Callable[[bool, str], None]
 
 
 class Supervisor:
-    """Runs *application* in workers, from the pidfile to the last worker's exit."""
+    """Runs the tree in workers, from the pidfile to the last worker's exit, and reloads it.
+
+    A reload (SIGHUP, ``tendctl reload``) builds the tree again from *source*, binds what
+    the new tree listens on that the old one did not (as this process's user, so a port
+    below 1024 works), starts a new generation of workers on the same sockets, and only
+    once every new worker is ready stops the old generation with the usual drain. A new
+    tree that cannot be built, or a new worker that fails, changes nothing: the old
+    generation goes on serving and the failure is one line.
+    """
 
     def __init__(
         self,
         application: Application,
         *,
+        source: TreeSource | None = None,
         workers: int,
         identity: Identity,
         sink: LogSink,
@@ -120,8 +170,19 @@ class Supervisor:
         signals: Signals,
         loop_factory: LoopFactory,
         limits: Limits,
+        handover: Handover | None = None,
+        first_cwd: str | None = None,
+        chrooted: bool = False,
     ) -> None:
         self.application = application
+        self.source = source
+        self.handover = handover  # an upgrade's: the sockets the old tend passed on
+        self.first_cwd = first_cwd or os.getcwd()  # where tend was started, for an upgrade
+        self.successor: Successor | None = None
+        self.successor_deadline = 0.0
+        self.chrooted = chrooted
+        self.upgrade_replies: list[Reply] = []
+        self.handed_over = False  # an upgrade is done: socket files belong to the successor
         self.count = workers
         self.identity = identity
         self.sink = sink
@@ -130,28 +191,94 @@ class Supervisor:
         self.loop_factory = loop_factory
         self.limits = limits
         self.pidfile: Pidfile | None = None
+        self.control: ControlServer | None = None
         self.relay_logs = sink.fileno() is not None
-        self.core = Supervision(workers, time.monotonic, limits)
-        self.workers: dict[int, _Worker] = {}  # by pid
+        self.workers: dict[int, _Worker] = {}  # by pid, of every generation
+        self.listenings: list[Listening] = []  # everything bound, of every generation
+        self.current: Generation | None = None
+        self.incoming: Generation | None = None  # a reload's, until it is ready
+        self.retiring: list[Generation] = []  # draining after a reload, or failed
+        self.generations_made = 0
+        self.reload_replies: list[Reply] = []
         self.selector: selectors.BaseSelector | None = None
         self.stop_signal: str | None = None
         self.stopped_before_failure = False
-        self.status_line = "running"
+        self.started = time.time()
+        self.watched: dict[str, float] | None = None  # --reload: file -> mtime
+        self.next_look = 0.0
+
+    @property
+    def core(self) -> Supervision:
+        """The decisions about the generation serving now."""
+        assert self.current is not None
+        return self.current.core
+
+    @property
+    def status_line(self) -> str:
+        return self.current.status_line if self.current is not None else "running"
 
     # -- before the workers --------------------------------------------------------------
 
     def take_pidfile(self, path: str) -> None:
-        """Write and lock the pidfile, for as long as this process runs."""
+        """Write and lock the pidfile, for as long as this process runs; open the control
+        socket beside it (tendctl can then ask, and hear how it went)."""
+        take_over = self.handover is not None
         self.pidfile = Pidfile(path)
-        self.pidfile.acquire()
+        self.pidfile.acquire(take_over=take_over)
+        try:
+            self.control = ControlServer(control_path(self.pidfile.path), take_over=take_over)
+        except (TendError, OSError) as error:
+            log.warning("no control socket, tendctl will send signals: %s", error)
 
     def bind(self) -> None:
         """Bind every listener, one copy per worker, then run the privileged starts."""
-        with starting(self.application):
-            for server in listeners(self.application):
-                server.listen(self.count)
-            self.application.privileged_start_service()
-        self.status_line = describe_serving(self.application)
+        self.current = self._make_generation(self.application)
+
+    def _make_generation(self, application: Application) -> Generation:
+        """Bind what *application* listens on (reusing what is bound), privileged-start it.
+
+        Servers take the sockets of the generation serving now where their endpoints are
+        the same (in tree order, so two ``tcp:0`` servers keep their two ports); the rest
+        are bound now, and closed again if anything fails.
+        """
+        reusable: dict[str, list[Listening]] = {}
+        for listening in self.current.listenings if self.current is not None else ():
+            reusable.setdefault(endpoint_key(listening.endpoint), []).append(listening)
+        bound: list[Listening] = []
+        taken: list[Listening] = []
+        try:
+            with starting(application):
+                for server in listeners(application):
+                    key = endpoint_key(server.endpoint)
+                    kept = reusable.get(key)
+                    passed = self.handover.take(key) if self.handover is not None else None
+                    if kept:
+                        listening = kept.pop(0)
+                        server.adopt(listening)
+                    elif passed is not None:
+                        listening = inherited_listening(server.endpoint, passed, self.count)
+                        server.adopt(listening)
+                        bound.append(listening)
+                    else:
+                        listening = server.listen(self.count)
+                        bound.append(listening)
+                    taken.append(listening)
+                application.privileged_start_service()
+            if self.handover is not None:
+                self.handover.close_unused()
+        except BaseException:
+            for listening in bound:
+                listening.close()
+            raise
+        self.listenings.extend(bound)
+        self.generations_made += 1
+        return Generation(
+            self.generations_made,
+            application,
+            Supervision(self.count, time.monotonic, self.limits),
+            describe_serving(application),
+            taken,
+        )
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -162,37 +289,74 @@ class Supervisor:
             WorkerFailedError: a worker failed before every worker was ready.
             StartupError: a stop signal came before every worker was ready.
         """
+        assert self.current is not None
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.signals.wakeup_fd, selectors.EVENT_READ, None)
+        if self.control is not None:
+            self.selector.register(self.control.fileno(), selectors.EVENT_READ, self._accept)
         self._handle_signals()  # any that came during the start-up steps
         try:
-            while not self.core.finished:
-                for number in self.core.to_start():
-                    self._spawn(number)
+            while not self._finished():
+                for generation in self._live():
+                    for number in generation.core.to_start():
+                        self._spawn(generation, number)
                 self._step()
         finally:
             self.selector.close()
             self.selector = None
-        if self.core.failure is not None and not self.stopped_before_failure:
+            for reply in self.reload_replies:
+                reply(False, "tend stopped before the reload was done")
+        failed = self.core.failure is not None and not self.core.reported_ready
+        if failed and not self.stopped_before_failure:
+            assert self.core.failure is not None
             raise WorkerFailedError(self.core.failure)
         if self.stop_signal is not None and not self.core.reported_ready:
             raise StartupError(f"stopped by {self.stop_signal} before the services were ready")
-        return self.core.status
+        return max(
+            [self.core.status, *(g.core.status for g in self.retiring if g.core.status_counts)]
+        )
+
+    def _live(self) -> list[Generation]:
+        """The generations whose workers should run: the current one and a reload's."""
+        return [g for g in (self.current, self.incoming) if g is not None]
+
+    def _finished(self) -> bool:
+        return (
+            self.current is not None
+            and self.current.core.finished
+            and self.incoming is None
+            and not self.workers
+        )
 
     def _step(self) -> None:
         assert self.selector is not None
-        wakeup = self.core.next_wakeup()
+        moments = [
+            moment
+            for generation in (*self._live(), *self.retiring)
+            if (moment := generation.core.next_wakeup()) is not None
+        ]
+        if self.control is not None:
+            moments.extend(c.deadline for c in self.control.connections.values())
+        if self.watched is not None:
+            moments.append(self.next_look)
+        if self.successor is not None:
+            moments.append(self.successor_deadline)
+        wakeup = min(moments, default=None)
         timeout = None if wakeup is None else max(0.0, wakeup - time.monotonic())
         # Log pipes first: a worker writes its log before it says READY or exits, and the
         # supervisor's log must have those lines before it tells anyone.
         events = sorted(
             self.selector.select(timeout),
-            key=lambda event: event[0].data is None or event[0].fd != event[0].data.log_pipe,
+            key=lambda event: (
+                not (isinstance(event[0].data, _Worker) and event[0].fd == event[0].data.log_pipe)
+            ),
         )
         for key, _ in events:
             worker = key.data
             if worker is None:
                 self._handle_signals()
+            elif callable(worker):  # the control socket and its peers
+                worker()
             elif key.fd == worker.log_pipe:
                 self._read_log(worker)
             elif key.fd == worker.channel.fileno():
@@ -203,17 +367,44 @@ class Supervisor:
 
     def _act(self) -> None:
         """Do what the decisions say now."""
-        if self.core.failure is not None and self.core.stop():
-            self._signal_workers(signal.SIGTERM)
+        for generation in (*self._live(), *self.retiring):
+            core = generation.core
+            if core.failure is not None and core.stop():
+                self._signal_workers(signal.SIGTERM, generation)
+            if core.kill_due():
+                log.error("workers did not stop in time; killing them.")
+                self._signal_workers(signal.SIGKILL, generation)
+            self._kill_overdue(generation)
         if self.core.ready_to_report():
             self.sink.flush()  # whoever waits for ready may read the log next
             self.upstream.ready(self.status_line)
+        if self.incoming is not None:
+            if self.incoming.core.ready_to_report():
+                self._promote()
+            elif self.incoming.core.failure is not None:
+                failed, self.incoming = self.incoming, None
+                failed.core.status_counts = False
+                self.retiring.append(failed)
+                self._close_unused()
+                self._reload_done(False, f"reload failed: {failed.core.failure}")
         if self.core.watchdog_due():
             self.upstream.watchdog()
-        if self.core.kill_due():
-            log.error("workers did not stop in time; killing them.")
-            self._signal_workers(signal.SIGKILL)
-        for late in self.core.overdue():
+        self.retiring = [g for g in self.retiring if g.workers]
+        if self.watched is not None and time.monotonic() >= self.next_look:
+            self._look_at_files()
+        if self.successor is not None and time.monotonic() > self.successor_deadline:
+            self._upgrade_failed(
+                f"the new tend program was not ready within "
+                f"{self.limits.start_timeout + START_GRACE:g} s"
+            )
+        if self.control is not None:
+            now = time.monotonic()
+            for connection in list(self.control.connections.values()):
+                if now > connection.deadline and not connection.waiting:
+                    self._drop(connection)
+
+    def _kill_overdue(self, generation: Generation) -> None:
+        for late in generation.core.overdue():
             if late.ready:
                 log.error(
                     "worker %d (pid %d) has not answered for %g s; killing it",
@@ -230,33 +421,134 @@ class Supervisor:
                 )
             worker = self.workers.get(late.pid)
             if worker is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(worker.pidfd, signal.SIGKILL)
+                self._send_signal(worker, signal.SIGKILL)
 
     def _handle_signals(self) -> None:
         for signal_number in self.signals.take():
             name = name_of(signal_number)
-            if signal_number in (signal.SIGUSR1, signal.SIGHUP):
-                log.info("Received %s, reopening the log.", name)
+            if signal_number == signal.SIGUSR1:
+                log.info("Received SIGUSR1, reopening the log.")
                 self.reopen_log()
-            elif signal_number not in STOP:
-                continue
-            elif self.stop_signal is None:
-                self.stop_signal = name
-                # Which came first decides what the start is said to have died of.
-                self.stopped_before_failure = self.core.failure is None
-                self.core.stop()
-                log.info("Received %s, stopping %d worker(s).", name, len(self.workers))
-                self.upstream.stopping()
-                # New clients must be refused now, not queue on sockets no worker accepts.
-                for server in listeners(self.application):
-                    if server.listening is not None:
-                        server.listening.close()
-                # SIGTERM whatever came: a worker leaves the terminal's signals to us.
-                self._signal_workers(signal.SIGTERM)
+            elif signal_number == signal.SIGHUP:
+                self.reload(f"Received {name}")
+            elif signal_number == signal.SIGUSR2:
+                self.upgrade(f"Received {name}")
+            elif signal_number in STOP:
+                self.stop(name, f"Received {name}")
+
+    def stop(self, name: str, why: str) -> None:
+        """Stop every generation, gracefully the first time, at once the second."""
+        if self.stop_signal is None:
+            self.stop_signal = name
+            # Which came first decides what the start is said to have died of.
+            self.stopped_before_failure = self.core.failure is None
+            log.info("%s, stopping %d worker(s).", why, len(self.workers))
+            self.upstream.stopping()
+            for generation in self._live():
+                generation.core.stop()
+            # New clients must be refused now, not queue on sockets no worker accepts; after
+            # an upgrade the successor accepts on them, and their files are its own.
+            for listening in self.listenings:
+                if self.handed_over:
+                    listening.forget()
+                else:
+                    listening.close()
+            # SIGTERM whatever came: a worker leaves the terminal's signals to us.
+            self._signal_workers(signal.SIGTERM)
+        else:
+            log.warning("%s again, stopping the workers at once.", why)
+            self._signal_workers(signal.SIGTERM)
+
+    # -- the control socket ------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self.control is not None
+        assert self.selector is not None
+        while (connection := self.control.accept()) is not None:
+            self.selector.register(
+                connection.fileno(), selectors.EVENT_READ, functools.partial(self._ask, connection)
+            )
+
+    def _drop(self, connection: Connection) -> None:
+        assert self.control is not None
+        self._unregister(connection.fileno())
+        self.control.connections.pop(connection.fileno(), None)
+        connection.close()
+
+    def _ask(self, connection: Connection) -> None:
+        try:
+            command = connection.read()
+        except ValueError:
+            self._drop(connection)
+            return
+        if command is None:
+            return
+        self._unregister(connection.fileno())
+        connection.waiting = True
+
+        def answer(reply: dict[str, object]) -> None:
+            assert self.control is not None
+            self.control.connections.pop(connection.fileno(), None)
+            connection.answer(reply)
+
+        if command == "status":
+            answer({"ok": True, **self.describe()})
+        elif command == "reload":
+            self.reload(
+                "Asked by tendctl",
+                lambda ok, line: answer({"ok": ok, "message": line}),
+            )
+        elif command == "upgrade":
+            self.upgrade(
+                "Asked by tendctl",
+                lambda ok, line: answer({"ok": ok, "message": line}),
+            )
+        elif command == "stop":
+            answer({"ok": True, "message": "stopping", "pid": os.getpid()})
+            self.stop("SIGTERM", "Asked by tendctl to stop")
+        elif command == "reopen-logs":
+            try:
+                self.sink.reopen()
+            except LogError as error:
+                answer({"ok": False, "message": f"cannot reopen the log: {error}"})
             else:
-                log.warning("Received %s again, stopping the workers at once.", name)
-                self._signal_workers(signal.SIGTERM)
+                log.info("Asked by tendctl, reopened the log.")
+                answer({"ok": True, "message": "reopened the log"})
+        else:
+            answer({"ok": False, "message": f"cannot {command} yet"})
+
+    def describe(self) -> dict[str, object]:
+        """What ``tendctl status`` shows: this tend, its generation, workers and listeners."""
+        assert self.current is not None
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started,
+            "uptime": time.time() - self.started,
+            "pidfile": self.pidfile.path if self.pidfile is not None else None,
+            "generation": self.current.number,
+            "generation_started": self.current.started,
+            "reloading": self.incoming is not None,
+            "status": self.status_line,
+            "listeners": [
+                {"endpoint": str(listening.endpoint), "addresses": listening.addresses}
+                for listening in self.current.listenings
+            ],
+            "workers": [
+                {
+                    "number": worker.number,
+                    "pid": worker.pid,
+                    "generation": worker.generation.number,
+                    "started": worker.started,
+                    "uptime": time.time() - worker.started,
+                    "connections": worker.connections,
+                    "served": worker.served,
+                }
+                for worker in sorted(
+                    self.workers.values(), key=lambda w: (w.generation.number, w.number)
+                )
+            ],
+        }
 
     def reopen_log(self) -> None:
         """Reopen the log file; if that fails, say so and keep the old one."""
@@ -264,6 +556,241 @@ class Supervisor:
             self.sink.reopen()
         except LogError as error:
             log.warning("cannot reopen the log: %s", error)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self, why: str, reply: Reply | None = None) -> None:
+        """Build the tree again and start a generation of workers on it; see the class.
+
+        *reply(ok, line)* is called once the reload has succeeded or failed.
+        """
+        unable = None if self.source is not None else "this tree cannot be built again"
+        if self._refused("reload", why, reply, unable):
+            return
+        assert self.source is not None
+        if reply is not None:
+            self.reload_replies.append(reply)
+        log.info("%s, reloading %s.", why, self.source.description)
+        self.upstream.reloading()
+        self.reopen_log()
+        try:
+            application = self.source.rebuild()
+            generation = self._make_generation(application)
+        except TendError as error:
+            self._reload_done(False, f"reload failed: {error}")
+            return
+        except Exception as error:
+            log.exception("building the tree again failed")
+            self._reload_done(
+                False, f"reload failed: {describe_error(error)} (the traceback is in the log)"
+            )
+            return
+        self.incoming = generation
+
+    def _refused(self, action: str, why: str, reply: Reply | None, unable: str | None) -> bool:
+        """Whether *action* (reload, upgrade) cannot happen now; if so, say why, once."""
+        reason = unable
+        if self.stop_signal is not None:
+            reason = "tend is stopping"
+        elif self.incoming is not None or self.successor is not None:
+            reason = "a reload or an upgrade is already under way"
+        elif not self.core.reported_ready:
+            reason = "tend is still starting"
+        if reason is None:
+            return False
+        log.warning("%s, but cannot %s: %s", why, action, reason)
+        if reply is not None:
+            reply(False, f"cannot {action}: {reason}")
+        return True
+
+    def upgrade(self, why: str, reply: Reply | None = None) -> None:
+        """Run the tend program anew on the same sockets; see tend.upgrade.
+
+        *reply(ok, line)* is called once the successor serves, or has failed.
+        """
+        unable = "the tend program is outside the --chroot jail" if self.chrooted else None
+        if self._refused("upgrade", why, reply, unable):
+            return
+        assert self.current is not None
+        assert self.selector is not None
+        from tend.upgrade import start_successor
+
+        log.info("%s, upgrading: starting the tend program anew on the same sockets.", why)
+        self.sink.flush()
+        try:
+            self.successor = start_successor(
+                [
+                    (
+                        endpoint_key(listening.endpoint),
+                        [[s.fileno() for s in c] for c in listening.copies],
+                    )
+                    for listening in self.current.listenings
+                ],
+                self.first_cwd,
+            )
+        except OSError as error:
+            line = f"upgrade failed: cannot start the tend program: {error.strerror or error}"
+            log.error("%s", line)
+            if reply is not None:
+                reply(False, line)
+            return
+        if reply is not None:
+            self.upgrade_replies.append(reply)
+        self.successor_deadline = time.monotonic() + self.limits.start_timeout + START_GRACE
+        successor = self.successor
+        successor.channel.set_blocking(False)
+        self.selector.register(
+            successor.channel.fileno(), selectors.EVENT_READ, self._hear_successor
+        )
+        self.selector.register(successor.pidfd, selectors.EVENT_READ, self._successor_gone)
+
+    def _hear_successor(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        while True:
+            try:
+                message = successor.channel.receive()
+            except BlockingIOError:
+                return
+            if message is None:
+                self._unregister(successor.channel.fileno())
+                successor.channel.close()
+                return
+            if message.error is not None and successor.error is None:
+                successor.error = message.error
+            if message.ready:
+                self._upgraded(successor)
+                return
+
+    def _successor_gone(self) -> None:
+        successor = self.successor
+        assert successor is not None
+        try:
+            _, wait_status = os.waitpid(successor.pid, 0)
+            how = describe_exit(os.waitstatus_to_exitcode(wait_status))
+        except ChildProcessError:
+            how = "an unknown status"
+        self._hear_successor() if not successor.channel.closed else None
+        if self.successor is None:  # it said READY just before it went
+            return
+        reason = successor.error or f"the new tend program exited with {how} before it was ready"
+        self._upgrade_failed(reason)
+
+    def _upgrade_failed(self, reason: str) -> None:
+        successor = self.successor
+        assert successor is not None
+        self.successor = None
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(successor.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(successor.pid, 0)
+        self._unregister(successor.channel.fileno())
+        self._forget_fd(successor.pidfd)
+        successor.channel.close()
+        line = f"upgrade failed: {reason}"
+        log.error("%s; serving on as before", line)
+        replies, self.upgrade_replies = self.upgrade_replies, []
+        for reply in replies:
+            reply(False, line)
+
+    def _upgraded(self, successor: Successor) -> None:
+        """The successor serves: tell whoever waits, then drain and go, leaving it all to it."""
+        self.successor = None
+        self._unregister(successor.channel.fileno())
+        self._unregister(successor.pidfd)
+        # Its exit is now init's to reap: this process goes first.
+        os.close(successor.pidfd)
+        successor.channel.close()
+        self.handed_over = True
+        line = f"upgraded: pid {successor.pid} serves now"
+        log.info("%s; this one (pid %d) drains and exits", line, os.getpid())
+        self.upstream.handed_over(successor.pid)
+        replies, self.upgrade_replies = self.upgrade_replies, []
+        for reply in replies:
+            reply(True, line)
+        self.stop("SIGTERM", "Upgraded")
+
+    def watch_files(self) -> None:
+        """``--reload``: look at the tree's files every second; reload when one changes."""
+        assert self.source is not None
+        self.watched = _mtimes(self.source.watched_files())
+        self.next_look = time.monotonic() + WATCH_INTERVAL
+        log.info("Watching %d file(s) to reload when one changes.", len(self.watched))
+
+    def _look_at_files(self) -> None:
+        assert self.source is not None
+        assert self.watched is not None
+        self.next_look = time.monotonic() + WATCH_INTERVAL
+        if self.incoming is not None or self.stop_signal is not None:
+            return
+        now = _mtimes(self.watched)
+        changed = [path for path, mtime in now.items() if mtime != self.watched[path]]
+        self.watched = now
+        if changed:
+            shown = ", ".join(quote(path) for path in changed[:3])
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            self.reload(f"Changed: {shown}{more}")
+            self.watched = _mtimes(self.source.watched_files())
+
+    def _promote(self) -> None:
+        """The incoming generation is ready: it serves; the old one drains and goes."""
+        assert self.incoming is not None
+        assert self.current is not None
+        old, self.current, self.incoming = self.current, self.incoming, None
+        self.application = self.current.application
+        old.core.status_counts = False
+        if old.core.stop():
+            self._signal_workers(signal.SIGTERM, old)
+        self.retiring.append(old)
+        self._close_unused()
+        self._reload_done(True, f"reloaded: generation {self.current.number} {self.status_line}")
+
+    def _reload_done(self, ok: bool, line: str) -> None:
+        if ok:
+            log.info("%s", line)
+        else:
+            log.error("%s", line)
+        self.upstream.ready(self.status_line)
+        replies, self.reload_replies = self.reload_replies, []
+        for reply in replies:
+            reply(ok, line)
+
+    def _close_unused(self) -> None:
+        """Close the sockets no live generation listens on (its workers keep their own)."""
+        used = {id(listening) for g in self._live() for listening in g.listenings}
+        for listening in self.listenings:
+            if id(listening) not in used:
+                listening.close()
+        self.listenings = [listening for listening in self.listenings if id(listening) in used]
+
+    def _signal_workers(self, signal_number: int, generation: Generation | None = None) -> None:
+        for worker in list(self.workers.values()):
+            if generation is None or worker.generation is generation:
+                self._send_signal(worker, signal_number)
+
+    def _send_signal(self, worker: _Worker, signal_number: int) -> None:
+        """Signal *worker*, or, where the kernel refuses, ask it on its channel to stop.
+
+        A supervisor without CAP_KILL (a systemd unit's capability set) may not signal a
+        worker running as another user: then STOP=1 on the channel does what SIGTERM
+        would, and a second one what a second SIGTERM would. Nothing can stand in for
+        SIGKILL: a worker that ignores its channel as well is left to the service manager.
+        """
+        try:
+            signal.pidfd_send_signal(worker.pidfd, signal_number)
+        except ProcessLookupError:
+            return
+        except PermissionError as error:
+            if not worker.unsignalable:
+                worker.unsignalable = True
+                log.error(
+                    "cannot signal worker %d (pid %d): %s; asking it to stop on its channel "
+                    "instead (signalling workers that run as another user needs CAP_KILL)",
+                    worker.number,
+                    worker.pid,
+                    error.strerror,
+                )
+            worker.channel.send(STOP=1)
 
     def _ping_interval(self) -> float | None:
         """How often workers say they are alive: for systemd's watchdog and our own."""
@@ -278,31 +805,24 @@ class Supervisor:
         ]
         return min(intervals, default=None)
 
-    def _signal_workers(self, signal_number: int) -> None:
-        for worker in self.workers.values():
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(worker.pidfd, signal_number)
-
     # -- workers -------------------------------------------------------------------------
 
-    def _spawn(self, number: int) -> None:
+    def _spawn(self, generation: Generation, number: int) -> None:
         assert self.selector is not None
-        for server in listeners(self.application):
-            if server.listening is not None:
-                try:
-                    server.listening.reopen_copy(number - 1)
-                except ListenError as error:
-                    log.error("worker %d will not accept on %s: %s", number, server, error)
+        for listening in generation.listenings:
+            try:
+                listening.reopen_copy(number - 1)
+            except ListenError as error:
+                log.error("worker %d will not accept on %s: %s", number, listening, error)
         ours, theirs = Channel.pair()
         log_read, log_write = os.pipe2(os.O_CLOEXEC) if self.relay_logs else (None, None)
         plan = WorkerPlan(
             number=number,
-            application=self.application,
+            application=generation.application,
             identity=self.identity,
             loop_factory=self.loop_factory,
             limits=self.limits,
             ping_interval=self._ping_interval(),
-            supervisor_pid=os.getpid(),
         )
         self.sink.flush()
         with self.signals.forking():
@@ -315,7 +835,7 @@ class Supervisor:
         if pid == 0:
             status = 1
             try:
-                self._forget_in_worker(ours, log_read)
+                self._forget_in_worker(generation, ours, log_read)
                 status = run_worker(plan, theirs, log_write, worker_signals, self.sink)
             finally:
                 daemon.exit_now(status)
@@ -323,18 +843,21 @@ class Supervisor:
         if log_write is not None:
             os.close(log_write)
         pidfd = os.pidfd_open(pid)
-        worker = _Worker(number, pid, pidfd, ours, log_read)
+        worker = _Worker(generation, number, pid, pidfd, ours, log_read)
         self.workers[pid] = worker
-        self.core.started(number, pid)
+        generation.workers[pid] = worker
+        generation.core.started(number, pid)
         ours.set_blocking(False)
         for fd in (ours.fileno(), log_read, pidfd):
             if fd is not None:
                 os.set_blocking(fd, False)
                 self.selector.register(fd, selectors.EVENT_READ, worker)
         label = f" as {self.identity}" if self.identity.changes_anything else ""
+        if generation.number > 1:
+            label += f", generation {generation.number}"
         log.info("started worker %d (pid %d)%s", number, pid, label)
 
-    def _forget_in_worker(self, *fds: Channel | int | None) -> None:
+    def _forget_in_worker(self, generation: Generation, *fds: Channel | int | None) -> None:
         """In a fresh worker: close what is the supervisor's alone.
 
         The worker stays in the supervisor's process group, so a terminal lets it write
@@ -354,7 +877,14 @@ class Supervisor:
                     os.close(item)
         if self.pidfile is not None:
             self.pidfile.forget()
+        if self.control is not None:
+            self.control.forget()
         self.upstream.forget()
+        # Sockets only another generation listens on: this worker must not keep them open.
+        mine = {id(listening) for listening in generation.listenings}
+        for listening in self.listenings:
+            if id(listening) not in mine:
+                listening.forget()
 
     def _read_messages(self, worker: _Worker) -> None:
         while True:
@@ -366,7 +896,10 @@ class Supervisor:
                 self._unregister(worker.channel.fileno())
                 worker.channel.close()
                 break
-            self.core.said(worker.pid, message)
+            worker.generation.core.said(worker.pid, message)
+            if message.watchdog:
+                worker.connections = _number(message.get("CONNECTIONS"), worker.connections)
+                worker.served = _number(message.get("SERVED"), worker.served)
 
     def _read_log(self, worker: _Worker) -> None:
         """Take every record the worker's pipe holds now (all of them before its READY)."""
@@ -424,7 +957,9 @@ class Supervisor:
             worker.channel.close()
         self._forget_fd(worker.pidfd)
         del self.workers[worker.pid]
-        exit_ = self.core.exited(worker.pid, os.waitstatus_to_exitcode(wait_status))
+        generation = worker.generation
+        del generation.workers[worker.pid]
+        exit_ = generation.core.exited(worker.pid, os.waitstatus_to_exitcode(wait_status))
         if exit_ is not None:
             log.warning(
                 "worker %d (pid %d) exited with %s; starting a new one in %.1f s",
@@ -433,20 +968,52 @@ class Supervisor:
                 exit_.how,
                 exit_.restart_in,
             )
-            if exit_.restart_in >= COPY_KEPT_FOR:
+            if exit_.restart_in >= COPY_KEPT_FOR and self.incoming is None and not self.retiring:
                 # Clients the kernel would queue on the dead worker's own socket would wait
-                # the whole pause: close it, and bind it again for the next worker.
-                for server in listeners(self.application):
-                    if server.listening is not None:
-                        server.listening.close_copy(exit_.number - 1)
+                # the whole pause: close it, and bind it again for the next worker. (Not
+                # while another generation's worker accepts on the same copy.)
+                for listening in generation.listenings:
+                    listening.close_copy(exit_.number - 1)
 
     # -- after -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the listeners (removing socket files bound here) and release the pidfile."""
+        """Close the listeners (removing socket files bound here) and release the pidfile.
+
+        After an upgrade the socket files are the successor's, and stay.
+        """
+        if self.successor is not None:
+            self._upgrade_failed("tend stopped first")
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        for listening in self.listenings:
+            if self.handed_over:
+                listening.forget()
+            else:
+                listening.close()
         for server in listeners(self.application):
             if server.listening is not None:
                 server.listening.close()
         if self.pidfile is not None:
             self.pidfile.release()
             self.pidfile = None
+
+
+# How often --reload looks at the files' modification times.
+WATCH_INTERVAL = 1.0
+
+
+def _mtimes(paths: list[str] | dict[str, float]) -> dict[str, float]:
+    """Each path's modification time; a missing file counts as time 0 (gone is a change)."""
+    found = {}
+    for path in paths:
+        try:
+            found[path] = os.stat(path).st_mtime
+        except OSError:
+            found[path] = 0.0
+    return found
+
+
+def _number(text: str | None, otherwise: int) -> int:
+    return int(text) if text is not None and text.isascii() and text.isdigit() else otherwise

@@ -9,10 +9,8 @@ until told to stop. Whatever fails is reported to the supervisor as one ``ERROR=
 from __future__ import annotations
 
 import logging
-import signal
 from dataclasses import dataclass
 
-from tend import daemon
 from tend.channel import Channel
 from tend.errors import TendError, describe_error
 from tend.logs import LogSink
@@ -36,7 +34,6 @@ class WorkerPlan:
     loop_factory: LoopFactory
     limits: Limits
     ping_interval: float | None  # how often to tell the supervisor the loop is alive
-    supervisor_pid: int
 
 
 def run_worker(
@@ -50,8 +47,8 @@ def run_worker(
             if server.listening is not None:
                 server.listening.choose(plan.number - 1)
         drop_privileges(plan.identity)
-        # After the drop: a change of credentials clears the request.
-        daemon.die_with_parent(signal.SIGTERM, plan.supervisor_pid)
+        # A supervisor killed outright closes its end of the channel: the serve loop takes
+        # the hang-up as a stop, so no worker serves on orphaned.
         return serve(
             plan.application,
             channel,

@@ -377,9 +377,9 @@ def parse_command_line(arguments: list[str]) -> list[str]:
 
     Returns what went wrong with the promise; raises anything unexpected.
     """
-    from tend.cli import command_parser, make_application
-    from tend.plugins import find_plugin
+    from tend.cli import command_parser
     from tend.settings import SETTINGS, resolve
+    from tend.sources import PluginSource
 
     stderr = io.StringIO()
     problems: list[str] = []
@@ -389,9 +389,9 @@ def parse_command_line(arguments: list[str]) -> list[str]:
             given_values = {option.key: getattr(parsed, option.key) for option in SETTINGS}
             resolve(given_values, {}, "/tmp")
             if parsed.plugin is not None and not (parsed.python or parsed.config):
-                maker = find_plugin(parsed.plugin)
-                options = maker.parse_options(parsed.plugin_arguments, f"tend {parsed.plugin}")
-                make_application(maker, options, parsed.plugin)
+                source = PluginSource(parsed.plugin, parsed.plugin_arguments)
+                source.check()
+                source.build()
     except SystemExit as exit_:
         if exit_.code != 2:
             problems.append(f"SystemExit({exit_.code!r}), not 2")

@@ -21,6 +21,7 @@ from tend import (
     AccessLog,
     Option,
     Service,
+    ServiceMaker,
     StartupError,
     host_and_port,
     parse_endpoint,
@@ -29,12 +30,12 @@ from tend import (
     seconds,
 )
 from tend.builtins.relay import (
-    RelayMaker,
     RelayProtocol,
     RelayService,
     UpstreamProtocol,
     connection_cap,
-    endpoints,
+    endpoint,
+    given,
     number,
     open_tcp,
     open_unix,
@@ -233,19 +234,19 @@ class PortForwardFactory:
         return ForwardProtocol(self.service)
 
 
-class PortForwardMaker(RelayMaker):
+class PortForwardMaker(ServiceMaker):
     name = "portforward"
     description = "A port forwarder: relays each connection on --listen to --connect."
-    repeatable = ("listen",)
     options = (
         Option(
             "listen",
             None,
             None,
-            "An endpoint to listen on; a bare port listens on --iface. Give it again for more.",
-            type=endpoints,
+            "An endpoint to listen on; a bare port listens on --iface.",
+            type=endpoint,
             required=True,
             metavar="ENDPOINT",
+            repeatable=True,
         ),
         Option(
             "connect",
@@ -294,8 +295,7 @@ class PortForwardMaker(RelayMaker):
         target = options["connect"]
         if not isinstance(target, Target):
             target = parse_target(str(target))
-        listen = options["listen"]
-        descriptions = listen if isinstance(listen, tuple) else endpoints(str(listen))
+        descriptions = given(options, "listen", str)
         for description in descriptions:
             if _reaches(parse_endpoint(description, str(options["iface"])), target):
                 raise StartupError(

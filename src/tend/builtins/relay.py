@@ -30,16 +30,13 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
-from typing import cast
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import TypeVar, cast
 
 from tend import (
     AccessLog,
-    CommandParser,
     EndpointSyntaxError,
     MultiService,
-    Option,
-    ServiceMaker,
     StreamServer,
     format_address,
     parse_endpoint,
@@ -48,6 +45,8 @@ from tend import (
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CLIENT = 0
 UPSTREAM = 1
@@ -613,55 +612,21 @@ def _warn_if_exposed(server: StreamServer, exposure: str) -> None:
 # -- options ----------------------------------------------------------------------------
 
 
-class RelayMaker(ServiceMaker):
-    """A ServiceMaker whose options named in `repeatable` may be given more than once.
-
-    Each such option's type takes one value or several separated by spaces (the way to give
-    several in a deployment file) and returns a tuple; on the command line every time the
-    option is given adds to it.
-    """
-
-    repeatable: tuple[str, ...] = ()
-
-    def parse_options(self, arguments: Sequence[str], prog: str) -> dict[str, object]:
-        values = super().parse_options(arguments, prog)  # checks every value, keeps the last
-        options = {
-            option.long: option
-            for option in self.options
-            if isinstance(option, Option) and option.long in self.repeatable
-        }
-        if not options:
-            return values
-        # argparse keeps only the last value of an option given twice: gather them all.
-        gather = CommandParser(prog=prog, add_help=False)
-        for long, option in options.items():
-            gather.add_argument(f"--{long}", dest=option.key, action="append", default=None)
-        known, _ = gather.parse_known_args(list(arguments))
-        for option in options.values():
-            texts = getattr(known, option.key)
-            if texts:
-                values[option.key] = joined(option.type(text) for text in texts)
-        return values
+def endpoint(text: str) -> str:
+    """One ``--listen`` value: an endpoint description, or a bare port."""
+    try:
+        parse_endpoint(text)
+    except EndpointSyntaxError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
-def joined(parts: Iterable[object]) -> tuple[object, ...]:
-    """The items of every tuple in *parts*, in order."""
-    return tuple(item for part in parts for item in cast(tuple[object, ...], part))
-
-
-def endpoints(text: str) -> tuple[str, ...]:
-    """One or more endpoint descriptions, separated by spaces: ``1080 unix:/run/socks.sock``."""
-    found = tuple(text.split())
-    if not found:
-        raise argparse.ArgumentTypeError(
-            "expected an endpoint, such as 1080 or tcp:1080:interface=127.0.0.1"
-        )
-    for description in found:
-        try:
-            parse_endpoint(description)
-        except EndpointSyntaxError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-    return found
+def given(options: Mapping[str, object], key: str, kind: type[T]) -> list[T]:
+    """The values of a repeatable option, each of *kind* (a list; empty if not given)."""
+    values = options.get(key)
+    if not isinstance(values, list):
+        raise TypeError(f"{key}: expected a list of values, not {values!r}")
+    return [value for value in values if isinstance(value, kind)]
 
 
 def connection_cap(text: str) -> int:

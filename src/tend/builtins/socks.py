@@ -28,12 +28,12 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 from tend import (
     AccessLog,
     Option,
     Service,
+    ServiceMaker,
     StartupError,
     StreamServer,
     format_address,
@@ -46,12 +46,12 @@ from tend import (
 from tend.builtins.relay import (
     OpenUpstream,
     Refusal,
-    RelayMaker,
     RelayProtocol,
     RelayService,
     UpstreamProtocol,
     connection_cap,
-    endpoints,
+    endpoint,
+    given,
     number,
     open_tcp,
     reason_of,
@@ -62,7 +62,6 @@ access = AccessLog(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-RuleT = TypeVar("RuleT", "NetworkRule", "HostRule")
 
 # The longest handshake message: a SOCKS4a request with a 255-byte user id and name.
 HANDSHAKE_LIMIT = 1024
@@ -254,22 +253,6 @@ def parse_host_rule(text: str) -> HostRule:
             "internal.example.com:443"
         )
     return HostRule(name, parse_ports(ports_text, text) if colon else Ports())
-
-
-def network_rules(text: str) -> tuple[NetworkRule, ...]:
-    """One or more ``--allow`` rules, separated by spaces."""
-    rules = tuple(parse_network_rule(item) for item in text.split())
-    if not rules:
-        raise argparse.ArgumentTypeError("expected CIDR[:PORTS], as 127.0.0.0/8")
-    return rules
-
-
-def host_rules(text: str) -> tuple[HostRule, ...]:
-    """One or more ``--allow-host`` rules, separated by spaces."""
-    rules = tuple(parse_host_rule(item) for item in text.split())
-    if not rules:
-        raise argparse.ArgumentTypeError("expected SUFFIX[:PORTS], as example.com")
-    return rules
 
 
 # -- users ------------------------------------------------------------------------------
@@ -814,18 +797,18 @@ class SocksFactory:
         return SocksProtocol(self.service)
 
 
-class SocksMaker(RelayMaker):
+class SocksMaker(ServiceMaker):
     name = "socks"
     description = "A SOCKS4, 4a and 5 proxy that relays only where --allow says."
-    repeatable = ("listen", "allow", "allow-host")
     options = (
         Option(
             "listen",
             None,
             "1080",
-            "An endpoint to listen on; a bare port listens on --iface. Give it again for more.",
-            type=endpoints,
+            "An endpoint to listen on; a bare port listens on --iface.",
+            type=endpoint,
             metavar="ENDPOINT",
+            repeatable=True,
         ),
         Option("iface", None, "127.0.0.1", "The interface a bare port listens on."),
         Option(
@@ -833,18 +816,20 @@ class SocksMaker(RelayMaker):
             None,
             None,
             "Let clients reach these addresses, and only these ports if given: "
-            "127.0.0.0/8, 10.0.0.0/8:80,443, [::1]:8000-8100. Give it again for more.",
-            type=network_rules,
+            "127.0.0.0/8, 10.0.0.0/8:80,443, [::1]:8000-8100.",
+            type=parse_network_rule,
             metavar="CIDR[:PORTS]",
+            repeatable=True,
         ),
         Option(
             "allow-host",
             None,
             None,
             "Let clients reach this name and the names below it, at public addresses "
-            "(others need --allow too): example.com, example.org:443. Give it again for more.",
-            type=host_rules,
+            "(others need --allow too): example.com, example.org:443.",
+            type=parse_host_rule,
             metavar="SUFFIX[:PORTS]",
+            repeatable=True,
         ),
         Option(
             "users",
@@ -891,8 +876,8 @@ class SocksMaker(RelayMaker):
 
     def make_service(self, options: Mapping[str, object]) -> Service:
         policy = Policy(
-            networks=_rules(options.get("allow"), NetworkRule),
-            hosts=_rules(options.get("allow_host"), HostRule),
+            networks=tuple(given(options, "allow", NetworkRule)),
+            hosts=tuple(given(options, "allow_host", HostRule)),
         )
         users = options.get("users")
         service = SocksService(
@@ -903,19 +888,12 @@ class SocksMaker(RelayMaker):
             idle_timeout=number(options, "idle_timeout") or None,
             max_connections=int(number(options, "max_connections")),
         )
-        listen = options["listen"]
         service.listen_on(
-            listen if isinstance(listen, tuple) else endpoints(str(listen)),
+            given(options, "listen", str),
             SocksFactory(service),
             str(options["iface"]),
         )
         return service
-
-
-def _rules(value: object, kind: type[RuleT]) -> tuple[RuleT, ...]:
-    """The rules an option's converter made (a tuple), or none if it was not given."""
-    items = value if isinstance(value, tuple) else ()
-    return tuple(item for item in items if isinstance(item, kind))
 
 
 service_maker = SocksMaker()

@@ -101,6 +101,7 @@ def open_log(config: LogConfig, stdout: IO[str] | None = None) -> LogSink:
     if config.backups is not None and config.backups < 0:
         raise LogError(f"cannot keep {config.backups} rotated logs: use 0 or more")
     json_format = config.format == "json"
+    shares_stderr = False
 
     handler: LogHandler
     if config.syslog:
@@ -113,6 +114,8 @@ def open_log(config: LogConfig, stdout: IO[str] | None = None) -> LogSink:
             handler.setFormatter(JsonFormatter())
         elif _connected_to_journal():
             handler.setFormatter(JournaldFormatter())
+            # The same journal stream on both: what is logged is what stderr would say.
+            shares_stderr = stdout is None and _same_file(1, 2)
         else:
             handler.setFormatter(TimestampedFormatter())
         description = "standard output"
@@ -120,7 +123,9 @@ def open_log(config: LogConfig, stdout: IO[str] | None = None) -> LogSink:
         handler = LogFileHandler(config.logfile, config.max_bytes, config.backups)
         handler.setFormatter(JsonFormatter() if json_format else TimestampedFormatter())
         description = config.logfile
-    return LogSink(handler, description, config.level)
+    sink = LogSink(handler, description, config.level)
+    sink.shares_stderr = shares_stderr
+    return sink
 
 
 class LogSink:
@@ -128,6 +133,8 @@ class LogSink:
 
     handler: LogHandler
     description: str  # for messages: "/var/log/tend.log", "standard output", "syslog at ..."
+    # Whether a line logged here is also what standard error shows (one journal stream).
+    shares_stderr: bool = False
     level: int
 
     def __init__(self, handler: LogHandler, description: str, level: int = logging.INFO) -> None:
@@ -212,6 +219,14 @@ def _open_syslog(config: LogConfig) -> LogHandler:
     except OSError as error:
         reason = error.strerror or str(error)
         raise LogError(f"cannot reach syslog at {config.syslog_address}: {reason}") from error
+
+
+def _same_file(fd: int, other: int) -> bool:
+    try:
+        first, second = os.fstat(fd), os.fstat(other)
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _connected_to_journal() -> bool:

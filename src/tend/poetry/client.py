@@ -27,11 +27,11 @@ _READ_SIZE = 64 * 1024
 class PoetryError(Exception):
     """A fetch that did not end with a whole poem: refused, reset, timed out, or empty.
 
-    ``address`` is ``HOST:PORT``, ``reason`` the lower-case reason, and ``received`` how
-    many bytes had arrived before the fetch failed (they are not a poem).
+    ``address`` is ``HOST:PORT``, ``reason`` the lower-case reason, and ``received`` the
+    bytes that arrived before the fetch failed (they are not a poem).
     """
 
-    def __init__(self, address: str, reason: str, received: int = 0) -> None:
+    def __init__(self, address: str, reason: str, received: bytes = b"") -> None:
         super().__init__(f"cannot get poetry from {address}: {reason}")
         self.address = address
         self.reason = reason
@@ -68,12 +68,14 @@ async def get_poetry(
                     await writer.wait_closed()
     except TimeoutError as error:
         if error.errno is not None:  # the system gave up connecting, not our deadline
-            raise PoetryError(address, _describe(error, received), received) from error
+            raise PoetryError(address, _describe(error, received), b"".join(chunks)) from error
         raise PoetryError(
-            address, f"timed out after {timeout:g} s ({_bytes(received)} received)", received
+            address,
+            f"timed out after {timeout:g} s ({_bytes(received)} received)",
+            b"".join(chunks),
         ) from None
     except OSError as error:
-        raise PoetryError(address, _describe(error, received), received) from error
+        raise PoetryError(address, _describe(error, received), b"".join(chunks)) from error
     if not received:
         raise PoetryError(address, "the server closed the connection without sending poetry")
     return b"".join(chunks)

@@ -1,0 +1,197 @@
+"""The control socket: tendctl asks the supervisor, and hears how it went.
+
+A UNIX socket next to the pidfile (``tend.pid`` → ``tend.ctl``), made mode 0600 with no
+moment when it is wider, answering only a peer whose uid (``SO_PEERCRED``) is root or
+the supervisor's own. A request is one line of JSON, ``{"command": "reload"}``; the
+answer is one line of JSON, ``{"ok": true, "message": "..."}`` plus what the command
+reports, sent once the command is done: a reload answers when the new generation
+serves, or failed. Signals can ask the same things, but cannot say how it went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from tend.endpoints import UNIXEndpoint
+
+# A request is small: past this, the peer is not tendctl.
+LONGEST_REQUEST = 4096
+
+# A peer that has not sent its whole request in this long is dropped.
+REQUEST_TIMEOUT = 5.0
+
+COMMANDS = ("status", "reload", "upgrade", "stop", "reopen-logs")
+
+
+def control_path(pidfile: str) -> str:
+    """Where the control socket of the tend holding *pidfile* is: ``tend.pid`` → ``tend.ctl``."""
+    stem = pidfile[: -len(".pid")] if pidfile.endswith(".pid") else pidfile
+    return stem + ".ctl"
+
+
+Answer = Callable[[dict[str, object]], None]
+Handler = Callable[[str, Answer], None]
+
+
+class ControlServer:
+    """The supervisor's end: accepts, checks the peer, reads one request, hands it on."""
+
+    def __init__(self, path: str, *, take_over: bool = False) -> None:
+        self.path = path
+        if take_over:
+            # The tend being upgraded still listens at *path*: bind beside it, then rename
+            # over it, so that tendctl always finds a live tend there.
+            beside = f"{path}.{os.getpid()}"
+            self.listening = UNIXEndpoint(beside, mode=0o600, backlog=16).listen()
+            os.rename(beside, path)
+            self.listening = self.listening.renamed(path)
+        else:
+            self.listening = UNIXEndpoint(path, mode=0o600, backlog=16).listen()
+        self.socket = self.listening.sockets[0]
+        self.allowed = {0, os.geteuid()}
+        self.connections: dict[int, Connection] = {}
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def accept(self) -> Connection | None:
+        """Take the next peer, or None if none is waiting or it may not ask anything."""
+        try:
+            peer, _ = self.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return None
+        peer.setblocking(False)
+        uid = peer_uid(peer)
+        if uid not in self.allowed:
+            with contextlib.suppress(OSError):
+                peer.send(_encode({"ok": False, "message": f"uid {uid} may not control tend"}))
+            peer.close()
+            return None
+        connection = Connection(peer)
+        self.connections[connection.fileno()] = connection
+        return connection
+
+    def close(self) -> None:
+        for connection in list(self.connections.values()):
+            connection.close()
+        self.connections.clear()
+        self.listening.close()
+
+    def forget(self) -> None:
+        """In a worker: close this copy, leaving the socket file to the supervisor."""
+        for connection in list(self.connections.values()):
+            with contextlib.suppress(OSError):
+                connection.peer.close()
+        self.connections.clear()
+        self.listening.forget()
+
+
+class Connection:
+    """One tendctl asking one thing."""
+
+    def __init__(self, peer: socket.socket) -> None:
+        self.peer = peer
+        self.buffer = b""
+        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.answered = False
+        self.waiting = False  # asked, and waiting for the answer (a reload takes a while)
+
+    def fileno(self) -> int:
+        return self.peer.fileno()
+
+    def read(self) -> str | None:
+        """The command, once the request line is whole; None until then.
+
+        Raises:
+            ValueError: the request is not one tend understands (the peer is answered).
+        """
+        try:
+            data = self.peer.recv(LONGEST_REQUEST)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            raise ValueError("the peer left")
+        self.buffer += data
+        if b"\n" not in self.buffer:
+            if len(self.buffer) > LONGEST_REQUEST:
+                self.answer({"ok": False, "message": "the request is too long"})
+                raise ValueError("too long")
+            return None
+        import json  # here: a run that is never asked anything need not import it
+
+        line = self.buffer.split(b"\n", 1)[0]
+        try:
+            request = json.loads(line)
+            command = request["command"]
+        except (ValueError, KeyError, TypeError):
+            self.answer({"ok": False, "message": "not a tendctl request"})
+            raise ValueError("not understood") from None
+        if command not in COMMANDS:
+            self.answer({"ok": False, "message": f"unknown command {command!r}"})
+            raise ValueError("unknown command")
+        return str(command)
+
+    def answer(self, reply: dict[str, object]) -> None:
+        """Send the one-line answer and close; a peer already gone is no matter."""
+        if self.answered:
+            return
+        self.answered = True
+        with contextlib.suppress(OSError):
+            self.peer.setblocking(True)
+            self.peer.settimeout(REQUEST_TIMEOUT)
+            self.peer.sendall(_encode(reply))
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.peer.close()
+
+
+def peer_uid(peer: socket.socket) -> int:
+    """The uid of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    credentials = peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", credentials)
+    return int(uid)
+
+
+def _encode(reply: dict[str, object]) -> bytes:
+    import json
+
+    return (json.dumps(reply, ensure_ascii=False, default=str) + "\n").encode()
+
+
+def ask(path: str, command: str, timeout: float) -> dict[str, object]:
+    """tendctl's end: ask the tend at *path* and wait up to *timeout* for its answer.
+
+    Raises:
+        FileNotFoundError, ConnectionRefusedError: no tend listens there.
+        OSError: the socket cannot be used; TimeoutError: no answer in time.
+        ValueError: the answer is not one tend gives.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        client.connect(path)
+        client.sendall(_encode({"command": command}))
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(b"\n"):
+            client.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    import json
+
+    answer = json.loads(data)
+    if not isinstance(answer, dict):
+        raise ValueError("not an answer")
+    return answer

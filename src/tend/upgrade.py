@@ -1,0 +1,122 @@
+"""Upgrade: run the tend program anew on the same sockets, with no moment unserved.
+
+The supervisor (SIGUSR2, ``tendctl upgrade``) starts its successor: the same command
+line, run again from the program on disk now (a newer tend, say), given the listening
+sockets as inherited descriptors named in ``TEND_SOCKETS`` (as systemd's ``LISTEN_FDS``
+names its own) and a channel in ``TEND_UPGRADE_CHANNEL`` on which it reports, as a
+detached daemon reports to its launcher: ``MAINPID=``, then ``READY=1`` or ``ERROR=``.
+The successor takes the pidfile over (a new locked file renamed into place: the path
+always names a locked file of a live tend) and the control socket likewise, starts its
+workers, and says READY; only then does the old supervisor drain and exit, leaving the
+socket files to it. This module holds the two ends of that hand-over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from tend.channel import Channel
+from tend.endpoints import endpoint_key as key_of
+
+__all__ = ["CHANNEL", "SOCKETS", "Handover", "Successor", "key_of", "start_successor"]
+
+SOCKETS = "TEND_SOCKETS"
+CHANNEL = "TEND_UPGRADE_CHANNEL"  # lifecycle.py looks for it without importing this
+
+
+@dataclass(slots=True)
+class Handover:
+    """In the successor: the channel to the old supervisor, and the sockets it passed."""
+
+    channel: Channel
+    # endpoint key -> one entry per listener of the old tree, each its copies' descriptors
+    sockets: dict[str, list[list[list[int]]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_environment(cls) -> Handover | None:
+        """The hand-over this process was started for, if any; its variables are removed,
+        so that a program tend starts does not take them for its own."""
+        channel_text = os.environ.pop(CHANNEL, None)
+        sockets_text = os.environ.pop(SOCKETS, None)
+        if channel_text is None or not channel_text.isdigit():
+            return None
+        fd = int(channel_text)
+        os.set_inheritable(fd, False)
+        sockets: dict[str, list[list[list[int]]]] = {}
+        for item in json.loads(sockets_text or "[]"):
+            key, copies = str(item["key"]), [[int(fd) for fd in copy] for copy in item["copies"]]
+            for copy in copies:
+                for descriptor in copy:
+                    os.set_inheritable(descriptor, False)
+            sockets.setdefault(key, []).append(copies)
+        return cls(Channel(socket.socket(fileno=fd)), sockets)
+
+    def take(self, key: str) -> list[list[socket.socket]] | None:
+        """The copies passed for the next listener on the endpoint named *key*, if any."""
+        passed = self.sockets.get(key)
+        if not passed:
+            return None
+        copies = passed.pop(0)
+        return [[socket.socket(fileno=fd) for fd in copy] for copy in copies]
+
+    def close_unused(self) -> None:
+        """Close the sockets no listener of the new tree took (an endpoint now gone)."""
+        for passed in self.sockets.values():
+            for copies in passed:
+                for copy in copies:
+                    for fd in copy:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+        self.sockets.clear()
+
+
+@dataclass(slots=True)
+class Successor:
+    """In the old supervisor: the new program, started, until it is ready or gone."""
+
+    pid: int
+    pidfd: int
+    channel: Channel
+    ready: bool = False
+    error: str | None = None
+
+
+def start_successor(sockets: list[tuple[str, list[list[int]]]], cwd: str) -> Successor:
+    """Run this process's command line again, as a child, handing it *sockets*.
+
+    *sockets* is, per listener, its endpoint key and its copies' descriptors. The
+    child starts from *cwd*, where tend was first started, so that relative paths on the
+    command line mean what they meant.
+
+    Raises:
+        OSError: the new process could not be made.
+    """
+    ours, theirs = Channel.pair()
+    passed = [theirs.fileno(), *(fd for _, copies in sockets for copy in copies for fd in copy)]
+    environment = dict(os.environ)
+    environment[CHANNEL] = str(theirs.fileno())
+    environment[SOCKETS] = json.dumps([{"key": key, "copies": copies} for key, copies in sockets])
+    # The interpreter as it was started: `python -m tend ...` or `.../bin/tend ...`.
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    from tend import daemon
+
+    pid = daemon.fork()
+    if pid == 0:  # the successor, until exec: nothing here may return
+        status = 127
+        try:
+            for fd in passed:
+                os.set_inheritable(fd, True)
+            # systemd's watchdog is meant for the process that pings it: this one, next.
+            if "WATCHDOG_USEC" in environment:
+                environment["WATCHDOG_PID"] = str(os.getpid())
+            os.chdir(cwd)
+            os.execve(sys.executable, argv, environment)
+        finally:
+            daemon.exit_now(status)
+    theirs.close()
+    return Successor(pid, os.pidfd_open(pid), ours)

@@ -1,0 +1,378 @@
+"""Reload and upgrade under a steady load: no fetch fails, the new poem is served."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Tend, fetch, pid_alive, wait_until
+
+TENDCTL = [sys.executable, "-m", "tend.ctl"]
+
+
+def tendctl(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TENDCTL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Load:
+    """Fetches from *port* in a loop on a thread; counts the whole poems and the failures."""
+
+    def __init__(self, port: int, poems: Callable[[], set[bytes]]) -> None:
+        self.port = port
+        self.poems = poems  # what a whole poem may be right now
+        self.fetched = 0
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                poem = fetch(self.port, timeout=10)
+            except OSError as error:
+                self.failures.append(f"{type(error).__name__}: {error}")
+                continue
+            if poem not in self.poems():
+                self.failures.append(f"a poem that is no poem: {poem[:40]!r}")
+            self.fetched += 1
+
+    def __enter__(self) -> Load:
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.thread.join(30)
+        self.seconds = time.monotonic() - self.started
+
+    @property
+    def rate(self) -> float:
+        return self.fetched / self.seconds
+
+
+def deployment(folder: Path, ports: list[int], poem: Path) -> Path:
+    """A deployment file serving *poem* on each port, in the foreground with a pidfile."""
+    text = '[tend]\nnodaemon = true\npidfile = "tend.pid"\nworkers = 2\n'
+    for number, port in enumerate(ports, start=1):
+        text += (
+            f'\n[[service]]\nplugin = "poetry"\nname = "p{number}"\nport = {port}\n'
+            f'iface = "127.0.0.1"\npoem = "{poem}"\n'
+        )
+    path = folder / "deploy.toml"
+    path.write_text(text)
+    return path
+
+
+def supervisor_fds_and_threads(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_twenty_reloads_and_five_upgrades_under_load_fail_no_fetch(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """A client fetching all along sees no refused, reset or short fetch through 20 reloads
+    (a new poem, then a port added or removed, in turn) and 5 upgrades; after each reload
+    the new poem is served; the supervisor's descriptors and threads stay as they were."""
+    poem = tmp_path / "poem.txt"
+    poem.write_text("poem 0\n")
+    steady, extra = free_port(), free_port()
+    deploy = deployment(tmp_path, [steady], poem)
+    current = {b"poem 0\n"}
+    tend = run_tend("-c", str(deploy))
+    tend.wait_for_output(r"starting on \d+")
+    wait_until(lambda: (tmp_path / "tend.pid").exists() and (tmp_path / "tend.ctl").exists())
+    supervisor = int((tmp_path / "tend.pid").read_text())
+    after_first: tuple[int, int] | None = None
+    with Load(steady, lambda: current) as load:
+        for number in range(1, 21):
+            if number % 2:
+                text = f"poem {number}\n".encode()
+                poem.write_bytes(text)
+                current = current | {text}  # the old generation may still answer meanwhile
+            else:
+                ports = [steady, extra] if number % 4 == 2 else [steady]
+                deployment(tmp_path, ports, poem)
+            result = tendctl("reload", cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.startswith(f"reloaded: generation {number + 1} serving")
+            if number % 2:
+                # Fetches begun before READY may still end with the old poem, and the load
+                # takes any whole one; a fetch begun after READY gets the new one.
+                assert fetch(steady) == text
+            if number % 4 == 2:
+                assert fetch(extra) == text
+            elif number % 4 == 0:
+                with pytest.raises(ConnectionRefusedError):
+                    fetch(extra)
+            if number == 1:
+                after_first = supervisor_fds_and_threads(supervisor)
+        fds_threads = supervisor_fds_and_threads(supervisor)
+        for _ in range(5):
+            result = tendctl("upgrade", cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.startswith("upgraded: pid ")
+            new = int(result.stdout.split()[2])
+            assert int((tmp_path / "tend.pid").read_text()) == new
+            wait_until(lambda supervisor=supervisor: not pid_alive(supervisor))
+            supervisor = new
+    assert load.failures == []
+    assert load.fetched > 0
+    assert load.rate >= 200, f"{load.rate:.0f} fetches/s: the load was too light to prove it"
+    assert after_first is not None
+    assert abs(fds_threads[0] - after_first[0]) <= 2
+    assert abs(fds_threads[1] - after_first[1]) <= 2
+    os.kill(supervisor, signal.SIGTERM)
+    wait_until(lambda: not (tmp_path / "tend.pid").exists())
+
+
+BAD_RELOADS = {
+    "a TOML syntax error": ("deploy", "[[service]\n", "line 4: TOML syntax error"),
+    "an unknown plugin": ("deploy", '[[service]]\nplugin = "petry"\n', "unknown plugin 'petry'"),
+    "a bad option": (
+        "deploy",
+        '[[service]]\nplugin = "poetry"\nport = "tcp:abc"\n',
+        "option 'port': invalid endpoint 'tcp:abc'",
+    ),
+    "a port in use": ("deploy", '[[service]]\nplugin = "poetry"\nport = @BUSY@\n', "in use"),
+    "a start_service that raises": ("app", "raise", "RuntimeError: refuses to start"),
+    "a start_service that never ends": ("app", "hang", "did not finish starting within 2 s"),
+}
+
+APP = """
+import asyncio, tend
+from tend.poetry.server import PoetryFactory, PoetryService
+
+class Odd(tend.Service):
+    async def start_service(self):
+        if {how!r} == "raise":
+            raise RuntimeError("refuses to start")
+        if {how!r} == "hang":
+            await asyncio.Event().wait()
+        await super().start_service()
+
+application = tend.Application("odd")
+poetry = PoetryService({poem!r})
+poetry.set_service_parent(application)
+tend.TCPServer({port}, PoetryFactory(poetry), interface="127.0.0.1").set_service_parent(
+    application
+)
+Odd("odd").set_service_parent(application)
+"""
+
+
+@pytest.mark.parametrize("case", BAD_RELOADS)
+def test_a_bad_reload_changes_nothing(run_tend: Callable[..., Tend], tmp_path: Path, case: str):
+    """Whatever is wrong with the new tree, the old one serves on with no failed fetch,
+    the log has one line saying why, and tendctl reload exits 1 with that same line."""
+    kind, broken, reason = BAD_RELOADS[case]
+    poem = tmp_path / "poem.txt"
+    poem.write_text("the old poem\n")
+    port = free_port()
+    if kind == "deploy":
+        source = deployment(tmp_path, [port], poem)
+        tend = run_tend("-c", str(source))
+    else:
+        source = tmp_path / "app.py"
+        source.write_text(APP.format(how="", poem=str(poem), port=port))
+        tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "--start-timeout", "2",
+                        "-y", str(source))  # fmt: skip
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    busy = socket.socket()
+    with busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if kind == "deploy":
+            busy_port = str(busy.getsockname()[1])
+            text = '[tend]\nnodaemon = true\npidfile = "tend.pid"\n' + broken
+            source.write_text(text.replace("@BUSY@", busy_port))
+        else:
+            source.write_text(APP.format(how=broken, poem=str(poem), port=port))
+        with Load(port, lambda: {b"the old poem\n"}) as load:
+            result = tendctl("reload", cwd=tmp_path)
+    assert result.returncode == 1
+    line = result.stderr.removeprefix("tendctl: ")
+    assert line.startswith("reload failed: ")
+    assert reason in line
+    assert line.count("\n") == 1
+    assert f"[-] {line}" in tend.stdout
+    assert load.failures == []
+    assert fetch(port) == b"the old poem\n"
+    assert tend.stop() == 0
+
+
+def test_the_pidfile_always_names_a_live_supervisor_through_upgrades(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """Polled all along, the pidfile names a live tend holding its lock; a UNIX socket
+    keeps serving across each upgrade and its file is never missing."""
+    socket_path = tmp_path / "p.sock"
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "poetry", "--port",
+                    f"unix:{socket_path}")  # fmt: skip
+    tend.wait_for_output(r"starting on ")
+    wait_until((tmp_path / "tend.ctl").exists)
+    problems: list[str] = []
+    stopping = threading.Event()
+
+    def watch() -> None:
+        while not stopping.is_set():
+            try:
+                pid = int((tmp_path / "tend.pid").read_text())
+            except (OSError, ValueError) as error:
+                problems.append(f"pidfile: {error}")
+                continue
+            if not pid_alive(pid):
+                problems.append(f"pidfile names pid {pid}, which is gone")
+            if not socket_path.exists():
+                problems.append("the socket file is missing")
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for _ in range(3):
+            result = tendctl("upgrade", cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(socket_path))
+                assert client.recv(65536)
+    finally:
+        stopping.set()
+        watcher.join(10)
+    assert problems == []
+    supervisor = int((tmp_path / "tend.pid").read_text())
+    os.kill(supervisor, signal.SIGTERM)
+    wait_until(lambda: not socket_path.exists() and not (tmp_path / "tend.pid").exists())
+
+
+def test_an_upgrade_to_a_program_that_fails_keeps_the_old_one(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """The new program fails at start (its app file no longer loads): the old serves on."""
+    app = tmp_path / "app.py"
+    poem = tmp_path / "poem.txt"
+    poem.write_text("still here\n")
+    port = free_port()
+    app.write_text(APP.format(how="", poem=str(poem), port=port))
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", str(app))
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    app.write_text("raise SystemExit('no')\n")
+    result = tendctl("upgrade", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("tendctl: upgrade failed: ")
+    assert fetch(port) == b"still here\n"
+    assert int((tmp_path / "tend.pid").read_text()) == tend.pid
+    assert tend.stop() == 0
+
+
+@pytest.fixture
+def notify_receiver(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
+    path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.settimeout(30)
+    yield path, receiver
+    receiver.close()
+
+
+def test_systemd_hears_reloading_then_ready_and_the_new_main_pid(
+    run_tend: Callable[..., Tend], tmp_path: Path, notify_receiver: tuple[str, socket.socket]
+) -> None:
+    """Type=notify-reload: RELOADING=1 with MONOTONIC_USEC, then READY=1; an upgrade names
+    the new supervisor with MAINPID=."""
+    path, receiver = notify_receiver
+    env = {**os.environ, "NOTIFY_SOCKET": path}
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "poetry", "--port",
+                    "tcp:0:interface=127.0.0.1", env=env)  # fmt: skip
+
+    def next_message() -> str:
+        return receiver.recv(4096).decode()
+
+    while "READY=1" not in (message := next_message()):
+        pass
+    before = time.monotonic_ns() // 1000
+    os.kill(tend.pid, signal.SIGHUP)
+    while "RELOADING=1" not in (message := next_message()):
+        pass
+    fields = dict(line.split("=", 1) for line in message.splitlines())
+    assert before <= int(fields["MONOTONIC_USEC"]) <= time.monotonic_ns() // 1000
+    while "READY=1" not in (message := next_message()):
+        pass
+    assert "STATUS=serving PoetryFactory on 127.0.0.1:" in message
+    result = tendctl("upgrade", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    new = int(result.stdout.split()[2])
+    while f"MAINPID={new}" not in (message := next_message()):
+        pass
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not (tmp_path / "tend.pid").exists())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another user")
+def test_the_control_socket_answers_no_other_user(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """tend.ctl is mode 0600; and even opened to all, a peer of another uid is refused."""
+    # A folder nobody can reach (pytest's own are 0700): the check is the socket's.
+    folder = Path(tempfile.mkdtemp(prefix="tend-ctl-"))
+    folder.chmod(0o755)
+    tend = run_tend("--nodaemon", "--pidfile", str(folder / "tend.pid"), "poetry", "--port",
+                    "tcp:0:interface=127.0.0.1")  # fmt: skip
+    tend.wait_for_port()
+    control = folder / "tend.ctl"
+    wait_until(control.exists)
+    assert control.stat().st_mode & 0o777 == 0o600
+    nobody = pwd.getpwnam("nobody")
+    client = textwrap.dedent(
+        f"""
+        import socket
+        with socket.socket(socket.AF_UNIX) as client:
+            try:
+                client.connect({str(control)!r})
+            except PermissionError:
+                print("permission denied")
+            else:
+                client.sendall(b'{{"command": "stop"}}\\n')
+                print(client.recv(4096).decode().strip())
+        """
+    )
+
+    def as_nobody() -> str:
+        return subprocess.run(
+            ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+             "--clear-groups", "/usr/bin/python3", "-c", client],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    assert as_nobody() == "permission denied"
+    control.chmod(0o666)
+    answer = as_nobody()
+    assert f"uid {nobody.pw_uid} may not control tend" in answer
+    assert not tend.exited  # the stop it asked for was refused
+    with contextlib.suppress(OSError):
+        assert fetch(tend.wait_for_port()) != b""
+    assert tend.stop() == 0
+    shutil.rmtree(folder)

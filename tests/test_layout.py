@@ -147,6 +147,7 @@ def test_the_apps_use_only_the_public_api(package: str) -> None:
                 for alias in node.names:
                     if alias.name.startswith("tend.") and not alias.name.startswith(own):
                         offenders.append(f"{module}:{node.lineno}: {alias.name}")
+    assert any(module.startswith(f"{package}/") for module, _ in modules())
     assert offenders == []
 
 

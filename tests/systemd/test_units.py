@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from .conftest import (
+    CLIENTS,
     POEM,
+    PYTHON,
     SERVICE,
     SOCKET,
     UNITS,
@@ -142,17 +145,27 @@ def test_a_killed_tend_is_restarted(systemd: Systemd) -> None:
     assert fetch(systemd.machine) == POEM.read_bytes()
 
 
-def test_systemctl_reload_serves_a_new_generation_in_the_same_process(systemd: Systemd) -> None:
-    """The shipped ExecReload= sends SIGHUP: new workers serve, the main pid stays."""
+def test_systemctl_reload_loses_no_fetch(systemd: Systemd) -> None:
+    """The shipped ExecReload= sends SIGHUP: under steady fetching, two reloads each serve a
+    new generation in the same main process, and every fetch gets the whole poem."""
     systemd.install_shipped()
     systemd.reload()
     systemd("start", SOCKET, SERVICE)
     first = systemd.main_pid()
+    size = len(POEM.read_bytes())
+    load = systemd.machine.popen(PYTHON, CLIENTS, "load", "10000", "8", "8", str(size))
+    wait_until(lambda: len(systemd.messages()) > 40)  # a steady stream of fetches
     systemd("reload", SERVICE)
     systemd.wait_for_journal("reloaded: generation 2")
+    systemd("reload", SERVICE)
+    systemd.wait_for_journal("reloaded: generation 3")
+    output, errors = load.communicate(timeout=60)
+    assert load.returncode == 0, errors
+    result = json.loads(output)
+    assert result["failures"] == []
+    assert result["whole"] > 100
     assert systemd.main_pid() == first
     assert systemd.state() == "active/running"
-    assert fetch(systemd.machine) == POEM.read_bytes()
 
 
 def test_the_machine_has_systemd_as_pid_1(machine: Machine) -> None:

@@ -109,7 +109,7 @@ def test_tend_modules_log_through_the_tend_logger() -> None:
     """The framework logs as "tend" (shown as [-]); only an application names its own logger."""
     offenders = []
     for module, tree in modules():
-        if module.startswith("poetry/") or module.startswith("logs/"):
+        if module.startswith(("poetry/", "builtins/", "logs/")):
             continue
         for node in ast.walk(tree):
             if (
@@ -127,23 +127,26 @@ def test_tend_modules_log_through_the_tend_logger() -> None:
     assert offenders == []
 
 
-def test_the_poetry_app_uses_only_the_public_api() -> None:
-    """tend.poetry imports tend itself and its own modules, nothing else of tend's."""
+@pytest.mark.parametrize("package", ["poetry", "builtins"])
+def test_the_apps_use_only_the_public_api(package: str) -> None:
+    """tend.poetry and the built-in plugins import tend itself and their own modules,
+    nothing else of tend's: what they need, any plugin can have."""
+    own = f"tend.{package}"
     offenders = []
     for module, tree in modules():
-        if not module.startswith("poetry/"):
+        if not module.startswith(f"{package}/"):
             continue
         for node in ast.walk(tree):
             if (
                 isinstance(node, ast.ImportFrom)
                 and node.module
                 and node.module.startswith("tend.")
-                and not node.module.startswith("tend.poetry")
+                and not node.module.startswith(own)
             ):
                 offenders.append(f"{module}:{node.lineno}: {node.module}")
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    if alias.name.startswith("tend.") and not alias.name.startswith("tend.poetry"):
+                    if alias.name.startswith("tend.") and not alias.name.startswith(own):
                         offenders.append(f"{module}:{node.lineno}: {alias.name}")
     assert offenders == []
 

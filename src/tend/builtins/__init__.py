@@ -1,0 +1,1 @@
+"""tend's built-in plugins, each built only on tend's public API."""

@@ -9,7 +9,7 @@ DEV_INSTALLED := $(VENV)/.dev-installed
 # Debian programs the tests run for real, with the package that brings each one
 # (strace, prlimit and timeout for the torture suite's faults and guards).
 SYSTEM_TOOLS := systemd-socket-activate:systemd openssl:openssl ss:iproute2 setpriv:util-linux cc:gcc \
-	strace:strace prlimit:util-linux timeout:coreutils
+	strace:strace prlimit:util-linux timeout:coreutils socat:socat
 
 # A second Python for `make test-3.13`: python3.13 on PATH, else pyenv's, else none.
 PYTHON313 ?= $(firstword $(shell command -v python3.13 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))

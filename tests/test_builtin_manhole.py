@@ -10,18 +10,25 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Tend, wait_until
 
-from tend.builtins.manhole import LONGEST_LINE, console_path, console_socket
+from tend.builtins.manhole import (
+    LONGEST_LINE,
+    LONGEST_STATEMENT_LINES,
+    console_path,
+    console_socket,
+)
 
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 STARTED = r"ManholeFactory starting on (\S+)"
 
 needs_socat = pytest.mark.skipif(shutil.which("socat") is None, reason="needs socat (make test)")
+needs_nc = pytest.mark.skipif(shutil.which("nc") is None, reason="needs netcat-openbsd")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as nobody")
 
 
@@ -329,6 +336,39 @@ def test_a_line_too_long_is_discarded_and_the_session_goes_on(
     assert client.run("1 + 1").strip() == "2"
 
 
+def test_a_long_paste_is_answered_whole(
+    run_tend: Callable[..., Tend], tmp_path: Path, session: Callable[[Path | str], Session]
+) -> None:
+    """50,000 lines sent at once are read as the client reads the answers: none dropped."""
+    path = tmp_path / "console" / "tend.sock"
+    start_console(run_tend, path)
+    client = session(path)
+    paste = b"n = 0\n" + b"n += 1\n" * 50_000 + b"n\n"
+    sender = threading.Thread(target=client.sock.sendall, args=(paste,))
+    sender.start()
+    answer = client.read_until(b"50000\n>>> ")
+    sender.join()
+    assert answer.count(">>> ") == 50_001
+    assert "dropped" not in answer
+
+
+def test_what_the_compiler_chokes_on_is_one_error(
+    run_tend: Callable[..., Tend], tmp_path: Path, session: Callable[[Path | str], Session]
+) -> None:
+    """Nesting too deep for the parser, and a statement too long, are refused in the session,
+    which goes on."""
+    path = tmp_path / "console" / "tend.sock"
+    start_console(run_tend, path)
+    client = session(path)
+    choke = client.run("-" * 60_000 + "1")
+    assert re.fullmatch(r"(RecursionError|MemoryError)\b.*\n", choke), choke
+    client.sock.sendall(b"x = (\n" + b"1,\n" * LONGEST_STATEMENT_LINES)
+    assert f"statement too long (over {LONGEST_STATEMENT_LINES} lines" in client.read_until(
+        b"import it from a file instead\n>>> "
+    )
+    assert client.run("6 * 7") == "42\n"
+
+
 def test_output_a_client_does_not_read_is_dropped_not_hoarded(
     run_tend: Callable[..., Tend], tmp_path: Path, session: Callable[[Path | str], Session]
 ) -> None:
@@ -338,10 +378,9 @@ def test_output_a_client_does_not_read_is_dropped_not_hoarded(
     start_console(run_tend, path)
     client = session(path)
     done = tmp_path / "printed"
-    client.sock.sendall(
-        b"for i in range(20000): print('x' * 1000)\n\n"
-        + f"open({str(done)!r}, 'w').close()\n".encode()
-    )
+    # One line: the next would wait for the client to read what this one printed.
+    line = f"_ = [print('x' * 1000) for i in range(20000)]; open({str(done)!r}, 'w').close()"
+    client.sock.sendall(line.encode() + b"\n")
     wait_until(done.exists)  # the printing is over, and nothing was read meanwhile
     text = client.read_until(b" bytes of output dropped: the client was not reading them]\n>>> ")
     received, dropped = text.count("x"), int(text.rsplit("[", 1)[1])
@@ -350,6 +389,7 @@ def test_output_a_client_does_not_read_is_dropped_not_hoarded(
     assert client.run("6 * 7") == "42\n"
 
 
+@needs_nc
 def test_nc_reaches_the_console(run_tend: Callable[..., Tend], tmp_path: Path) -> None:
     """OpenBSD netcat, with -N to send the end of its input, works as a client."""
     path = tmp_path / "console" / "tend.sock"

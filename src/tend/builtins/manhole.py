@@ -50,7 +50,6 @@ import argparse
 import ast
 import asyncio
 import codeop
-import collections
 import contextlib
 import inspect
 import logging
@@ -103,8 +102,14 @@ DEFAULT_MAX_SESSIONS = 4
 # The longest line read; past it the line is discarded (and said so) up to its newline.
 LONGEST_LINE = 64 * 1024
 
-# The longest statement (its lines together), and the most input held unread.
+# The most input held unread; past it, reading pauses until the session catches up.
 LONGEST_INPUT = 1024 * 1024
+
+# The longest statement, in lines and in bytes. Each line typed compiles the statement so
+# far again, on the worker's loop, so the cost of one grows as lines times bytes: these
+# bound it near a second, where a pasted 400,000-line literal took ten minutes.
+LONGEST_STATEMENT_LINES = 1000
+LONGEST_STATEMENT = 128 * 1024
 
 # Output a client has not read yet, past which more is dropped until it reads.
 OUTPUT_LIMIT = 1024 * 1024
@@ -551,16 +556,17 @@ class _Session(asyncio.Protocol):
         self.opened = 0.0
         self.ending = "the client left"
         self.refused: str | None = None
-        # Input: whole lines (None for one too long), the line being read, how much is held.
-        self.lines: collections.deque[str | None] = collections.deque()
-        self.partial = bytearray()
+        # Input: the bytes received and not yet read as lines, at most about LONGEST_INPUT
+        # (reading pauses past it), and whether the line being read is too long to keep.
+        self.inbox = bytearray()
         self.discarding = False
-        self.held = 0
         self.reading_paused = False
         self.input_ended = False
         self.arrived = asyncio.Event()
         # Output: whether the client is behind, what was dropped, the prompt last shown.
         self.writing_paused = False
+        self.caught_up = asyncio.Event()  # set while the client keeps up with the output
+        self.caught_up.set()
         self.dropped = 0
         self.prompt = ""
 
@@ -600,30 +606,10 @@ class _Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.task is None:
             return
-        while data:
-            newline = data.find(b"\n")
-            piece, data = (data, b"") if newline < 0 else (data[:newline], data[newline + 1 :])
-            if not self.discarding:
-                self.partial += piece
-                if len(self.partial) > LONGEST_LINE:
-                    self.partial.clear()
-                    self.discarding = True
-            if newline >= 0:
-                self._take_line()
-
-    def _take_line(self) -> None:
-        if self.discarding:
-            self.discarding = False
-            self._hold(None)
-        else:
-            self._hold(self.partial.decode("utf-8", "replace").removesuffix("\r"))
-        self.partial.clear()
-
-    def _hold(self, line: str | None) -> None:
-        self.lines.append(line)
-        self.held += len(line or "")
+        self.inbox += data
         self.arrived.set()
-        if self.held > LONGEST_INPUT and not self.reading_paused and self.transport is not None:
+        if len(self.inbox) > LONGEST_INPUT and not self.reading_paused:
+            assert self.transport is not None
             self.reading_paused = True
             self.transport.pause_reading()
 
@@ -634,8 +620,6 @@ class _Session(asyncio.Protocol):
             # Gone altogether, not just done sending: what it left running is cancelled.
             self.transport.abort()
             return True
-        if self.partial or self.discarding:
-            self._take_line()
         self.input_ended = True
         self.arrived.set()
         return True  # keep writing: the answers to what was sent before the end are due
@@ -660,9 +644,11 @@ class _Session(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        self.caught_up.clear()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        self.caught_up.set()
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
             self.write(f"\n[{dropped} bytes of output dropped: the client was not reading them]\n")
@@ -711,10 +697,16 @@ class _Session(asyncio.Protocol):
         compiler.compiler.flags |= ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
         lines: list[str] = []
         while True:
+            # Let the loop run between lines, so that the worker's other services run
+            # and the output flows, even while the client sends a long paste.
+            await asyncio.sleep(0)
             self.prompt = PS2 if lines else PS1
             self.write(self.prompt)
             try:
                 async with asyncio.timeout(self.service.idle_timeout):
+                    # Nothing more is read until the client has read what came out: so
+                    # what a paste makes is never dropped, only what one command prints.
+                    await self.caught_up.wait()
                     line = await self._next_line()
             except TimeoutError:
                 self.close(f"closing: idle for {self.service.idle_timeout:g} s")
@@ -724,20 +716,25 @@ class _Session(asyncio.Protocol):
                 self.ending = "end of input"
                 return
             self.prompt = ""
+            if line is not None and not lines and not line.strip():
+                continue  # a blank line at the prompt: the prompt again, as python's
             if line is None:
                 self.write(f"line too long (over {LONGEST_LINE} bytes): input discarded\n")
                 lines = []
                 continue
             lines.append(line)
             source = "\n".join(lines)
-            if len(source) > LONGEST_INPUT:
-                self.write(f"input too long (over {LONGEST_INPUT} bytes): discarded\n")
+            if len(lines) > LONGEST_STATEMENT_LINES or len(source) > LONGEST_STATEMENT:
+                self.write(
+                    f"statement too long (over {LONGEST_STATEMENT_LINES} lines or "
+                    f"{LONGEST_STATEMENT} bytes): discarded; import it from a file instead\n"
+                )
                 lines = []
                 continue
             try:
                 code = compiler(source, FILENAME, "single")
-            except (SyntaxError, ValueError, OverflowError) as error:
-                self._show(error)
+            except Exception as error:  # SyntaxError, and the parser's Recursion/MemoryError
+                self._show(error, compiling=True)
                 lines = []
                 continue
             if code is None:
@@ -750,17 +747,48 @@ class _Session(asyncio.Protocol):
                 return
 
     async def _next_line(self) -> str | None:
-        while not self.lines:
+        """The next line, without its end; None for one too long (discarded whole).
+
+        Raises:
+            EOFError: the client has sent its last line.
+        """
+        while True:
+            whole, line = self._take_line()
+            if whole:
+                return line
             if self.input_ended:
                 raise EOFError
             self.arrived.clear()
             await self.arrived.wait()
-        line = self.lines.popleft()
-        self.held -= len(line or "")
-        if self.reading_paused and self.held <= LONGEST_INPUT // 2 and self.transport is not None:
-            self.reading_paused = False
-            self.transport.resume_reading()
-        return line
+
+    def _take_line(self) -> tuple[bool, str | None]:
+        """(True, line) for the next whole line in the inbox, (True, None) for one too long,
+        (False, None) while the next line is not whole yet."""
+        inbox = self.inbox
+        try:
+            if not self.discarding:
+                newline = inbox.find(b"\n", 0, LONGEST_LINE + 1)
+                last = self.input_ended and 0 < len(inbox) <= LONGEST_LINE
+                if newline >= 0 or last:
+                    end = newline if newline >= 0 else len(inbox)
+                    line = inbox[:end].decode("utf-8", "replace").removesuffix("\r")
+                    del inbox[: end + 1]
+                    return True, line
+                if len(inbox) <= LONGEST_LINE:
+                    return False, None
+                self.discarding = True
+            newline = inbox.find(b"\n")
+            if newline < 0 and not self.input_ended:
+                inbox.clear()
+                return False, None
+            del inbox[: len(inbox) if newline < 0 else newline + 1]
+            self.discarding = False
+            return True, None
+        finally:
+            if self.reading_paused and len(inbox) <= LONGEST_INPUT // 2:
+                assert self.transport is not None
+                self.reading_paused = False
+                self.transport.resume_reading()
 
     async def _execute(self, source: str, flags: int) -> None:
         """Run *source* as the interactive interpreter would, showing expression values."""
@@ -768,8 +796,8 @@ class _Session(asyncio.Protocol):
             tree = compile(source, FILENAME, "exec", flags | ast.PyCF_ONLY_AST, dont_inherit=True)
             tree = ast.fix_missing_locations(_Displayed().visit(tree))
             code = compile(tree, FILENAME, "exec", flags, dont_inherit=True)
-        except (SyntaxError, ValueError, OverflowError) as error:
-            self._show(error)
+        except Exception as error:  # as above: what was typed cannot be compiled
+            self._show(error, compiling=True)
             return
         try:
             result = types.FunctionType(code, self.namespace)()
@@ -787,9 +815,10 @@ class _Session(asyncio.Protocol):
         except BaseException as error:
             self._show(error)
 
-    def _show(self, error: BaseException) -> None:
-        """Write *error*'s traceback to the session, from the session's code down."""
-        if isinstance(error, SyntaxError):
+    def _show(self, error: BaseException, *, compiling: bool = False) -> None:
+        """Write *error*'s traceback to the session, from the session's code down; for
+        what could not be compiled, the error alone (the compiler's frames are not news)."""
+        if compiling:
             self.write("".join(traceback.format_exception_only(type(error), error)))
             return
         tb = error.__traceback__

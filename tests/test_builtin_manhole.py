@@ -355,11 +355,12 @@ def test_a_long_paste_is_answered_whole(
 def test_what_the_compiler_chokes_on_is_one_error(
     run_tend: Callable[..., Tend], tmp_path: Path, session: Callable[[Path | str], Session]
 ) -> None:
-    """Nesting too deep for the parser, and a statement too long, are refused in the session,
-    which goes on."""
+    """Nesting too deep for the parser, a statement too long, and code cancelling the session's
+    own task, are each an error in the session, which goes on."""
     path = tmp_path / "console" / "tend.sock"
     start_console(run_tend, path)
     client = session(path)
+    assert "CancelledError" in client.run("asyncio.current_task().cancel(); await asyncio.sleep(0)")
     choke = client.run("-" * 60_000 + "1")
     assert re.fullmatch(r"(RecursionError|MemoryError)\b.*\n", choke), choke
     client.sock.sendall(b"x = (\n" + b"1,\n" * LONGEST_STATEMENT_LINES)

@@ -475,17 +475,19 @@ def _check_bound(path: str, name: str, folder: int) -> None:
     try:
         here = os.stat(name, dir_fd=folder, follow_symlinks=False)
         there = os.stat(path)
-        whole = (
-            (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
-            and stat.S_ISSOCK(here.st_mode)
-            and here.st_uid == os.geteuid()
-            and stat.S_IMODE(here.st_mode) == 0o600
-        )
-    except OSError:
-        whole = False
-    if not whole:
+    except OSError as error:
+        raise StartupError(f"cannot check the socket at {quote(path)}: {error.strerror}") from None
+    if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino) or not stat.S_ISSOCK(
+        here.st_mode
+    ):
         raise StartupError(
             f"cannot listen on {quote(path)}: its folder changed while tend bound the socket"
+        )
+    mode = stat.S_IMODE(here.st_mode)
+    if mode != 0o600 or here.st_uid != os.geteuid():
+        raise StartupError(
+            f"cannot listen on {quote(path)}: the socket was made mode {mode:04o} for uid "
+            f"{here.st_uid}, not 0600 for uid {os.geteuid()}"
         )
 
 
@@ -808,9 +810,12 @@ class _Session(asyncio.Protocol):
         except _SessionExit:
             raise
         except asyncio.CancelledError as error:
+            if self.transport is None or self.transport.is_closing():
+                raise  # the session is closing: this is its end
+            # The code typed cancelled this session's own task: an error like another.
             task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the session is closing
+            if task is not None:
+                task.uncancel()
             self._show(error)
         except BaseException as error:
             self._show(error)

@@ -452,6 +452,7 @@ def test_a_folder_or_file_it_must_not_use_is_refused(
     lines = handle.stderr.splitlines()
     assert len(lines) == 1, handle.output
     assert message in lines[0]
+    assert len(lines[0]) <= 200
     assert not (path.exists() and path.is_socket())
 
 
@@ -464,12 +465,12 @@ def _folder_of_nobody(folder: Path) -> None:
     ("arguments", "message"),
     [
         ([], "the following arguments are required: --socket"),
-        (["--socket", "tcp:7000"], "the console listens on a UNIX socket only"),
-        (["--socket", "tls:7000:certKey=x.pem"], "the console listens on a UNIX socket only"),
-        (["--socket", "7000"], "that is a port number"),
+        (["--socket", "tcp:7000"], "'tcp:7000' is an endpoint; the console listens only on"),
+        (["--socket", "tls:7000:certKey=x.pem"], "is an endpoint; the console listens only on a"),
+        (["--socket", "7000"], "'7000' is a port; the console listens only on a UNIX socket"),
         (["--socket", "unix:/tmp/console.sock"], "without 'unix:'"),
-        (["--socket", "/tmp/" + "x" * 120], "over 100"),
-        (["--socket", "."], "it names a folder"),
+        (["--socket", "/tmp/" + "x" * 120], "125 bytes, over 100"),
+        (["--socket", "."], "it is a folder"),
         (["--socket", "c.sock", "--idle-timeout", "0"], "invalid duration '0'"),
         (["--socket", "c.sock", "--max-sessions", "0"], "invalid session count '0'"),
         (["--socket", "c.sock", "--max-sessions", "lots"], "invalid session count 'lots'"),
@@ -484,6 +485,7 @@ def test_bad_options_are_one_line_and_status_2(
     lines = handle.stderr.splitlines()
     assert 1 <= len(lines) <= 2, handle.output
     assert message in lines[0]
+    assert len(lines[0]) <= 200
     assert lines[0].startswith("tend manhole: error: ")
 
 

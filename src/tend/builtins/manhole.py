@@ -138,6 +138,7 @@ _COMPILE_FLAGS = _FUTURE_FLAGS | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 _DISPLAY = "__console_display__"
 
 _ENDPOINT_KIND = re.compile(r"(tcp|tls|ssl|systemd|unix):", re.IGNORECASE)
+_UNIX_ONLY = "the console listens only on a UNIX socket: give a path, such as console/tend.sock"
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -164,35 +165,27 @@ def console_path(path: str, worker: int | None) -> str:
 
 
 def path_problem(path: str) -> str | None:
-    """What is wrong with *path* (absolute) as a console's socket, or None if nothing."""
+    """What is wrong with *path* (absolute) as a console's socket, or None if nothing.
+
+    Each answer fits the one line of 200 characters a user reads, after tend's own prefix.
+    """
+    shown = quote(path, 50)
     if "\0" in path:
-        return f"invalid socket path {quote(path)}: it holds a NUL character"
+        return f"invalid socket path {shown}: it holds a NUL character"
     parts = path.split("/")
     for part in parts:
         kind = _ENDPOINT_KIND.match(part)
         if kind is not None and kind.group(1).lower() == "unix":
-            return (
-                f"invalid socket path {quote(path)}: give the path alone, without 'unix:'; "
-                "the console listens on a UNIX socket only"
-            )
+            return f"invalid socket path {shown}: give the path alone, without 'unix:'"
         if kind is not None:
-            return (
-                f"invalid socket path {quote(path)}: the console listens on a UNIX socket only, "
-                "never on tcp, tls or systemd; give a file path such as console/tend.sock"
-            )
+            return f"{quote(part, 30)} is an endpoint; {_UNIX_ONLY}"
     if parts[-1].isdigit():
-        return (
-            f"invalid socket path {quote(path)}: that is a port number; the console listens "
-            "on a UNIX socket only; give a file path such as console/tend.sock"
-        )
+        return f"{quote(parts[-1], 20)} is a port; {_UNIX_ONLY}"
     if not parts[-1] or os.path.isdir(path):
-        return f"invalid socket path {quote(path)}: it names a folder; add the socket's name"
+        return f"invalid socket path {shown}: it is a folder; add the socket's name"
     size = len(os.fsencode(path))
     if size > LONGEST_PATH:
-        return (
-            f"invalid socket path {quote(path)}: {size} bytes long, over {LONGEST_PATH} "
-            "(a UNIX socket's path holds 107); use a shorter one"
-        )
+        return f"invalid socket path {shown}: {size} bytes, over {LONGEST_PATH}; use a shorter one"
     return None
 
 
@@ -404,14 +397,14 @@ def _bind(path: str, factory: ManholeFactory) -> UNIXServer:
         pass
     except OSError as error:
         raise StartupError(
-            f"cannot make the console's folder {quote(folder)}: {error.strerror}"
+            f"cannot make the console's folder {quote(folder, 60)}: {error.strerror}"
         ) from None
     try:
         try:
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as error:
             raise StartupError(
-                f"cannot use {quote(folder)} for the console: {error.strerror}"
+                f"cannot use {quote(folder, 60)} for the console: {error.strerror}"
             ) from None
         try:
             _check_private(folder, os.fstat(fd))
@@ -437,13 +430,13 @@ def _check_private(folder: str, status: os.stat_result) -> None:
     uid = os.geteuid()
     if status.st_uid != uid:
         raise StartupError(
-            f"cannot use {quote(folder)} for the console: it belongs to uid {status.st_uid}, "
-            f"and tend's worker runs as uid {uid}; the folder must be its own, mode 0700"
+            f"cannot use {quote(folder, 60)} for the console: it belongs to uid "
+            f"{status.st_uid}, not to uid {uid}, tend's worker; it must be the worker's, mode 0700"
         )
     mode = stat.S_IMODE(status.st_mode)
     if mode & 0o077:
         raise StartupError(
-            f"cannot use {quote(folder)} for the console: group or others may enter it "
+            f"cannot use {quote(folder, 60)} for the console: group or others may enter it "
             f"(mode {mode:04o}); chmod 700 it, or name a folder tend may make"
         )
 
@@ -455,10 +448,10 @@ def _clear(path: str, name: str, folder: int) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise StartupError(f"cannot listen on {quote(path)}: {error.strerror}") from None
+        raise StartupError(f"cannot listen on {quote(path, 60)}: {error.strerror}") from None
     if not stat.S_ISSOCK(status.st_mode):
         raise StartupError(
-            f"cannot listen on {quote(path)}: something other than a socket is there; "
+            f"cannot listen on {quote(path, 60)}: something other than a socket is there; "
             "tend replaces only a socket"
         )
     try:
@@ -466,7 +459,9 @@ def _clear(path: str, name: str, folder: int) -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        raise StartupError(f"cannot remove the socket at {quote(path)}: {error.strerror}") from None
+        raise StartupError(
+            f"cannot remove the socket at {quote(path, 60)}: {error.strerror}"
+        ) from None
     log.info("replaced the socket at %s (a stopped tend's, or a generation being replaced)", path)
 
 
@@ -476,17 +471,19 @@ def _check_bound(path: str, name: str, folder: int) -> None:
         here = os.stat(name, dir_fd=folder, follow_symlinks=False)
         there = os.stat(path)
     except OSError as error:
-        raise StartupError(f"cannot check the socket at {quote(path)}: {error.strerror}") from None
+        raise StartupError(
+            f"cannot check the socket at {quote(path, 60)}: {error.strerror}"
+        ) from None
     if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino) or not stat.S_ISSOCK(
         here.st_mode
     ):
         raise StartupError(
-            f"cannot listen on {quote(path)}: its folder changed while tend bound the socket"
+            f"cannot listen on {quote(path, 60)}: its folder changed while tend bound the socket"
         )
     mode = stat.S_IMODE(here.st_mode)
     if mode != 0o600 or here.st_uid != os.geteuid():
         raise StartupError(
-            f"cannot listen on {quote(path)}: the socket was made mode {mode:04o} for uid "
+            f"cannot listen on {quote(path, 60)}: the socket was made mode {mode:04o} for uid "
             f"{here.st_uid}, not 0600 for uid {os.geteuid()}"
         )
 
@@ -944,17 +941,17 @@ def _awaiting(coroutine: object) -> Iterator[types.FrameType]:
 class ManholeMaker(ServiceMaker):
     name = "manhole"
     description = (
-        "A Python console inside the running tend (asyncio REPL with top-level await), "
-        "on a UNIX socket that only root and tend's own user may use. It runs any code it "
-        "is given, as tend's user: give it a folder of its own."
+        "A Python console inside the running tend, on a UNIX socket only root and tend's "
+        "own user may use."
     )
     options = (
         Option(
             "socket",
             None,
             None,
-            "The UNIX socket to listen on, made mode 0600 in a folder of mode 0700 (made if "
-            "missing); worker N > 1 listens on PATH.N. Never TCP.",
+            "The UNIX socket to listen on (never TCP), made mode 0600 in a folder of the "
+            "worker's user closed to others (made mode 0700 if missing). Whoever can use it "
+            "runs any code as tend's user.",
             type=console_socket,
             required=True,
             path=True,
@@ -964,8 +961,9 @@ class ManholeMaker(ServiceMaker):
             "idle-timeout",
             None,
             f"{DEFAULT_IDLE_TIMEOUT:g}",
-            "Close a session that has typed nothing for this many seconds.",
+            "Close a session that has sent no line for this many seconds.",
             type=positive_seconds,
+            metavar="SECONDS",
         ),
         Option(
             "max-sessions",
@@ -973,6 +971,7 @@ class ManholeMaker(ServiceMaker):
             str(DEFAULT_MAX_SESSIONS),
             "Refuse sessions past this many at once (per worker).",
             type=session_count,
+            metavar="N",
         ),
     )
 

@@ -1,8 +1,8 @@
 """tend manhole: a Python console inside the running tend, on a UNIX socket only.
 
 ``tend manhole --socket PATH`` runs a `ManholeService`: an asyncio REPL, with top-level
-``await``, in the event loop of the worker it runs in. ``socat - UNIX-CONNECT:PATH`` (or
-``socat READLINE,history=... UNIX-CONNECT:PATH``, or ``nc -NU PATH``) reaches it. The same
+``await``, in the event loop of the worker it runs in. ``socat - UNIX-CONNECT:PATH`` (with
+``rlwrap`` in front for line editing), or ``nc -NU PATH``, reaches it. The same
 service can be added to any tree (``ManholeService(path).set_service_parent(application)``),
 which is what the runner's ``--console PATH`` is meant to do.
 
@@ -33,9 +33,11 @@ interpreter would (``codeop``, with ``ast.PyCF_ALLOW_TOP_LEVEL_AWAIT``; ``... ``
 more) and runs them in a task of its own on the worker's loop. Nothing it does goes through
 the process's ``sys.stdout`` or ``sys.displayhook``: ``print`` in the session's namespace
 writes to the session, expression statements are shown by the session's own display (their
-``repr``, kept in ``_``), tracebacks of the session's code go to the session. Output a
-client does not read piles up to `OUTPUT_LIMIT` bytes, then is dropped (and counted) until
-it reads again. A session waiting for input longer than the idle timeout is closed;
+``repr``, kept in ``_``), tracebacks of the session's code go to the session. The session
+yields to the loop after each line, and reads no more input while the client has
+`OUTPUT_LIMIT` bytes of output unread; what one command prints past that is dropped (and
+counted). A statement is capped at `LONGEST_STATEMENT_LINES` lines and `LONGEST_STATEMENT`
+bytes. A session that has sent no line (or read nothing) for the idle timeout is closed;
 closing a session cancels what it runs.
 
 Stays out of: the process's standard streams and hooks, signal handlers (``stop()`` sends

@@ -9,10 +9,11 @@ DEV_INSTALLED := $(VENV)/.dev-installed
 # Debian programs the tests run for real, with the package that brings each one
 # (strace, prlimit and timeout for the torture suite's faults and guards; supervisord,
 # start-stop-daemon and logrotate for the README's recipes; curl, wget, lftp, ncat and nc
-# as clients of tend web, ftp, socks and portforward and of the poetry server).
+# as clients of tend web, ftp, socks and portforward and of the poetry server; socat
+# as tend manhole's).
 SYSTEM_TOOLS := systemd-socket-activate:systemd openssl:openssl ss:iproute2 setpriv:util-linux cc:gcc \
 	strace:strace prlimit:util-linux timeout:coreutils \
-	supervisord:supervisor start-stop-daemon:dpkg logrotate:logrotate nc:netcat-openbsd curl:curl wget:wget lftp:lftp ncat:ncat
+	supervisord:supervisor start-stop-daemon:dpkg logrotate:logrotate nc:netcat-openbsd curl:curl wget:wget lftp:lftp ncat:ncat socat:socat
 # What `make systemd-test` needs on the host to build and boot its Debian container.
 SYSTEMD_TEST_TOOLS := debootstrap:debootstrap systemd-nspawn:systemd-container nsenter:util-linux
 SYSTEMD_ROOT := build/systemd-root

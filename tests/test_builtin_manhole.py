@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Tend, wait_until
+from conftest import TEND, Tend, wait_until
 
 from tend.builtins.manhole import (
     LONGEST_LINE,
@@ -555,3 +555,70 @@ def test_console_path_names_each_workers_socket() -> None:
 def test_the_socket_option_makes_paths_absolute() -> None:
     """--socket's converter, shared with the runner's --console, returns an absolute path."""
     assert console_socket("console/tend.sock") == os.path.join(os.getcwd(), "console/tend.sock")
+
+
+# -- the runner's --console ------------------------------------------------------------------
+
+
+@needs_socat
+def test_the_console_option_gives_each_worker_its_own_socket(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """`tend --console PATH --workers 2 poetry`: worker 1 on PATH, worker 2 on PATH.2, each
+    a console into its own process, beside the plugin's service."""
+    path = tmp_path / "console" / "tend.sock"
+    handle = run_tend("--nodaemon", "--pidfile", "", "--console", "console/tend.sock",
+                      "--workers", "2", "poetry", "--port", "0")  # fmt: skip
+    wait_until(lambda: len(re.findall(STARTED, handle.stdout)) == 2)
+    assert sorted(re.findall(STARTED, handle.stdout)) == [str(path), f"{path}.2"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    ask = "import os; os.getpid()\n[type(s).__name__ for s in services]\n"
+    first, second = socat(path, ask), socat(f"{path}.2", ask)
+    pids = {int(re.findall(r">>> (\d+)", out)[0]) for out in (first, second)}
+    assert len(pids) == 2
+    assert pids == set(children_of(handle.pid))
+    assert "'PoetryService'" in first
+    assert "'ManholeService'" in first
+    assert handle.stop() == 0
+    assert not path.exists()
+
+
+@needs_socat
+def test_the_console_setting_in_a_deployment_file(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """[tend] console = PATH, relative to the file's folder, adds the console to the tree."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "tend.toml").write_text(
+        '[tend]\nconsole = "run/console.sock"\n\n'
+        '[[service]]\nplugin = "poetry"\nport = "tcp:0:interface=127.0.0.1"\n'
+    )
+    handle = run_tend("--nodaemon", "--pidfile", "", "-c", "etc/tend.toml")
+    assert handle.wait_for_output(STARTED).group(1) == str(tmp_path / "etc/run/console.sock")
+    assert ">>> 2\n" in socat(tmp_path / "etc/run/console.sock", "len(application)\n")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("tcp:7000", "argument --console: 'tcp:7000' is an endpoint"),
+        ("7000", "argument --console: '7000' is a port"),
+    ],
+)
+def test_a_console_that_is_not_a_path_is_a_usage_error(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    """--console takes a file path only: anything else is one line and status 2."""
+    done = subprocess.run(
+        [*TEND, "--console", value, "poetry"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0].startswith(f"tend: error: {message}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is *pid*."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]

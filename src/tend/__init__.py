@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from tend.options import CommandParser, Flag, Option, positive_seconds, seconds
     from tend.plugins import ServiceMaker
     from tend.service import Application, MultiService, Service, walk
+    from tend.worker import current_worker
 
 _HOMES = {
     "Application": "tend.service",
@@ -47,6 +48,7 @@ _HOMES = {
     "UsageError": "tend.errors",
     "quote": "tend.errors",
     "AccessLog": "tend.logs.access",
+    "current_worker": "tend.worker",
 }
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
     "UNIXServer",
     "UsageError",
     "__version__",
+    "current_worker",
     "format_address",
     "host_and_port",
     "parse_endpoint",

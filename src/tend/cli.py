@@ -135,6 +135,10 @@ def run_command(arguments: list[str]) -> int:
 
     given = {option.key: getattr(parsed, option.key) for option in SETTINGS}
     settings = resolve(given, from_file, os.getcwd())
+    if settings.console is not None:
+        from tend.sources import WithConsole
+
+        source = WithConsole(source, settings.console)
 
     from tend.lifecycle import run
 

@@ -54,6 +54,13 @@ def pidfile_path(text: str) -> str:
     return text
 
 
+def console_socket(text: str) -> str:
+    """A console's socket path (``--console``): a file path, never a port or an endpoint."""
+    from tend.builtins.manhole import console_socket  # here: only a run with a console
+
+    return console_socket(text)
+
+
 def syslog_address(text: str) -> str:
     """A syslog socket path, or HOST:PORT for UDP, checked as the log will read it."""
     from tend.logs import LogError, parse_syslog_address  # here: --help need not import it
@@ -124,6 +131,14 @@ SETTINGS: tuple[Option | Flag, ...] = (
         default="info",
         help="log records of this level and above",
         choices=LOG_LEVELS,
+    ),
+    Option(
+        "console",
+        help="open a Python console into the running tend on this UNIX socket, mode 0600 in "
+        "a folder closed to others (PATH.N for worker N; see tend manhole)",
+        type=console_socket,
+        metavar="PATH",
+        path=True,
     ),
     Flag("syslog", None, "log to syslog instead of a file"),
     Flag(
@@ -220,6 +235,7 @@ class Settings:
     start_timeout: float = 60.0
     worker_timeout: float = 30.0
     reload: bool = False
+    console: str | None = None  # a console's socket (tend manhole), absolute
 
 
 def _log_config(**values: object) -> LogConfig:
@@ -292,6 +308,7 @@ def resolve(
         start_timeout=_float(value["start_timeout"]),
         worker_timeout=_float(value["worker_timeout"]),
         reload=bool(value["reload"]),
+        console=text("console") or None,
     )
 
 

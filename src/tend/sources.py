@@ -153,6 +153,40 @@ class DeploymentSource(TreeSource):
         return sorted({self.path, *super().watched_files()})
 
 
+class WithConsole(TreeSource):
+    """Another source's trees, each with a console (``tend manhole``) added: ``--console``.
+
+    The console is a child named ``console`` of every tree built, a reload's included; each
+    worker listens on its own socket (PATH for worker 1, PATH.N for worker N).
+    """
+
+    def __init__(self, source: TreeSource, path: str) -> None:
+        self.source = source
+        self.path = path
+        self.description = source.description
+
+    def build(self) -> Application:
+        return self._with_console(self.source.build())
+
+    def rebuild(self) -> Application:
+        return self._with_console(self.source.rebuild())
+
+    def _with_console(self, application: Application) -> Application:
+        from tend.builtins.manhole import ManholeService
+
+        ManholeService(self.path, name="console").set_service_parent(application)
+        return application
+
+    def module_prefixes(self) -> list[str]:
+        return self.source.module_prefixes()
+
+    def module_folders(self) -> list[str]:
+        return self.source.module_folders()
+
+    def watched_files(self) -> list[str]:
+        return self.source.watched_files()
+
+
 def forget_modules(prefixes: Sequence[str], folders: Sequence[str]) -> list[str]:
     """Remove from ``sys.modules`` the modules named by *prefixes* or found in *folders*.
 

@@ -36,10 +36,25 @@ class WorkerPlan:
     ping_interval: float | None  # how often to tell the supervisor the loop is alive
 
 
+# The number of the worker this process is, once it is one (see current_worker).
+_current: int | None = None
+
+
+def current_worker() -> int | None:
+    """The number, from 1, of the tend worker this process is; None outside a worker.
+
+    For a service that needs a resource of its own per worker (a console's socket, a
+    per-worker file) in a tree every worker runs a copy of.
+    """
+    return _current
+
+
 def run_worker(
     plan: WorkerPlan, channel: Channel, log_pipe: int | None, signals: Signals, sink: LogSink
 ) -> int:
     """Run worker *plan.number* in this freshly forked process; return its exit status."""
+    global _current
+    _current = plan.number
     try:
         if log_pipe is not None:
             sink.relay_to(log_pipe)

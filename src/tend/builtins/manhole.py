@@ -76,6 +76,7 @@ from tend import (
     StartupError,
     UNIXServer,
     __version__,
+    current_worker,
     positive_seconds,
     quote,
     walk,
@@ -252,8 +253,9 @@ class ManholeService(Service):
 
     @property
     def socket_path(self) -> str:
-        """Where this worker's console listens."""
-        return console_path(self.path, self.worker)
+        """Where this worker's console listens: *worker* if given, else the worker this
+        process is (`tend.current_worker`)."""
+        return console_path(self.path, self.worker if self.worker is not None else current_worker())
 
     @property
     def session_count(self) -> int:
@@ -439,7 +441,7 @@ def _check_private(folder: str, status: os.stat_result) -> None:
     if mode & 0o077:
         raise StartupError(
             f"cannot use {quote(folder, 60)} for the console: group or others may enter it "
-            f"(mode {mode:04o}); chmod 700 it, or name a folder tend may make"
+            f"(mode {mode:04o}); chmod 700 it, or name a folder tend may make, as console/tend.sock"
         )
 
 

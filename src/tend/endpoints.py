@@ -546,8 +546,9 @@ def _expect_keys(description: str, keywords: dict[str, str], allowed: set[str]) 
     unknown = sorted(set(keywords) - allowed)
     if unknown:
         raise EndpointSyntaxError(
-            f"invalid endpoint {quote(description, 50)}: unknown option {quote(unknown[0])}; "
-            f"expected one of {', '.join(sorted(allowed))}"
+            # The list of options is long: the values are quoted short, to keep one line.
+            f"invalid endpoint {quote(description, 36)}: unknown option {quote(unknown[0], 20)}"
+            f" (known: {', '.join(sorted(allowed))})"
         )
 
 

@@ -47,13 +47,26 @@ def quote(value: object, limit: int = LONGEST_QUOTE, *, bare: bool = False) -> s
     *bare* leaves out the quotes, for a file name that heads a message (``app.py: ...``).
     """
     text = value if isinstance(value, str) else str(value)
-    if len(text) > limit:
-        head = limit * 2 // 3
-        text = f"{text[:head]}…{text[len(text) - (limit - head - 1) :]}"
-    # repr escapes newlines, other control characters and unpaired surrogates (a path's
-    # undecodable bytes); "…" itself is printable and stays as it is.
+    # repr escapes newlines, other control characters, characters Python does not know and
+    # unpaired surrogates (a path's undecodable bytes): the limit counts them as shown.
+    widths = [len(repr(character)) - 2 for character in text]
+    if sum(widths) > limit:
+        head = _fitting(widths, limit * 2 // 3)
+        tail = _fitting(widths[::-1], limit - limit * 2 // 3 - 1)
+        # "…" itself is printable and stays as it is.
+        text = f"{text[:head]}…{text[len(text) - tail :]}"
     quoted = repr(text)
     return quoted[1:-1] if bare else quoted
+
+
+def _fitting(widths: list[int], budget: int) -> int:
+    """How many of the first characters, of these shown *widths*, fit in *budget*."""
+    used = 0
+    for count, width in enumerate(widths):
+        used += width
+        if used > budget:
+            return count
+    return len(widths)
 
 
 def describe_error(error: BaseException) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from tend.errors import UsageError, quote
+from tend.errors import UsageError, one_line, quote
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +194,10 @@ class CommandParser(argparse.ArgumentParser):
     """
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"error: {message}", hint=f"try `{self.prog} --help`", prog=self.prog)
+        # argparse quotes what was typed as it is: control characters are escaped here.
+        raise UsageError(
+            one_line(f"error: {message}"), hint=f"try `{self.prog} --help`", prog=self.prog
+        )
 
 
 def add_options(

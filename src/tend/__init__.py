@@ -13,7 +13,7 @@ __version__ = "0.2.0"
 
 if TYPE_CHECKING:
     from tend.addresses import format_address, host_and_port
-    from tend.endpoints import EndpointSyntaxError, parse_endpoint
+    from tend.endpoints import EndpointSyntaxError, endpoint_text, parse_endpoint
     from tend.errors import StartupError, TendError, UsageError, quote
     from tend.files import read_file
     from tend.logs.access import AccessLog
@@ -36,6 +36,7 @@ _HOMES = {
     "format_address": "tend.addresses",
     "host_and_port": "tend.addresses",
     "parse_endpoint": "tend.endpoints",
+    "endpoint_text": "tend.endpoints",
     "CommandParser": "tend.options",
     "Flag": "tend.options",
     "read_file": "tend.files",
@@ -69,6 +70,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "current_worker",
+    "endpoint_text",
     "format_address",
     "host_and_port",
     "parse_endpoint",

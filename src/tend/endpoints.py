@@ -445,6 +445,24 @@ def parse_endpoint(description: str, default_interface: str = "") -> Endpoint:
     )
 
 
+def endpoint_text(text: str) -> str:
+    """An option's type for an endpoint: *text* itself once `parse_endpoint` accepts it.
+
+    The text, not the endpoint, is what the option delivers: a plugin passes it on to a
+    listener with its own default interface (``--listen 8080`` on ``--iface``).
+
+    Raises:
+        argparse.ArgumentTypeError: the description is not one (the line says why).
+    """
+    import argparse  # here: a run that never parses an option's endpoint need not import it
+
+    try:
+        parse_endpoint(text)
+    except EndpointSyntaxError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def _parse_tcp(
     description: str, arguments: list[str], keywords: dict[str, str], default_interface: str
 ) -> TCPEndpoint:

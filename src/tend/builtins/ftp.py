@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 from tend import (
     AccessLog,
-    EndpointSyntaxError,
     Flag,
     MultiService,
     Option,
@@ -49,8 +48,8 @@ from tend import (
     ServiceMaker,
     StartupError,
     StreamServer,
+    endpoint_text,
     format_address,
-    parse_endpoint,
     positive_seconds,
     quote,
 )
@@ -95,10 +94,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 def listen_endpoint(text: str) -> str:
     """One ``--listen`` value: a port or a TCP endpoint (not unix: nor tls:)."""
-    try:
-        parse_endpoint(text)
-    except EndpointSyntaxError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    endpoint_text(text)
     kind = text.strip().partition(":")[0].lower()
     if kind in ("unix", "tls", "ssl"):
         raise argparse.ArgumentTypeError(

@@ -35,13 +35,13 @@ from typing import TypeVar, cast
 
 from tend import (
     AccessLog,
-    EndpointSyntaxError,
     MultiService,
+    Option,
     StreamServer,
     format_address,
-    parse_endpoint,
     quote,
     reset,
+    seconds,
 )
 
 log = logging.getLogger(__name__)
@@ -612,15 +612,6 @@ def _warn_if_exposed(server: StreamServer, exposure: str) -> None:
 # -- options ----------------------------------------------------------------------------
 
 
-def endpoint(text: str) -> str:
-    """One ``--listen`` value: an endpoint description, or a bare port."""
-    try:
-        parse_endpoint(text)
-    except EndpointSyntaxError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
 def given(options: Mapping[str, object], key: str, kind: type[T]) -> list[T]:
     """The values of a repeatable option, each of *kind* (a list; empty if not given)."""
     values = options.get(key)
@@ -636,6 +627,26 @@ def connection_cap(text: str) -> int:
             f"invalid count {quote(text)}: expected a whole number from 1 to 1000000"
         )
     return int(text)
+
+
+# The options socks and portforward share.
+IFACE = Option("iface", None, "127.0.0.1", "The interface a bare port listens on.")
+IDLE_TIMEOUT = Option(
+    "idle-timeout",
+    None,
+    "300",
+    "Reset a relayed connection on which nothing moved for this many seconds; 0: never.",
+    type=seconds,
+    metavar="SECONDS",
+)
+MAX_CONNECTIONS = Option(
+    "max-connections",
+    None,
+    "256",
+    "Close new clients at once while this many are open.",
+    type=connection_cap,
+    metavar="N",
+)
 
 
 def number(options: Mapping[str, object], key: str) -> float:

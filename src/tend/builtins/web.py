@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 from tend import (
-    EndpointSyntaxError,
     Flag,
     MultiService,
     Option,
@@ -24,7 +23,7 @@ from tend import (
     ServiceMaker,
     StartupError,
     StreamServer,
-    parse_endpoint,
+    endpoint_text,
     positive_seconds,
     quote,
 )
@@ -33,15 +32,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = "8080"
 INSTALL_HINT = "tend web needs h11: pip install 'tend[web]'"
-
-
-def endpoint(text: str) -> str:
-    """An endpoint description or a bare port, for ``--listen``."""
-    try:
-        parse_endpoint(text)
-    except EndpointSyntaxError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def _whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
@@ -150,7 +140,7 @@ class WebMaker(ServiceMaker):
             DEFAULT_PORT,
             "A port or endpoint to listen on (tcp:PORT:interface=ADDR, tls:, unix:, systemd:); "
             "give it again to listen on several.",
-            type=endpoint,
+            type=endpoint_text,
             metavar="ENDPOINT",
             repeatable=True,
         ),

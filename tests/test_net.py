@@ -6,16 +6,26 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import wait_until_async
 
 from tend.endpoints import ListenError, TCPEndpoint
-from tend.net import StreamServer, TCPServer, UNIXServer, reset, stopping_by
+from tend.net import (
+    StreamServer,
+    TCPServer,
+    UNIXServer,
+    arm_reset,
+    close_cleanly,
+    reset,
+    stopping_by,
+)
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 
@@ -519,3 +529,162 @@ async def test_tls_key_is_read_in_the_privileged_start_before_binding(tmp_path: 
     )
     assert server.port is None
     assert server.addresses == []
+
+
+# -- arm_reset and close_cleanly: a cut stream ends in a reset, a whole one cleanly -----------
+
+BLOB = b"So, so, break off this last lamenting kiss,\n" * (4 * 1024 * 1024 // 44)
+
+
+class Armed(asyncio.Protocol):
+    """Arms the reset, writes *payload*, then ends as *ending* says: clean, plain or abort."""
+
+    def __init__(self, payload: bytes, ending: str) -> None:
+        self.payload = payload
+        self.ending = ending
+        self.transport: asyncio.WriteTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement WriteTransport without subclassing it.
+        transport = cast(asyncio.WriteTransport, transport)
+        self.transport = transport
+        arm_reset(transport)
+        transport.write(self.payload)
+        if self.ending == "clean":
+            close_cleanly(transport)
+        elif self.ending == "plain":
+            transport.close()
+
+
+def on_loop(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run *scenario* on a fresh event loop of the kind *loop* names."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(scenario())  # type: ignore[arg-type]
+
+
+async def read_to_end(client: socket.socket) -> tuple[bytes, str]:
+    """Read *client* until it ends; return what arrived and "eof" or "reset"."""
+    loop = asyncio.get_running_loop()
+    chunks = []
+    try:
+        while chunk := await loop.sock_recv(client, 1 << 20):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), "reset"
+    return b"".join(chunks), "eof"
+
+
+@contextlib.asynccontextmanager
+async def armed_connection(
+    payload: bytes, ending: str
+) -> AsyncIterator[tuple[Armed, socket.socket]]:
+    """A server whose protocol is Armed, and a client connected to it that reads nothing yet."""
+    made: list[Armed] = []
+
+    def make() -> Armed:
+        made.append(Armed(payload, ending))
+        return made[-1]
+
+    server = StreamServer(LOCAL, make)
+    server.privileged_start_service()
+    await server.start_service()
+    client = socket.socket()
+    try:
+        # A small window, so that most of a large payload stays in the server process.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", server.port or 0))
+        await wait_until_async(lambda: made and made[0].transport)
+        yield made[0], client
+    finally:
+        client.close()
+        server.grace_period = 0
+        await server.stop_service()
+
+
+def linger_of(transport: asyncio.BaseTransport) -> tuple[int, int]:
+    sock = transport.get_extra_info("socket")
+    on, seconds_ = struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+    return on, seconds_
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_close_cleanly_ends_a_short_stream_with_end_of_file(loop: str) -> None:
+    """Armed, written and closed cleanly at once: the client gets it all, then end-of-file."""
+
+    async def scenario() -> None:
+        async with armed_connection(b"a whole poem\n", "clean") as (_, client):
+            assert await read_to_end(client) == (b"a whole poem\n", "eof")
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_close_cleanly_disarms_only_once_the_process_holds_nothing_more(loop: str) -> None:
+    """While written bytes wait in the process, the reset stays armed; then a clean end.
+
+    4 MiB to a client that has not read yet cannot all be in the kernel, so close_cleanly
+    has to wait for the transport's buffer to empty before it turns SO_LINGER off.
+    """
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "clean") as (armed, client):
+            assert armed.transport is not None
+            assert armed.transport.get_write_buffer_size() > 0
+            assert linger_of(armed.transport) == (1, 0)
+            assert not armed.transport.is_closing()
+            data, ending = await read_to_end(client)
+            assert (len(data), ending) == (len(BLOB), "eof")
+            assert data == BLOB
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_armed_connection_aborted_while_flushing_is_reset(loop: str) -> None:
+    """An abort after close_cleanly, with bytes still in the process, is a reset."""
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "clean") as (armed, client):
+            assert armed.transport is not None
+            armed.transport.abort()  # type: ignore[attr-defined]
+            data, ending = await read_to_end(client)
+            assert ending == "reset"
+            assert len(data) < len(BLOB)
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_plain_close_of_an_armed_connection_is_a_reset(loop: str) -> None:
+    """Once armed, only close_cleanly ends cleanly: transport.close() resets."""
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "plain") as (_, client):
+            data, ending = await read_to_end(client)
+            assert ending == "reset"
+            assert len(data) < len(BLOB)
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_end_of_file_while_flushing_still_gets_the_whole_stream(loop: str) -> None:
+    """A client that half-closes during the flush still reads everything, then end-of-file.
+
+    The protocol's eof_received returns None, so the transport closes itself; the reset
+    is disarmed all the same once the buffer is empty.
+    """
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "clean") as (_, client):
+            client.shutdown(socket.SHUT_WR)
+            data, ending = await read_to_end(client)
+            assert (len(data), ending) == (len(BLOB), "eof")
+
+    on_loop(loop, scenario)

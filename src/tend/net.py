@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 from tend.endpoints import Endpoint, Listening, TCPEndpoint, UNIXEndpoint, parse_endpoint
 from tend.service import Service, walk
@@ -28,7 +28,24 @@ ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 # gives its own deadline (see stopping_by).
 DEFAULT_GRACE_PERIOD = 10.0
 
+# SO_LINGER on with a timeout of 0: closing the socket, or the death of its process, sends RST.
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# SO_LINGER off, the default: closing sends FIN after whatever the kernel still holds.
+_LINGER_OFF = struct.pack("ii", 0, 0)
+
+
+def _set_linger(transport: asyncio.BaseTransport, linger: bytes) -> None:
+    """Set SO_LINGER on *transport*'s socket (on a UNIX socket it changes nothing).
+
+    On every poetry connection, twice: so no family check (its enum costs more than the
+    call), and a bare try rather than contextlib.suppress, which builds an object per call.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:  # noqa: SIM105 -- on the hot path, as the docstring says
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        except OSError:  # the socket is already closed: nothing left to arm or disarm
+            pass
 
 
 def reset(transport: asyncio.BaseTransport) -> None:
@@ -37,11 +54,100 @@ def reset(transport: asyncio.BaseTransport) -> None:
     In stream protocols such as poetry a clean end-of-file means "that was all", so a
     connection cut short must not end with one: SO_LINGER 0 makes close send RST.
     """
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    _set_linger(transport, _LINGER_RESET)
     transport.abort()  # type: ignore[attr-defined]
+
+
+def arm_reset(transport: asyncio.BaseTransport) -> None:
+    """Make *transport* end in a TCP reset however it ends, until `close_cleanly` ends it.
+
+    Call it when the connection is made, before the first write, in a protocol whose clean
+    end-of-file means "that was all" (poetry). From then on a connection that is aborted,
+    closed by asyncio on an error, or left open when the process dies (SIGKILL, the OOM
+    killer, a crash: the kernel then closes its sockets) ends in RST, so the peer never
+    mistakes a cut stream for a whole one. SO_LINGER 0 does it, at the cost of one system
+    call here and one in `close_cleanly`. A UNIX socket cannot be reset: a cut stream
+    there ends like a whole one.
+    """
+    _set_linger(transport, _LINGER_RESET)
+
+
+def close_cleanly(transport: asyncio.BaseTransport) -> None:
+    """Close *transport* with a clean end-of-file once everything written has left the
+    process (twistd: loseConnection), disarming `arm_reset` only then.
+
+    ``transport.close()`` may still hold unsent data in the process; were the process to
+    die during that flush with the reset disarmed, the peer would see a clean end after
+    part of the stream. So while data remains, the transport stands in a protocol of its
+    own until the buffer is empty, forwarding what arrives to the protocol it replaced;
+    only then is SO_LINGER turned off and the connection closed. A connection reset or
+    aborted meanwhile ends as it would have.
+    """
+    if transport.is_closing() or isinstance(transport.get_protocol(), _Flushing):
+        return
+    writer = cast(asyncio.WriteTransport, transport)
+    if not writer.get_write_buffer_size():
+        _set_linger(transport, _LINGER_OFF)
+        transport.close()
+        return
+    flushing: _Flushing
+    protocol = transport.get_protocol()
+    if isinstance(protocol, asyncio.BufferedProtocol):
+        flushing = _FlushingBuffered(writer, protocol)
+    else:
+        flushing = _FlushingProtocol(writer, protocol)
+    transport.set_protocol(flushing)
+    # Low water 0: resume_writing comes once the buffer is empty, not merely below a mark.
+    writer.set_write_buffer_limits(high=0, low=0)
+
+
+class _Flushing:
+    """Stands in for a protocol while its last bytes leave the process; then closes cleanly."""
+
+    def __init__(self, transport: asyncio.WriteTransport, protocol: Any) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Never called: the transport was made for the protocol this one stands in for."""
+
+    def pause_writing(self) -> None:
+        """The limits were set to zero: this is the wait for an empty buffer beginning."""
+
+    def resume_writing(self) -> None:
+        # The buffer is empty: everything written is in the kernel, so a death from here on
+        # would still deliver the whole stream before the FIN.
+        if self._done:
+            return
+        self._done = True
+        transport = self._transport
+        _set_linger(transport, _LINGER_OFF)
+        transport.set_protocol(self._protocol)
+        # Not close() here: asyncio would then end the connection twice, once for the
+        # close and once for the write that emptied the buffer and called us.
+        if not transport.is_closing():
+            asyncio.get_running_loop().call_soon(transport.close)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self._protocol.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+
+class _FlushingProtocol(_Flushing, asyncio.Protocol):
+    def data_received(self, data: bytes) -> None:
+        self._protocol.data_received(data)
+
+
+class _FlushingBuffered(_Flushing, asyncio.BufferedProtocol):
+    def get_buffer(self, sizehint: int) -> Any:
+        return self._protocol.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._protocol.buffer_updated(nbytes)
 
 
 def factory_name(protocol_factory: object) -> str:

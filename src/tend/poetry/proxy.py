@@ -18,7 +18,7 @@ import asyncio
 import logging
 from typing import cast
 
-from tend import AccessLog, Service, host_and_port, reset
+from tend import AccessLog, Service, arm_reset, host_and_port, reset
 from tend.poetry.client import DEFAULT_TIMEOUT, PoetryError, get_poetry
 from tend.poetry.server import WHOLE_POEM_LIMIT, Peer, PoemSender
 
@@ -138,6 +138,8 @@ class PoetryProxyProtocol(PoemSender):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement WriteTransport without subclassing it.
         transport = cast(asyncio.WriteTransport, transport)
+        # Armed at once: a proxy that dies while the client waits, or mid-poem, resets it.
+        arm_reset(transport)
         poem = self.service.cached_poem()
         peer = Peer(transport.get_extra_info("peername"))
         if poem is not None:

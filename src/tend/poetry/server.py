@@ -1,9 +1,13 @@
 """The poetry protocol and the service that holds the poem (the seed's FastPoetry 2.0).
 
 A poem goes out in one write and the connection closes: the clean end-of-file is how a
-client knows the poem is whole. A poem larger than the transport's high-water mark goes
-out a piece at a time instead (see :class:`PoemSender`), so that a client that never
-reads holds one piece of the server's memory rather than a copy of the whole poem.
+client knows the poem is whole. So every connection is armed to end in a reset
+(`tend.arm_reset`) from the moment it is made, and disarmed only by the clean close once
+the whole poem has left the process (`tend.close_cleanly`): a server killed mid-poem,
+even by SIGKILL or the OOM killer, cuts its clients off with a reset, never a clean short
+poem. A poem larger than the transport's high-water mark goes out a piece at a time
+instead (see :class:`PoemSender`), so that a client that never reads holds one piece of
+the server's memory rather than a copy of the whole poem.
 """
 
 from __future__ import annotations
@@ -12,7 +16,15 @@ import asyncio
 import logging
 from typing import cast
 
-from tend import AccessLog, Service, StartupError, format_address, quote
+from tend import (
+    AccessLog,
+    Service,
+    StartupError,
+    arm_reset,
+    close_cleanly,
+    format_address,
+    quote,
+)
 
 log = logging.getLogger(__name__)
 # The lines written per connection: the cheap path into the same log, at the same level.
@@ -63,7 +75,9 @@ def _read(path: str) -> bytes:
 def announce(
     service: PoetryService, transport: asyncio.BaseTransport
 ) -> tuple[asyncio.WriteTransport, bytes]:
-    """Log the seed's line for a new client; return the transport to write to and the poem."""
+    """Arm the reset and log the seed's line for a new client; return the transport to
+    write to and the poem."""
+    arm_reset(transport)
     poem = service.poem
     access.info(
         "sending %d bytes of poetry to %s", len(poem), Peer(transport.get_extra_info("peername"))
@@ -83,7 +97,7 @@ class PoetryProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         writer, poem = announce(self.service, transport)
         writer.write(poem)
-        writer.close()
+        close_cleanly(writer)
 
 
 class PoemSender(asyncio.Protocol):
@@ -110,7 +124,10 @@ class PoemSender(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def send_poem(self, transport: asyncio.WriteTransport, poem: bytes) -> None:
-        """Start sending *poem* on *transport*; the connection closes after the last piece."""
+        """Start sending *poem* on *transport*; the connection closes after the last piece.
+
+        The connection should already be armed with `tend.arm_reset`, when it was made.
+        """
         self._transport = transport
         self._poem = poem
         self._send_more()
@@ -132,7 +149,7 @@ class PoemSender(asyncio.Protocol):
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(self._delay, self._send_more)
                 return
-        transport.close()
+        close_cleanly(transport)
 
     def pause_writing(self) -> None:
         self._paused = True

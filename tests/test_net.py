@@ -688,3 +688,38 @@ def test_a_client_end_of_file_while_flushing_still_gets_the_whole_stream(loop: s
             assert (len(data), ending) == (len(BLOB), "eof")
 
     on_loop(loop, scenario)
+
+
+class Plain(asyncio.Protocol):
+    """Writes BLOB and closes with transport.close(), knowing nothing of arming."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        cast(asyncio.WriteTransport, transport).write(BLOB)
+        transport.close()
+
+
+async def test_an_armed_server_accepts_every_connection_armed(serve: Serve) -> None:
+    """StreamServer(armed=True): a connection is armed before its protocol does anything."""
+    made, factory = recording(Plain)
+    server = await serve(StreamServer(LOCAL, factory, armed=True))
+    reader, writer = await connect(server.port)
+    await wait_until_async(lambda: made)
+    with pytest.raises(ConnectionResetError):  # the plain close of an armed connection
+        await reader.read()
+    await close(writer)
+
+
+async def test_a_server_not_armed_disarms_a_listening_socket_armed_before(serve: Serve) -> None:
+    """A socket passed on (by systemd, say) armed by an earlier run is disarmed on start."""
+    server = StreamServer(LOCAL, Plain)
+    listening = server.listen()
+    for sock in listening.sockets:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await serve(server)
+    reader, writer = await connect(server.port)
+    assert await reader.read() == BLOB
+    await close(writer)

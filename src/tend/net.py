@@ -66,9 +66,13 @@ def arm_reset(transport: asyncio.BaseTransport) -> None:
     closed by asyncio on an error, or left open when the process dies (SIGKILL, the OOM
     killer, a crash: the kernel then closes its sockets) ends in RST, so the peer never
     mistakes a cut stream for a whole one. SO_LINGER 0 does it, at the cost of one system
-    call here and one in `close_cleanly`. A UNIX socket cannot be reset: a cut stream
-    there ends like a whole one.
+    call here and one in `close_cleanly`; on a StreamServer made with ``armed=True`` the
+    connection was born armed, and this costs nothing. A UNIX socket cannot be reset: a
+    cut stream there ends like a whole one.
     """
+    protocol = transport.get_protocol()
+    if isinstance(protocol, _Tracking) and protocol._server.armed:
+        return
     _set_linger(transport, _LINGER_RESET)
 
 
@@ -162,6 +166,12 @@ class StreamServer(Service):
     *endpoint* is a description such as ``tcp:10000:interface=127.0.0.1``,
     ``unix:/run/poetry.sock``, ``tls:8443:certKey=server.pem`` or ``systemd:index=0``,
     or an already parsed endpoint.
+
+    With *armed*, every connection is accepted armed as `arm_reset` arms one (the kernel
+    copies SO_LINGER from the listening socket to each connection it accepts): it saves a
+    system call per connection, and leaves no moment between accept and arming at all.
+    Its protocols must then end each connection with `close_cleanly` (or `reset`): a
+    plain ``transport.close()`` resets.
     """
 
     def __init__(
@@ -170,8 +180,10 @@ class StreamServer(Service):
         protocol_factory: ProtocolFactory,
         *,
         default_interface: str = "",
+        armed: bool = False,
     ) -> None:
         super().__init__()
+        self.armed = armed
         self.endpoint = (
             parse_endpoint(endpoint, default_interface) if isinstance(endpoint, str) else endpoint
         )
@@ -237,6 +249,10 @@ class StreamServer(Service):
         log.info("%s starting on %s", factory_name(self.protocol_factory), listening.where)
         try:
             for sock in listening.sockets:
+                # Set either way: a socket systemd passes keeps what an earlier run set.
+                linger = _LINGER_RESET if self.armed else _LINGER_OFF
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
                 # asyncio calls listen() again with this, and accepts up to this many per wakeup.
                 server = await loop.create_server(
                     self._make_protocol, sock=sock, backlog=self.endpoint.backlog, ssl=listening.tls

@@ -86,8 +86,9 @@ class PoetryMaker(ServiceMaker):
                 DEFAULT_CHUNK_SIZE if size is None else int(size),
                 delay or 0.0,
             )
+        # Armed: every protocol here ends with close_cleanly or a reset (see server.py).
         listener = StreamServer(
-            str(options["port"]), factory, default_interface=str(options["iface"])
+            str(options["port"]), factory, default_interface=str(options["iface"]), armed=True
         )
         listener.set_service_parent(top_service)
         return top_service
@@ -141,6 +142,7 @@ class PoetryProxyMaker(ServiceMaker):
             str(options["port"]),
             PoetryProxyFactory(proxy_service),
             default_interface=str(options["iface"]),
+            armed=True,
         )
         listener.set_service_parent(top_service)
         return top_service

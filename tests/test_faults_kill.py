@@ -13,6 +13,7 @@ import re
 import select
 import signal
 import socket
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -242,3 +243,41 @@ def test_a_proxy_does_not_cache_a_poem_cut_by_a_killed_upstream(
     assert "fetched" not in proxy.stdout
     with connect(port) as client:
         assert read_to_end(client) == (POEM.read_bytes(), "eof")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_reset_before_it_is_accepted_costs_one_line(
+    run_tend: Callable[..., Tend], tmp_path: Path, loop: str
+) -> None:
+    """A client connects and resets while the worker is stopped (SIGSTOP): one line.
+
+    Once the worker runs again it accepts the dead connection, and its first write of a
+    16 MiB poem fails; the rest must not then be written, piece by piece, to a closed
+    transport (asyncio logged each such write).
+    """
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    poem_path = big_poem(tmp_path, 16 * MIB)
+    tend = run_tend(*FOREGROUND, "--loop", loop, "poetry", *LOCAL, "--poem", str(poem_path))
+    port = tend.wait_for_port()
+    pid = worker_of(tend)
+    pidfd = os.pidfd_open(pid)
+    try:
+        assert pid in children(tend)
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+        try:
+            with connect(port) as client:
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+    finally:
+        os.close(pidfd)
+    wait_until(lambda: "closed after" in tend.stdout)
+    assert tend.stop() == 0
+    # Its address, if the loop took it from accept(); else it has none left to give.
+    assert re.search(
+        r"connection to (127\.0\.0\.1:\d+|a client already gone) closed after \d+ of",
+        tend.stdout,
+    )
+    assert "socket.send() raised exception" not in tend.stdout
+    assert "Traceback" not in tend.stdout

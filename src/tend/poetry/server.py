@@ -44,6 +44,8 @@ class Peer:
         self.address = address
 
     def __str__(self) -> str:
+        if self.address is None:  # it reset before it was accepted: it has no address left
+            return "a client already gone"
         return format_address(self.address)
 
 
@@ -121,7 +123,7 @@ class PoemSender(asyncio.Protocol):
         self._poem = b""
         self._sent = 0
         self._paused = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the next _send_more, when one is due
 
     def send_poem(self, transport: asyncio.WriteTransport, poem: bytes) -> None:
         """Start sending *poem* on *transport*; the connection closes after the last piece.
@@ -142,6 +144,8 @@ class PoemSender(asyncio.Protocol):
         while self._sent < size:
             if self._paused:
                 return  # resume_writing carries on
+            if transport.is_closing():
+                return  # a write failed (the client reset): the rest has nowhere to go
             end = self._sent + self._chunk_size
             transport.write(poem[self._sent : end])
             self._sent = min(end, size)
@@ -157,7 +161,9 @@ class PoemSender(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
         if self._timer is None:  # else the pause between pieces is still running
-            self._send_more()
+            # Soon, not now: asyncio (3.11) ends a connection twice if it is closed from
+            # resume_writing with its buffer empty, as the last piece may leave it.
+            self._timer = asyncio.get_running_loop().call_soon(self._send_more)
 
     def eof_received(self) -> bool | None:
         # A poetry client sends nothing, so its end-of-file means it has gone: stop at once

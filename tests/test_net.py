@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import resource
 import shutil
 import socket
 import struct
@@ -18,14 +21,20 @@ from conftest import wait_until_async
 
 from tend.endpoints import ListenError, TCPEndpoint
 from tend.net import (
+    SPARE_DESCRIPTORS,
+    AcceptErrorLog,
+    ConnectionLimit,
     StreamServer,
     TCPServer,
     UNIXServer,
     arm_reset,
     close_cleanly,
+    default_max_connections,
+    limit_connections,
     reset,
     stopping_by,
 )
+from tend.service import MultiService
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 
@@ -51,8 +60,8 @@ class Holder(asyncio.Protocol):
         self.lost_with: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.received += data
@@ -557,14 +566,17 @@ class Armed(asyncio.Protocol):
 
 
 def on_loop(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
-    """Run *scenario* on a fresh event loop of the kind *loop* names."""
+    """Run *scenario* on a fresh event loop of the kind *loop* names, for at most 30 s.
+
+    (pytest-timeout's alarm cannot interrupt uvloop waiting in C, so the bound is here.)
+    """
     if loop == "uvloop":
         uvloop = pytest.importorskip("uvloop")
         factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     else:
         factory = asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(scenario())  # type: ignore[arg-type]
+        runner.run(asyncio.wait_for(scenario(), 30))
 
 
 async def read_to_end(client: socket.socket) -> tuple[bytes, str]:
@@ -723,3 +735,139 @@ async def test_a_server_not_armed_disarms_a_listening_socket_armed_before(serve:
     reader, writer = await connect(server.port)
     assert await reader.read() == BLOB
     await close(writer)
+
+
+# -- the connection limit: at most so many at once, the rest waiting in the backlog -----------
+
+
+async def hello_and_bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Finish a Holder connection: say bye, expect done."""
+    writer.write(b"bye")
+    assert await reader.read() == b"done"
+    await close(writer)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_server_at_its_limit_leaves_new_clients_in_the_backlog(loop: str) -> None:
+    """With a limit of 2, a third client waits, connected, until one of the two leaves."""
+
+    async def scenario() -> None:
+        made, factory = recording(Holder)
+        server = StreamServer(LOCAL, factory)
+        server.connection_limit = ConnectionLimit(2)
+        server.privileged_start_service()
+        await server.start_service()
+        try:
+            clients = []
+            for count in (1, 2, 3):
+                clients.append(await connect(server.port))
+                await wait_until_async(lambda count=count: len(made) >= min(count, 2))
+            # Two more turns of the loop for the third: still not accepted.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert (len(made), server.connection_count) == (2, 2)
+            await hello_and_bye(*clients[0])
+            await wait_until_async(lambda: len(made) == 3)
+            await hello_and_bye(*clients[1])
+            await hello_and_bye(*clients[2])
+            # Below the limit again, the server accepts as before.
+            await hello_and_bye(*await connect(server.port))
+            assert len(made) == 4
+        finally:
+            server.grace_period = 0
+            await server.stop_service()
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_one_limit_is_shared_by_the_listeners_it_is_given(loop: str) -> None:
+    """Two servers share a limit of 2: one connection each, and a third waits for either."""
+
+    async def scenario() -> None:
+        made_a, factory_a = recording(Holder)
+        made_b, factory_b = recording(Holder)
+        first = StreamServer(LOCAL, factory_a)
+        second = StreamServer(LOCAL, factory_b)
+        tree = MultiService()
+        first.set_service_parent(tree)
+        second.set_service_parent(tree)
+        limit = limit_connections(tree, 2)
+        assert (first.connection_limit, second.connection_limit) == (limit, limit)
+        tree.privileged_start_service()
+        await tree.start_service()
+        try:
+            on_first = await connect(first.port)
+            await wait_until_async(lambda: made_a)
+            on_second = await connect(second.port)
+            await wait_until_async(lambda: made_b)
+            waiting = await connect(first.port)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert (len(made_a), len(made_b), limit.open) == (1, 1, 2)
+            await hello_and_bye(*on_second)
+            await wait_until_async(lambda: len(made_a) == 2)
+            await hello_and_bye(*on_first)
+            await hello_and_bye(*waiting)
+        finally:
+            first.grace_period = second.grace_period = 0
+            await tree.stop_service()
+
+    on_loop(loop, scenario)
+
+
+def test_the_default_limit_leaves_descriptors_spare() -> None:
+    """The default limit is the open-file limit less what is open and SPARE_DESCRIPTORS."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) - 1
+    assert default_max_connections() == max(1, soft - in_use - SPARE_DESCRIPTORS)
+
+
+def test_a_limit_below_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ConnectionLimit(0)
+
+
+async def test_accept_errors_are_logged_at_most_once_an_interval_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hundred EMFILE reports: one line at once, one line with the count an interval on."""
+    loop = asyncio.get_running_loop()
+    handler = AcceptErrorLog(interval=0.1)
+    error = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        caplog.set_level(logging.ERROR, logger="tend")
+        for _ in range(100):
+            handler(
+                loop,
+                {
+                    "message": "socket.accept() out of system resource",
+                    "exception": error,
+                    "socket": sock,
+                },
+            )
+        lines = [record.getMessage() for record in caplog.records]
+        assert lines == [
+            f"cannot accept connections on 127.0.0.1:{port}: Too many open files; "
+            "raise the open-file limit (ulimit -n) or lower --max-connections"
+        ]
+        await wait_until_async(lambda: len(caplog.records) == 2)
+    assert (
+        caplog.records[1]
+        .getMessage()
+        .endswith("lower --max-connections (99 times in the last 0.1 s)")
+    )
+
+
+async def test_other_loop_errors_go_to_the_default_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception that is not an accept() out of descriptors is logged as asyncio would."""
+    loop = asyncio.get_running_loop()
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    AcceptErrorLog()(loop, {"message": "Exception in callback", "exception": ValueError("x")})
+    assert [(record.name, record.getMessage()) for record in caplog.records] == [
+        ("asyncio", "Exception in callback")
+    ]

@@ -120,6 +120,7 @@ def run(settings: Settings, build_tree: BuildTree, abandon: Callable[[str], NoRe
             signals=signals,
             loop_factory=loop_factory,
             shutdown_timeout=settings.shutdown_timeout,
+            max_connections=settings.max_connections,
         )
         if settings.pidfile:
             supervisor.take_pidfile(settings.pidfile)

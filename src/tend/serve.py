@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 from tend.channel import Channel
 from tend.errors import StartupError, TendError, quote
-from tend.net import listeners, stopping_by
+from tend.net import AcceptErrorLog, limit_connections, listeners, stopping_by
 from tend.service import Application, Service
 from tend.settings import LOOPS
 from tend.signals import Signals, name_of
@@ -37,13 +37,19 @@ def serve(
     loop_factory: LoopFactory,
     shutdown_timeout: float,
     watchdog_interval: float | None = None,
+    max_connections: int = 0,
 ) -> int:
     """Serve *application* until a stop signal; return the exit status.
+
+    Its listeners share one limit of *max_connections* connections at once (0: as many as
+    the open-file limit allows, see `tend.net.default_max_connections`).
 
     Raises:
         StartupError: a service failed to start, or a stop signal came first.
     """
-    serving = _Serving(application, channel, signals, shutdown_timeout, watchdog_interval)
+    serving = _Serving(
+        application, channel, signals, shutdown_timeout, watchdog_interval, max_connections
+    )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(serving.run())
 
@@ -56,12 +62,14 @@ class _Serving:
         signals: Signals,
         shutdown_timeout: float,
         watchdog_interval: float | None,
+        max_connections: int = 0,
     ) -> None:
         self.application = application
         self.channel = channel
         self.signals = signals
         self.shutdown_timeout = shutdown_timeout
         self.watchdog_interval = watchdog_interval
+        self.max_connections = max_connections
         self.stop_signals: list[str] = []
         self.stop_requested = asyncio.Event()
         self.second_signal = asyncio.Event()
@@ -69,6 +77,9 @@ class _Serving:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         log.info("event loop class: %s.", _qualified_name(type(loop)))
+        # Out of descriptors, a loop reports every failed accept(): a line a second is enough.
+        loop.set_exception_handler(AcceptErrorLog())
+        limit_connections(self.application, self.max_connections)
         self.signals.hand_to_loop(loop, self._on_signal)
         watchdog = None
         try:

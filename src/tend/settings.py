@@ -131,6 +131,15 @@ SETTINGS: tuple[Option | Flag, ...] = (
         type=workers,
         metavar="N",
     ),
+    Option(
+        "max-connections",
+        default="0",
+        help="connections each worker holds open at once, across its listeners; more wait in "
+        "the listen backlog; 0 = the open-file limit (ulimit -n) less the descriptors open at "
+        "start and 16 spare",
+        type=count,
+        metavar="N",
+    ),
 )
 
 
@@ -149,6 +158,7 @@ class Settings:
     loop: str = "auto"
     shutdown_timeout: float = 10.0
     workers: int = 1
+    max_connections: int = 0
 
 
 def _log_config(**values: object) -> LogConfig:
@@ -223,6 +233,7 @@ def resolve(
         loop=str(value["loop"]),
         shutdown_timeout=_float(value["shutdown_timeout"]),
         workers=_int(value["workers"]),
+        max_connections=_int(value["max_connections"]),
     )
 
 

@@ -113,8 +113,10 @@ class Supervisor:
         signals: Signals,
         loop_factory: LoopFactory,
         shutdown_timeout: float,
+        max_connections: int = 0,
     ) -> None:
         self.application = application
+        self.max_connections = max_connections
         self.count = workers
         self.identity = identity
         self.sink = sink
@@ -255,6 +257,7 @@ class Supervisor:
                 else None
             ),
             supervisor_pid=os.getpid(),
+            max_connections=self.max_connections,
         )
         self.sink.flush()
         with self.signals.forking():

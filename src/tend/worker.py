@@ -36,6 +36,7 @@ class WorkerPlan:
     shutdown_timeout: float
     watchdog_interval: float | None
     supervisor_pid: int
+    max_connections: int = 0
 
 
 def run_worker(
@@ -58,6 +59,7 @@ def run_worker(
             loop_factory=plan.loop_factory,
             shutdown_timeout=plan.shutdown_timeout,
             watchdog_interval=plan.watchdog_interval,
+            max_connections=plan.max_connections,
         )
     except TendError as error:
         log.error("tend: %s", error)

@@ -45,11 +45,14 @@ async def get_poetry(
     port: int,
     *,
     timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109
+    max_bytes: int | None = None,
 ) -> bytes:
-    """Fetch the poem served on *host*:*port*; *timeout* bounds the whole fetch, in seconds.
+    """Fetch the poem served on *host*:*port*; *timeout* bounds the whole fetch, in seconds,
+    and *max_bytes* the poem's size (more fails the fetch as soon as it arrives).
 
     Raises:
-        PoetryError: the connection was refused, reset or timed out, or no poetry came.
+        PoetryError: the connection was refused, reset or timed out, no poetry came, or
+            more than *max_bytes*.
     """
     address = host_and_port(host, port)
     chunks: list[bytes] = []
@@ -61,6 +64,10 @@ async def get_poetry(
                 while chunk := await reader.read(_READ_SIZE):
                     chunks.append(chunk)
                     received += len(chunk)
+                    if max_bytes is not None and received > max_bytes:
+                        raise PoetryError(
+                            address, f"the poem is larger than {max_bytes:,} bytes", received
+                        )
             finally:
                 writer.close()
                 # The error that ended the read (a reset) surfaces here again; it is handled.

@@ -24,7 +24,7 @@ from tend import (
 )
 from tend.poetry import DEFAULT_POEM
 from tend.poetry.client import DEFAULT_TIMEOUT, Server, parse_address
-from tend.poetry.proxy import PoetryProxyFactory, ProxyService
+from tend.poetry.proxy import DEFAULT_MAX_POEM_BYTES, PoetryProxyFactory, ProxyService
 from tend.poetry.server import PoetryFactory, PoetryService
 from tend.poetry.slow import DEFAULT_CHUNK_SIZE, SlowPoetryFactory
 
@@ -43,6 +43,15 @@ def chunk_size(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(
             f"invalid chunk size {quote(text)}: expected a whole number of bytes, at least 1"
+        )
+    return int(text)
+
+
+def byte_count(text: str) -> int:
+    """A size in bytes, at least 1, for ``--max-poem-bytes``."""
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(
+            f"invalid size {quote(text)}: expected a whole number of bytes, at least 1"
         )
     return int(text)
 
@@ -123,6 +132,14 @@ class PoetryProxyMaker(ServiceMaker):
             "None: keep it for as long as the proxy runs.",
             type=seconds,
         ),
+        Option(
+            "max-poem-bytes",
+            None,
+            str(DEFAULT_MAX_POEM_BYTES),
+            "The largest poem to fetch and hold, in bytes (4 MiB); over it the fetch fails "
+            "and its waiting clients are reset.",
+            type=byte_count,
+        ),
     )
 
     def make_service(self, options: Mapping[str, object]) -> Service:
@@ -136,6 +153,7 @@ class PoetryProxyMaker(ServiceMaker):
             server.port,
             timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             cache_ttl=_number(options.get("cache_ttl")),
+            max_poem_bytes=int(_number(options.get("max_poem_bytes")) or DEFAULT_MAX_POEM_BYTES),
         )
         proxy_service.set_service_parent(top_service)
         listener = StreamServer(

@@ -542,7 +542,9 @@ async def test_a_huge_upstream_poem_costs_the_proxy_little_memory(
     """A 64 MiB upstream poem, past the default 4 MiB: the proxy grows by far less than it."""
     big = tmp_path / "big.txt"
     big.write_bytes(b"Tyger Tyger, burning bright,\n" * (64 * 1024 * 1024 // 29))
-    server = run_tend(*FOREGROUND, "poetry", *LOCAL, "--poem", str(big))
+    server = run_tend(
+        *FOREGROUND, "poetry", *LOCAL, "--poem", str(big), "--max-poem-bytes", str(128 << 20)
+    )
     proxy = start_proxy(run_tend, tmp_path, server.wait_for_port())
     port = await port_of(proxy)
     await wait_until_async(

@@ -24,8 +24,8 @@ from tend import (
 )
 from tend.poetry import DEFAULT_POEM
 from tend.poetry.client import DEFAULT_TIMEOUT, Server, parse_address
-from tend.poetry.proxy import DEFAULT_MAX_POEM_BYTES, PoetryProxyFactory, ProxyService
-from tend.poetry.server import PoetryFactory, PoetryService
+from tend.poetry.proxy import DEFAULT_MAX_PROXIED_BYTES, PoetryProxyFactory, ProxyService
+from tend.poetry.server import DEFAULT_MAX_POEM_BYTES, PoetryFactory, PoetryService
 from tend.poetry.slow import DEFAULT_CHUNK_SIZE, SlowPoetryFactory
 
 
@@ -77,11 +77,21 @@ class PoetryMaker(ServiceMaker):
             "Pause this many seconds between pieces, as the tutorial's slow server does.",
             type=seconds,
         ),
+        Option(
+            "max-poem-bytes",
+            None,
+            str(DEFAULT_MAX_POEM_BYTES),
+            "The largest poem file to read, in bytes (16 MiB); the poem must be a regular file.",
+            type=byte_count,
+        ),
     )
 
     def make_service(self, options: Mapping[str, object]) -> Service:
         top_service = MultiService()
-        poetry_service = PoetryService(str(options["poem"]))
+        poetry_service = PoetryService(
+            str(options["poem"]),
+            int(_number(options.get("max_poem_bytes")) or DEFAULT_MAX_POEM_BYTES),
+        )
         poetry_service.set_service_parent(top_service)
         size = _number(options.get("chunk_size"))
         delay = _number(options.get("delay"))
@@ -135,7 +145,7 @@ class PoetryProxyMaker(ServiceMaker):
         Option(
             "max-poem-bytes",
             None,
-            str(DEFAULT_MAX_POEM_BYTES),
+            str(DEFAULT_MAX_PROXIED_BYTES),
             "The largest poem to fetch and hold, in bytes (4 MiB); over it the fetch fails "
             "and its waiting clients are reset.",
             type=byte_count,
@@ -153,7 +163,7 @@ class PoetryProxyMaker(ServiceMaker):
             server.port,
             timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             cache_ttl=_number(options.get("cache_ttl")),
-            max_poem_bytes=int(_number(options.get("max_poem_bytes")) or DEFAULT_MAX_POEM_BYTES),
+            max_poem_bytes=int(_number(options.get("max_poem_bytes")) or DEFAULT_MAX_PROXIED_BYTES),
         )
         proxy_service.set_service_parent(top_service)
         listener = StreamServer(

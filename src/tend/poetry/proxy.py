@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 access = AccessLog(__name__)
 
 # The largest poem the proxy fetches and holds, unless told otherwise (--max-poem-bytes).
-DEFAULT_MAX_POEM_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_PROXIED_BYTES = 4 * 1024 * 1024
 
 # After a failed fetch, none before this many seconds; doubled with each failure in a row,
 # up to RETRY_BACKOFF_MAX.
@@ -56,7 +56,7 @@ class ProxyService(Service):
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         cache_ttl: float | None = None,
-        max_poem_bytes: int = DEFAULT_MAX_POEM_BYTES,
+        max_poem_bytes: int = DEFAULT_MAX_PROXIED_BYTES,
         retry_backoff: float = RETRY_BACKOFF,
         retry_backoff_max: float = RETRY_BACKOFF_MAX,
     ) -> None:

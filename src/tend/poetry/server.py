@@ -19,16 +19,18 @@ from typing import cast
 from tend import (
     AccessLog,
     Service,
-    StartupError,
     arm_reset,
     close_cleanly,
     format_address,
-    quote,
+    read_file,
 )
 
 log = logging.getLogger(__name__)
 # The lines written per connection: the cheap path into the same log, at the same level.
 access = AccessLog(__name__)
+
+# The largest poem the server reads, unless told otherwise (--max-poem-bytes).
+DEFAULT_MAX_POEM_BYTES = 16 * 1024 * 1024
 
 # asyncio's default high-water mark: a poem up to this size is written at once, since the
 # transport would hold no more than this for a client that does not read anyway.
@@ -50,28 +52,33 @@ class Peer:
 
 
 class PoetryService(Service):
-    """Holds the poem; loads it when started (the seed's PoetryService)."""
+    """Holds the poem; loads it when started (the seed's PoetryService).
 
-    def __init__(self, poetry_file: str) -> None:
+    The poem file must be a regular file of at most *max_poem_bytes*: a FIFO would make
+    the start wait for ever, and ``/dev/zero`` would be read until memory ran out.
+    """
+
+    def __init__(self, poetry_file: str, max_poem_bytes: int = DEFAULT_MAX_POEM_BYTES) -> None:
         super().__init__()
         self.poetry_file = poetry_file
+        self.max_poem_bytes = max_poem_bytes
         self.poem = b""
 
     async def start_service(self) -> None:
-        """Read the poem, failing the start with one clear line if it cannot be read."""
-        try:
-            self.poem = await asyncio.to_thread(_read, self.poetry_file)
-        except OSError as error:
-            raise StartupError(
-                f"cannot read poem file {quote(self.poetry_file)}: {error.strerror}"
-            ) from None
+        """Read the poem, failing the start with one clear line if it cannot be read.
+
+        Raises:
+            StartupError: the file cannot be read, is not a regular file, or is too large.
+        """
+        self.poem = await asyncio.to_thread(
+            read_file,
+            self.poetry_file,
+            "poem file",
+            self.max_poem_bytes,
+            hint="; raise it with --max-poem-bytes",
+        )
         log.info("loaded a poem from: %s", self.poetry_file)
         await super().start_service()
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
 
 
 def announce(

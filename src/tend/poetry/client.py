@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
+import re
 import socket
 import sys
 import time
@@ -81,6 +83,8 @@ async def get_poetry(
         ) from None
     except OSError as error:
         raise PoetryError(address, _describe(error, received), received) from error
+    except (UnicodeError, ValueError) as error:  # a host the resolver cannot take
+        raise PoetryError(address, f"invalid host {quote(host, 40)}: {error}") from error
     if not received:
         raise PoetryError(address, "the server closed the connection without sending poetry")
     return b"".join(chunks)
@@ -125,11 +129,19 @@ class Server:
 
 
 def parse_address(text: str) -> Server:
-    """Parse ``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on localhost)."""
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on localhost).
+
+    The host must be an IP address (IPv6 in brackets) or a host name: IDNA-encodable,
+    dot-separated labels of letters, digits and hyphens, at most 253 characters.
+
+    Raises:
+        argparse.ArgumentTypeError: the address, with what is wrong with it.
+    """
     host, colon, port_text = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
     if not colon:
         host = "localhost"
-    elif host.startswith("[") and host.endswith("]"):
+    elif bracketed:
         host = host[1:-1]
     elif ":" in host:
         raise argparse.ArgumentTypeError(
@@ -144,7 +156,43 @@ def parse_address(text: str) -> Server:
         raise argparse.ArgumentTypeError(
             f"invalid address {quote(text)}: the port must be a number from 1 to 65535"
         )
+    problem = _host_problem(host, bracketed)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {quote(text)}: {quote(host, 40)} {problem}"
+        )
     return Server(host, port)
+
+
+# A label of a host name, once IDNA-encoded: letters, digits and inner hyphens, 1 to 63.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _host_problem(host: str, bracketed: bool) -> str | None:
+    """What is wrong with *host* (as the rest of a sentence), or None if it is fine."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if bracketed:
+        if address is None or address.version != 6:
+            return "is not an IPv6 address: brackets are for IPv6 addresses only"
+        return None
+    if address is not None:
+        return None
+    if len(host) > 253:
+        return "is longer than 253 characters"
+    not_a_name = "is not a host name (letters, digits and hyphens) or an IP address"
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return not_a_name
+    labels = encoded.removesuffix(".").split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels) or len(encoded) > 253:
+        return not_a_name
+    if labels[-1].isdigit():  # no top-level domain is all digits: a mistyped IP address
+        return "is not a valid IP address"
+    return None
 
 
 def command_parser() -> argparse.ArgumentParser:
@@ -207,6 +255,13 @@ async def _fetch_one(
     except PoetryError as error:
         outcome.failed = True
         _report(f"Task {number}: failed to get poetry from {server}: {error.reason}")
+        return
+    except Exception as error:  # a bug, not the server's fault: still one line, no traceback
+        outcome.failed = True
+        _report(
+            f"Task {number}: failed to get poetry from {server}: "
+            f"{type(error).__name__}: {quote(error)}"
+        )
         return
     elapsed = time.monotonic() - started
     if output_dir is not None:

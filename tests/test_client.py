@@ -400,3 +400,32 @@ def test_the_proxy_refuses_an_odd_upstream_at_once(
     assert result.returncode == 2
     assert message in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [f"a/b/{'x' * 300}", "/".join(["y" * 200] * 25)],
+    ids=["name-too-long", "path-too-long"],
+)
+def test_an_output_dir_that_cannot_be_made_leaves_nothing_behind(
+    tmp_path: Path, folder: str
+) -> None:
+    """A folder name, or a whole path, too long: one line, exit 1, and none of the folders
+    made before the failure is left behind."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a").mkdir()  # there before: stays
+    result = subprocess.run(
+        [*GET_POETRY, "--output-dir", folder, "10000"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("get-poetry: cannot create output directory '")
+    assert result.stderr.endswith("': File name too long\n")
+    assert len(result.stderr.splitlines()) == 1
+    assert sorted(path.name for path in work.iterdir()) == ["a"]
+    assert list((work / "a").iterdir()) == []

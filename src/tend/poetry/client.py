@@ -270,11 +270,43 @@ async def _fetch_one(
             await asyncio.to_thread(_write_file, path, poem)
         except OSError as error:
             outcome.failed = True
-            _report(f"Task {number}: cannot write {path}: {error.strerror}")
+            _report(f"Task {number}: cannot write {quote(path)}: {error.strerror}")
             return
     else:
         outcome.poem = poem
     _report(f"Task {number}: {len(poem)} bytes of poetry from {server} in {elapsed:.2f} s")
+
+
+def make_folders(path: str) -> None:
+    """Create the folder *path* and its missing parents; if that fails, remove the ones
+    this call created, so that a failure leaves nothing new behind.
+
+    Raises:
+        OSError: a folder could not be created (a name too long, no permission, ...).
+    """
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    created: list[str] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise
+                continue  # made by someone else meanwhile: not ours to remove
+            created.append(folder)
+    except OSError:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
 
 def _write_file(path: str, poem: bytes) -> None:
@@ -297,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir: str | None = arguments.output_dir
     if output_dir is not None:
         try:
-            os.makedirs(output_dir, exist_ok=True)
+            make_folders(output_dir)
         except OSError as error:
             _report(
                 f"get-poetry: cannot create output directory {quote(output_dir)}: {error.strerror}"

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from conftest import POEM, Tend
+from conftest import POEM, TEND, Tend, shim_proxy_plugin
 
 import tend
 import tend.poetry
@@ -230,16 +230,31 @@ async def test_each_failure_is_reported_per_server_and_the_exit_status_is_1(
         (["localhost:poems"], "argument HOST:PORT: invalid address 'localhost:poems'"),
         (["::1:10000"], "write an IPv6 host in brackets, as [::1]:10000"),
         (["70000"], "the port must be a number from 1 to 65535"),
+        (
+            ["\u202e:1"],
+            "invalid address '\\u202e:1': '\\u202e' is not a host name (letters, digits and "
+            "hyphens) or an IP address",
+        ),
+        (["[:10"], "invalid address '[:10': '[' is not a host name"),
+        (["a..b:1"], "invalid address 'a..b:1': 'a..b' is not a host name"),
+        (["poems_example:1"], "'poems_example' is not a host name"),
+        ([f"{'a' * 64}.example:1"], "is not a host name"),
+        ([f"{'a.' * 130}example:1"], "is longer than 253 characters"),
+        (["999.1.1.1:10000"], "invalid address '999.1.1.1:10000': '999.1.1.1' is not a valid IP"),
+        (["[localhost]:1"], "'localhost' is not an IPv6 address: brackets are for IPv6"),
+        (["[127.0.0.1]:1"], "'127.0.0.1' is not an IPv6 address"),
         (["--timeout", "0", "10000"], "argument --timeout: invalid duration '0'"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    """A bad address or timeout is reported by argparse, naming the argument (exit 2)."""
+    """A bad address or timeout is reported by argparse, naming the argument (exit 2), in
+    one line and a hint."""
     result = subprocess.run(
         [*GET_POETRY, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 2
     assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 2, result.stderr
     assert result.stdout == ""
 
 
@@ -320,6 +335,10 @@ async def test_get_poetry_raises_poetry_error_on_timeout(
         ("poems.example:10001", Server("poems.example", 10001)),
         ("127.0.0.1:1", Server("127.0.0.1", 1)),
         ("[::1]:10000", Server("::1", 10000)),
+        ("[fe80::1%eth0]:10000", Server("fe80::1%eth0", 10000)),
+        ("café.example:10000", Server("café.example", 10000)),
+        ("poems-1.example.:10000", Server("poems-1.example.", 10000)),
+        ("10.0.0.1:10000", Server("10.0.0.1", 10000)),
     ],
 )
 def test_addresses_parse(text: str, server: Server) -> None:
@@ -331,3 +350,87 @@ def test_addresses_parse(text: str, server: Server) -> None:
 def test_a_port_of_zero_is_not_an_address() -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         parse_address("localhost:0")
+
+
+async def test_get_poetry_turns_a_host_the_resolver_cannot_take_into_poetry_error() -> None:
+    """The library call validates nothing itself: an odd host is still a PoetryError."""
+    with pytest.raises(PoetryError) as caught:
+        await get_poetry("\u202e", 1, timeout=5)
+    assert caught.value.reason.startswith("invalid host '\\u202e': ")
+
+
+def test_get_poetry_reports_every_failure_in_one_line_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Refused, unroutable and odd-but-valid hosts: a line each, never a traceback."""
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))
+        refused = f"127.0.0.1:{refusing.getsockname()[1]}"
+        result = subprocess.run(
+            [*GET_POETRY, "--timeout", "0.5", refused, "[::1]:1", "[fe80::1%lo]:1"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3, result.stderr
+    assert all(re.fullmatch(r"Task \d: failed to get poetry from \S+: .+", line) for line in lines)
+    assert "Traceback" not in result.stderr
+    assert "ExceptionGroup" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ("\u202e:1", "argument --server: invalid address '\\u202e:1': '\\u202e' is not a host"),
+        ("[:10", "argument --server: invalid address '[:10': '[' is not a host name"),
+    ],
+)
+def test_the_proxy_refuses_an_odd_upstream_at_once(
+    tmp_path: Path, server: str, message: str
+) -> None:
+    """poetry-proxy --server with an odd host does not start: a usage error (exit 2)."""
+    shim_proxy_plugin(tmp_path)
+    result = subprocess.run(
+        [*TEND, "--nodaemon", "--pidfile", "", "poetry-proxy", "--server", server],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [f"a/b/{'x' * 300}", "/".join(["y" * 200] * 25)],
+    ids=["name-too-long", "path-too-long"],
+)
+def test_an_output_dir_that_cannot_be_made_leaves_nothing_behind(
+    tmp_path: Path, folder: str
+) -> None:
+    """A folder name, or a whole path, too long: one line, exit 1, and none of the folders
+    made before the failure is left behind."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "a").mkdir()  # there before: stays
+    result = subprocess.run(
+        [*GET_POETRY, "--output-dir", folder, "10000"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("get-poetry: cannot create output directory '")
+    assert result.stderr.endswith("': File name too long\n")
+    assert len(result.stderr.splitlines()) == 1
+    assert sorted(path.name for path in work.iterdir()) == ["a"]
+    assert list((work / "a").iterdir()) == []

@@ -4,18 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import resource
 import shutil
+import socket
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from conftest import wait_until_async
 
 from tend.endpoints import ListenError, TCPEndpoint
-from tend.net import StreamServer, TCPServer, UNIXServer, reset, stopping_by
+from tend.net import (
+    SPARE_DESCRIPTORS,
+    AcceptErrorLog,
+    ConnectionLimit,
+    StreamServer,
+    TCPServer,
+    UNIXServer,
+    arm_reset,
+    close_cleanly,
+    default_max_connections,
+    limit_connections,
+    reset,
+    stopping_by,
+)
+from tend.service import MultiService
 
 LOCAL = "tcp:0:interface=127.0.0.1"
 
@@ -41,8 +60,8 @@ class Holder(asyncio.Protocol):
         self.lost_with: Exception | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.received += data
@@ -519,3 +538,336 @@ async def test_tls_key_is_read_in_the_privileged_start_before_binding(tmp_path: 
     )
     assert server.port is None
     assert server.addresses == []
+
+
+# -- arm_reset and close_cleanly: a cut stream ends in a reset, a whole one cleanly -----------
+
+BLOB = b"So, so, break off this last lamenting kiss,\n" * (4 * 1024 * 1024 // 44)
+
+
+class Armed(asyncio.Protocol):
+    """Arms the reset, writes *payload*, then ends as *ending* says: clean, plain or abort."""
+
+    def __init__(self, payload: bytes, ending: str) -> None:
+        self.payload = payload
+        self.ending = ending
+        self.transport: asyncio.WriteTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement WriteTransport without subclassing it.
+        transport = cast(asyncio.WriteTransport, transport)
+        self.transport = transport
+        arm_reset(transport)
+        transport.write(self.payload)
+        if self.ending == "clean":
+            close_cleanly(transport)
+        elif self.ending == "plain":
+            transport.close()
+
+
+def on_loop(loop: str, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run *scenario* on a fresh event loop of the kind *loop* names, for at most 30 s.
+
+    (pytest-timeout's alarm cannot interrupt uvloop waiting in C, so the bound is here.)
+    """
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    else:
+        factory = asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 30))
+
+
+async def read_to_end(client: socket.socket) -> tuple[bytes, str]:
+    """Read *client* until it ends; return what arrived and "eof" or "reset"."""
+    loop = asyncio.get_running_loop()
+    chunks = []
+    try:
+        while chunk := await loop.sock_recv(client, 1 << 20):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        return b"".join(chunks), "reset"
+    return b"".join(chunks), "eof"
+
+
+@contextlib.asynccontextmanager
+async def armed_connection(
+    payload: bytes, ending: str
+) -> AsyncIterator[tuple[Armed, socket.socket]]:
+    """A server whose protocol is Armed, and a client connected to it that reads nothing yet."""
+    made: list[Armed] = []
+
+    def make() -> Armed:
+        made.append(Armed(payload, ending))
+        return made[-1]
+
+    server = StreamServer(LOCAL, make)
+    server.privileged_start_service()
+    await server.start_service()
+    client = socket.socket()
+    try:
+        # A small window, so that most of a large payload stays in the server process.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, ("127.0.0.1", server.port or 0))
+        await wait_until_async(lambda: made and made[0].transport)
+        yield made[0], client
+    finally:
+        client.close()
+        server.grace_period = 0
+        await server.stop_service()
+
+
+def linger_of(transport: asyncio.BaseTransport) -> tuple[int, int]:
+    sock = transport.get_extra_info("socket")
+    on, seconds_ = struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8))
+    return on, seconds_
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_close_cleanly_ends_a_short_stream_with_end_of_file(loop: str) -> None:
+    """Armed, written and closed cleanly at once: the client gets it all, then end-of-file."""
+
+    async def scenario() -> None:
+        async with armed_connection(b"a whole poem\n", "clean") as (_, client):
+            assert await read_to_end(client) == (b"a whole poem\n", "eof")
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_close_cleanly_disarms_only_once_the_process_holds_nothing_more(loop: str) -> None:
+    """While written bytes wait in the process, the reset stays armed; then a clean end.
+
+    4 MiB to a client that has not read yet cannot all be in the kernel, so close_cleanly
+    has to wait for the transport's buffer to empty before it turns SO_LINGER off.
+    """
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "clean") as (armed, client):
+            assert armed.transport is not None
+            assert armed.transport.get_write_buffer_size() > 0
+            assert linger_of(armed.transport) == (1, 0)
+            assert not armed.transport.is_closing()
+            data, ending = await read_to_end(client)
+            assert (len(data), ending) == (len(BLOB), "eof")
+            assert data == BLOB
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_armed_connection_aborted_while_flushing_is_reset(loop: str) -> None:
+    """An abort after close_cleanly, with bytes still in the process, is a reset."""
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "clean") as (armed, client):
+            assert armed.transport is not None
+            armed.transport.abort()  # type: ignore[attr-defined]
+            data, ending = await read_to_end(client)
+            assert ending == "reset"
+            assert len(data) < len(BLOB)
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_plain_close_of_an_armed_connection_is_a_reset(loop: str) -> None:
+    """Once armed, only close_cleanly ends cleanly: transport.close() resets."""
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "plain") as (_, client):
+            data, ending = await read_to_end(client)
+            assert ending == "reset"
+            assert len(data) < len(BLOB)
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_client_end_of_file_while_flushing_still_gets_the_whole_stream(loop: str) -> None:
+    """A client that half-closes during the flush still reads everything, then end-of-file.
+
+    The protocol's eof_received returns None, so the transport closes itself; the reset
+    is disarmed all the same once the buffer is empty.
+    """
+
+    async def scenario() -> None:
+        async with armed_connection(BLOB, "clean") as (_, client):
+            client.shutdown(socket.SHUT_WR)
+            data, ending = await read_to_end(client)
+            assert (len(data), ending) == (len(BLOB), "eof")
+
+    on_loop(loop, scenario)
+
+
+class Plain(asyncio.Protocol):
+    """Writes BLOB and closes with transport.close(), knowing nothing of arming."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        cast(asyncio.WriteTransport, transport).write(BLOB)
+        transport.close()
+
+
+async def test_an_armed_server_accepts_every_connection_armed(serve: Serve) -> None:
+    """StreamServer(armed=True): a connection is armed before its protocol does anything."""
+    made, factory = recording(Plain)
+    server = await serve(StreamServer(LOCAL, factory, armed=True))
+    reader, writer = await connect(server.port)
+    await wait_until_async(lambda: made)
+    with pytest.raises(ConnectionResetError):  # the plain close of an armed connection
+        await reader.read()
+    await close(writer)
+
+
+async def test_a_server_not_armed_disarms_a_listening_socket_armed_before(serve: Serve) -> None:
+    """A socket passed on (by systemd, say) armed by an earlier run is disarmed on start."""
+    server = StreamServer(LOCAL, Plain)
+    listening = server.listen()
+    for sock in listening.sockets:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await serve(server)
+    reader, writer = await connect(server.port)
+    assert await reader.read() == BLOB
+    await close(writer)
+
+
+# -- the connection limit: at most so many at once, the rest waiting in the backlog -----------
+
+
+async def hello_and_bye(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Finish a Holder connection: say bye, expect done."""
+    writer.write(b"bye")
+    assert await reader.read() == b"done"
+    await close(writer)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_server_at_its_limit_leaves_new_clients_in_the_backlog(loop: str) -> None:
+    """With a limit of 2, a third client waits, connected, until one of the two leaves."""
+
+    async def scenario() -> None:
+        made, factory = recording(Holder)
+        server = StreamServer(LOCAL, factory)
+        server.connection_limit = ConnectionLimit(2)
+        server.privileged_start_service()
+        await server.start_service()
+        try:
+            clients = []
+            for count in (1, 2, 3):
+                clients.append(await connect(server.port))
+                await wait_until_async(lambda count=count: len(made) >= min(count, 2))
+            # Two more turns of the loop for the third: still not accepted.
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert (len(made), server.connection_count) == (2, 2)
+            await hello_and_bye(*clients[0])
+            await wait_until_async(lambda: len(made) == 3)
+            await hello_and_bye(*clients[1])
+            await hello_and_bye(*clients[2])
+            # Below the limit again, the server accepts as before.
+            await hello_and_bye(*await connect(server.port))
+            assert len(made) == 4
+        finally:
+            server.grace_period = 0
+            await server.stop_service()
+
+    on_loop(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_one_limit_is_shared_by_the_listeners_it_is_given(loop: str) -> None:
+    """Two servers share a limit of 2: one connection each, and a third waits for either."""
+
+    async def scenario() -> None:
+        made_a, factory_a = recording(Holder)
+        made_b, factory_b = recording(Holder)
+        first = StreamServer(LOCAL, factory_a)
+        second = StreamServer(LOCAL, factory_b)
+        tree = MultiService()
+        first.set_service_parent(tree)
+        second.set_service_parent(tree)
+        limit = limit_connections(tree, 2)
+        assert (first.connection_limit, second.connection_limit) == (limit, limit)
+        tree.privileged_start_service()
+        await tree.start_service()
+        try:
+            on_first = await connect(first.port)
+            await wait_until_async(lambda: made_a)
+            on_second = await connect(second.port)
+            await wait_until_async(lambda: made_b)
+            waiting = await connect(first.port)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert (len(made_a), len(made_b), limit.open) == (1, 1, 2)
+            await hello_and_bye(*on_second)
+            await wait_until_async(lambda: len(made_a) == 2)
+            await hello_and_bye(*on_first)
+            await hello_and_bye(*waiting)
+        finally:
+            first.grace_period = second.grace_period = 0
+            await tree.stop_service()
+
+    on_loop(loop, scenario)
+
+
+def test_the_default_limit_leaves_descriptors_spare() -> None:
+    """The default limit is the open-file limit less what is open and SPARE_DESCRIPTORS."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) - 1
+    assert default_max_connections() == max(1, soft - in_use - SPARE_DESCRIPTORS)
+
+
+def test_a_limit_below_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ConnectionLimit(0)
+
+
+async def test_accept_errors_are_logged_at_most_once_an_interval_with_a_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hundred EMFILE reports: one line at once, one line with the count an interval on."""
+    loop = asyncio.get_running_loop()
+    handler = AcceptErrorLog(interval=0.1)
+    error = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        caplog.set_level(logging.ERROR, logger="tend")
+        for _ in range(100):
+            handler(
+                loop,
+                {
+                    "message": "socket.accept() out of system resource",
+                    "exception": error,
+                    "socket": sock,
+                },
+            )
+        lines = [record.getMessage() for record in caplog.records]
+        assert lines == [
+            f"cannot accept connections on 127.0.0.1:{port}: Too many open files; "
+            "raise the open-file limit (ulimit -n) or lower --max-connections"
+        ]
+        await wait_until_async(lambda: len(caplog.records) == 2)
+    assert (
+        caplog.records[1]
+        .getMessage()
+        .endswith("lower --max-connections (99 times in the last 0.1 s)")
+    )
+
+
+async def test_other_loop_errors_go_to_the_default_handler(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception that is not an accept() out of descriptors is logged as asyncio would."""
+    loop = asyncio.get_running_loop()
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    AcceptErrorLog()(loop, {"message": "Exception in callback", "exception": ValueError("x")})
+    assert [(record.name, record.getMessage()) for record in caplog.records] == [
+        ("asyncio", "Exception in callback")
+    ]

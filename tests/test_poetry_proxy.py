@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import POEM, TEND, Tend, fetch, shim_proxy_plugin, wait_until, wait_until_async
 
 import tend
+from tend.poetry.proxy import PoetryProxyFactory, ProxyService
 
 REPO = Path(__file__).resolve().parent.parent
 PROXY_APP = REPO / "examples" / "poetry_proxy.py"
@@ -173,6 +176,31 @@ WHOLE = (POEM.read_bytes(), "eof")
 NOTHING = (b"", "reset")
 
 
+def until_whole(port: int) -> Callable[[], Awaitable[bool]]:
+    """A wait_until_async predicate: fetch through the proxy until a whole poem comes.
+
+    Fetches before then are reset (during the back-off after a failure), never short.
+    """
+
+    async def whole() -> bool:
+        outcome = await attempt(port)
+        assert outcome in (WHOLE, NOTHING)
+        return outcome == WHOLE
+
+    return whole
+
+
+def until_fetches(port: int, up: Upstream, fetches: int) -> Callable[[], Awaitable[bool]]:
+    """A wait_until_async predicate: try the proxy until the upstream has seen *fetches*."""
+
+    async def fetched() -> bool:
+        assert await attempt(port) == NOTHING
+        assert up.connections <= fetches
+        return up.connections == fetches
+
+    return fetched
+
+
 # -- one fetch, shared, then cached -----------------------------------------------------------
 
 
@@ -271,8 +299,8 @@ async def test_a_poem_cut_by_a_reset_is_not_cached_or_sent(
         )
     )
     await wait_until_async(lambda: count(proxy, "resetting the connection to 127.0.0.1:") == 5)
-    # The next client tries the upstream again, and gets the whole poem this time.
-    assert await attempt(port) == WHOLE
+    # After the back-off the next client tries the upstream again, and gets the whole poem.
+    await wait_until_async(until_whole(port))
     assert up.connections == 2
     assert proxy.stop() == 0
 
@@ -293,32 +321,242 @@ async def test_an_upstream_failure_resets_the_client_and_the_next_one_retries(
     extra: list[str],
     reason: str,
 ) -> None:
-    """An upstream that sends nothing or times out: logged with the reason, client reset."""
+    """An upstream that sends nothing or times out: logged with the reason, client reset;
+    after the back-off a client makes the proxy try again."""
     up = await upstream(behaviour)
     proxy = start_proxy(run_tend, tmp_path, up.port, *extra)
     port = await port_of(proxy)
     assert await attempt(port) == NOTHING
     await wait_until_async(
-        lambda: f"cannot fetch poem from 127.0.0.1:{up.port}: {reason}" in proxy.stdout
+        lambda: (
+            f"cannot fetch poem from 127.0.0.1:{up.port}: {reason}; the next fetch in 0.5 s"
+            in proxy.stdout
+        )
     )
-    assert await attempt(port) == NOTHING
-    assert up.connections == 2
+    await wait_until_async(until_fetches(port, up, 2))
     assert proxy.stop() == 0
 
 
 async def test_a_refusing_upstream_resets_the_client(
     run_tend: Callable[..., Tend], tmp_path: Path
 ) -> None:
-    """Nothing listens upstream: the refusal is logged, each client reset, each retried."""
+    """Nothing listens upstream: the refusal is logged, each client reset, and retried
+    after the back-off."""
     with socket.socket() as bound:  # bound but not listening: connections are refused
         bound.bind(("127.0.0.1", 0))
         proxy = start_proxy(run_tend, tmp_path, bound.getsockname()[1])
         port = await port_of(proxy)
-        assert await attempt(port) == NOTHING
-        assert await attempt(port) == NOTHING
-        await wait_until_async(lambda: count(proxy, "connection refused") == 2)
+
+        async def refused_twice() -> bool:
+            assert await attempt(port) == NOTHING
+            return count(proxy, "connection refused; the next fetch in") == 2
+
+        await wait_until_async(refused_twice)
         assert count(proxy, "proxying poem from") == 2
+        assert "connection refused; the next fetch in 1.0 s" in proxy.stdout
         assert proxy.stop() == 0
+
+
+# -- the back-off after a failure: one upstream attempt per back-off, not per client -----------
+
+
+async def reset_at_once(upstream: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+    tend.reset(writer.transport)
+
+
+async def hold_then_reset(upstream: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+    await upstream.release.wait()
+    tend.reset(writer.transport)
+
+
+@contextlib.asynccontextmanager
+async def proxy_in_loop(upstream_port: int, **options: Any) -> AsyncIterator[int]:
+    """A poetry proxy in the test's own event loop, with *options* for its ProxyService."""
+    service = ProxyService("127.0.0.1", upstream_port, **options)
+    listener = tend.StreamServer(
+        "tcp:0:interface=127.0.0.1", PoetryProxyFactory(service), armed=True
+    )
+    tree = tend.MultiService()
+    service.set_service_parent(tree)
+    listener.set_service_parent(tree)
+    tree.privileged_start_service()
+    await tree.start_service()
+    try:
+        assert listener.port is not None
+        yield listener.port
+    finally:
+        listener.grace_period = 0
+        await tree.stop_service()
+
+
+def proxy_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "tend.poetry.proxy" and text in record.getMessage()
+    ]
+
+
+async def test_every_client_waiting_for_a_failed_fetch_is_reset_by_that_one_failure(
+    upstream: Callable[..., Awaitable[Upstream]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Twenty clients wait for one fetch; the upstream resets it: all twenty are reset."""
+    caplog.set_level(logging.INFO, logger="tend.poetry")
+    up = await upstream(hold_then_reset)
+    async with proxy_in_loop(up.port) as port:
+        clients = [asyncio.ensure_future(attempt(port)) for _ in range(20)]
+        await wait_until_async(
+            lambda: len(proxy_lines(caplog, "waits for the poem already on its way")) == 19
+        )
+        up.release.set()
+        assert await asyncio.gather(*clients) == [NOTHING] * 20
+    assert up.connections == 1
+    assert len(proxy_lines(caplog, "cannot fetch poem from")) == 1
+
+
+async def test_clients_during_the_back_off_are_reset_at_once_and_told_when(
+    upstream: Callable[..., Awaitable[Upstream]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a failure, 200 clients at once: no upstream connection, each reset at once
+    with a line saying when the next attempt is (here, with a back-off of an hour)."""
+    caplog.set_level(logging.INFO, logger="tend.poetry")
+    up = await upstream(reset_at_once)
+    async with proxy_in_loop(up.port, retry_backoff=3600.0, retry_backoff_max=3600.0) as port:
+        assert await attempt(port) == NOTHING
+        await wait_until_async(lambda: proxy_lines(caplog, "cannot fetch poem from"))
+        outcomes = await asyncio.gather(*(attempt(port) for _ in range(200)))
+    assert outcomes == [NOTHING] * 200
+    assert up.connections == 1
+    told = proxy_lines(caplog, "the next attempt is in")
+    assert len(told) == 200
+    assert re.fullmatch(
+        rf"resetting the connection to 127\.0\.0\.1:\d+: the last fetch from "
+        rf"127\.0\.0\.1:{up.port} failed: connection reset before any poetry arrived; "
+        r"the next attempt is in 3[56]\d\d\.\d s",
+        told[0],
+    )
+    assert proxy_lines(caplog, "cannot fetch poem from") == [
+        f"cannot fetch poem from 127.0.0.1:{up.port}: connection reset before any poetry "
+        "arrived; the next fetch in 3600.0 s"
+    ]
+
+
+async def test_the_back_off_doubles_with_each_failure_in_a_row_up_to_its_ceiling(
+    upstream: Callable[..., Awaitable[Upstream]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """0.1 s after the first failure, then 0.2, 0.4, and no more than the ceiling of 0.4."""
+    caplog.set_level(logging.INFO, logger="tend.poetry")
+    up = await upstream(reset_at_once)
+    async with proxy_in_loop(up.port, retry_backoff=0.1, retry_backoff_max=0.4) as port:
+        for fetches in (1, 2, 3, 4):
+            await wait_until_async(until_fetches(port, up, fetches))
+        await wait_until_async(lambda: len(proxy_lines(caplog, "cannot fetch poem from")) == 4)
+    waits = [line.rsplit(" in ", 1)[1] for line in proxy_lines(caplog, "cannot fetch poem")]
+    assert waits == ["0.1 s", "0.2 s", "0.4 s", "0.4 s"]
+
+
+async def test_a_whole_poem_ends_the_back_off(
+    upstream: Callable[..., Awaitable[Upstream]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a success, the next failure waits the first back-off again, not a doubled one."""
+    caplog.set_level(logging.INFO, logger="tend.poetry")
+    outcomes = iter([reset_at_once, send_poem, reset_at_once])
+
+    async def next_outcome(up: Upstream, number: int, writer: asyncio.StreamWriter) -> None:
+        await next(outcomes)(up, number, writer)
+
+    up = await upstream(next_outcome)
+    async with proxy_in_loop(up.port, retry_backoff=0.1, cache_ttl=0) as port:
+        assert await attempt(port) == NOTHING
+        await wait_until_async(until_whole(port))
+        await wait_until_async(until_fetches(port, up, 3))
+        await wait_until_async(lambda: len(proxy_lines(caplog, "cannot fetch poem from")) == 2)
+    waits = [line.rsplit(" in ", 1)[1] for line in proxy_lines(caplog, "cannot fetch poem")]
+    assert waits == ["0.1 s", "0.1 s"]
+
+
+async def test_a_real_proxy_tells_a_client_during_the_back_off_when_it_will_try_again(
+    run_tend: Callable[..., Tend], tmp_path: Path, upstream: Callable[..., Awaitable[Upstream]]
+) -> None:
+    """The plugin backs off too: a client during the back-off is reset at once, told when."""
+    up = await upstream(reset_at_once)
+    proxy = start_proxy(run_tend, tmp_path, up.port)
+    port = await port_of(proxy)
+
+    async def told() -> bool:
+        assert await attempt(port) == NOTHING
+        return "the next attempt is in" in proxy.stdout
+
+    await wait_until_async(told)
+    assert up.connections < count(proxy, "resetting the connection to")
+    assert proxy.stop() == 0
+
+
+# -- --max-poem-bytes ---------------------------------------------------------------------------
+
+
+async def hold_then_send_8_mib(
+    upstream: Upstream, number: int, writer: asyncio.StreamWriter
+) -> None:
+    await upstream.release.wait()
+    writer.write(b"Tyger Tyger, burning bright,\n" * (8 * 1024 * 1024 // 29))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+
+
+async def test_a_poem_over_max_poem_bytes_resets_its_clients_with_one_line(
+    run_tend: Callable[..., Tend], tmp_path: Path, upstream: Callable[..., Awaitable[Upstream]]
+) -> None:
+    """An 8 MiB poem against --max-poem-bytes 1048576: the waiting clients are reset, and
+    the proxy says why once."""
+    up = await upstream(hold_then_send_8_mib)
+    proxy = start_proxy(run_tend, tmp_path, up.port, "--max-poem-bytes", "1048576")
+    port = await port_of(proxy)
+    clients = [asyncio.ensure_future(attempt(port)) for _ in range(3)]
+    await wait_until_async(lambda: count(proxy, "waits for the poem already on its way") == 2)
+    up.release.set()
+    assert await asyncio.gather(*clients) == [NOTHING] * 3
+    await wait_until_async(lambda: count(proxy, "resetting the connection to") == 3)
+    assert count(proxy, "cannot fetch poem from") == 1
+    assert (
+        f"cannot fetch poem from 127.0.0.1:{up.port}: the poem is larger than 1,048,576 bytes "
+        "(--max-poem-bytes); the next fetch in 0.5 s"
+    ) in proxy.stdout
+    assert proxy.stop() == 0
+
+
+def worker_rss_kib(tend_process: Tend) -> int:
+    """The resident memory of a one-worker tend's worker (its supervisor's only child)."""
+    (worker,) = (
+        Path(f"/proc/{tend_process.pid}/task/{tend_process.pid}/children").read_text().split()
+    )
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {worker}")
+
+
+async def test_a_huge_upstream_poem_costs_the_proxy_little_memory(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """A 64 MiB upstream poem, past the default 4 MiB: the proxy grows by far less than it."""
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"Tyger Tyger, burning bright,\n" * (64 * 1024 * 1024 // 29))
+    server = run_tend(
+        *FOREGROUND, "poetry", *LOCAL, "--poem", str(big), "--max-poem-bytes", str(128 << 20)
+    )
+    proxy = start_proxy(run_tend, tmp_path, server.wait_for_port())
+    port = await port_of(proxy)
+    await wait_until_async(
+        lambda: len(Path(f"/proc/{proxy.pid}/task/{proxy.pid}/children").read_text().split()) == 1
+    )
+    before = worker_rss_kib(proxy)
+    assert await attempt(port) == NOTHING
+    await wait_until_async(lambda: "the poem is larger than 4,194,304 bytes" in proxy.stdout)
+    grown_mib = (worker_rss_kib(proxy) - before) / 1024
+    # Holding the whole poem would take 64 MiB at least (and took twice that before).
+    assert grown_mib < 24, f"the proxy grew by {grown_mib:.0f} MiB"
+    assert proxy.stop() == 0
 
 
 # -- --cache-ttl ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -50,6 +51,18 @@ async def read_poem(port: int) -> bytes:
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+def worker_of(tend: Tend) -> int:
+    """The worker of a one-worker tend, which serves: its supervisor's only child."""
+
+    def look() -> int | None:
+        found = Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split()
+        return int(found[0]) if len(found) == 1 else None
+
+    pid = wait_until(look)
+    assert isinstance(pid, int)
+    return pid
 
 
 def rss_kib(pid: int) -> int:
@@ -230,7 +243,8 @@ def test_clients_that_never_read_do_not_grow_the_server(
     tend = run_tend(*FOREGROUND, "--loop", loop, "poetry", *LOCAL, "--poem", str(big), *extra)
     (port,) = ports_of(tend, 1)
     assert fetch(port) == big.read_bytes()  # the whole poem still arrives, in order
-    before = rss_kib(tend.pid)
+    worker = worker_of(tend)  # the supervisor holds no poem and serves no client
+    before = rss_kib(worker)
     idle = []
     try:
         for _ in range(10):
@@ -241,7 +255,7 @@ def test_clients_that_never_read_do_not_grow_the_server(
         wait_until(lambda: count_in(tend, r"sending \d+ bytes of poetry to") == 11)
         # One more whole fetch: the server has since been round its loop many times.
         assert fetch(port) == big.read_bytes()
-        grown_mib = (rss_kib(tend.pid) - before) / 1024
+        grown_mib = (rss_kib(worker) - before) / 1024
     finally:
         for sock in idle:
             sock.close()
@@ -249,3 +263,74 @@ def test_clients_that_never_read_do_not_grow_the_server(
     assert grown_mib < 40, f"the server grew by {grown_mib:.0f} MiB"
     wait_until(lambda: count_in(tend, r"closed after \d+ of \d+ bytes of poetry") == 10)
     assert tend.stop() == 0
+
+
+# -- the poem file: a regular file, of at most --max-poem-bytes ------------------------------
+
+
+def test_a_fifo_as_the_poem_fails_the_start_at_once(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """A FIFO would make the start wait for ever: one line, exit 1, at once."""
+    fifo = tmp_path / "poem.fifo"
+    os.mkfifo(fifo)
+    tend = run_tend(*FOREGROUND, "poetry", *LOCAL, "--poem", str(fifo))
+    assert tend.wait(timeout=30) == 1
+    assert tend.stderr == (
+        f"tend: cannot read poem file {str(fifo)!r}: it is a FIFO, not a regular file\n"
+    )
+
+
+def test_a_fifo_as_the_poem_leaves_no_daemon_and_no_pidfile(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """Detached, the launcher reports the same line; no daemon, no pidfile stays behind."""
+    fifo = tmp_path / "poem.fifo"
+    os.mkfifo(fifo)
+    tend = run_tend("poetry", *LOCAL, "--poem", str(fifo))
+    assert tend.wait(timeout=30) == 1
+    assert "it is a FIFO, not a regular file" in tend.stderr
+    assert len(tend.stderr.splitlines()) == 1
+    assert not (tmp_path / "tend.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("poem", "extra", "reason"),
+    [
+        ("/dev/zero", [], "it is a device, not a regular file"),
+        (
+            str(POEM),
+            ["--max-poem-bytes", "100"],
+            "it is larger than the limit of 100 bytes; raise it with --max-poem-bytes",
+        ),
+    ],
+    ids=["dev-zero", "too-large"],
+)
+def test_a_poem_that_is_no_regular_file_or_too_large_fails_the_start(
+    run_tend: Callable[..., Tend], poem: str, extra: list[str], reason: str
+) -> None:
+    """/dev/zero would be read until memory ran out; a poem over the limit is refused."""
+    tend = run_tend(*FOREGROUND, "poetry", *LOCAL, "--poem", poem, *extra)
+    assert tend.wait(timeout=30) == 1
+    assert tend.stderr == f"tend: cannot read poem file {poem!r}: {reason}\n"
+
+
+def test_max_poem_bytes_raises_the_limit_and_is_in_the_help(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """A poem over 16 MiB is served with --max-poem-bytes above its size; --help says so."""
+    big = tmp_path / "big.txt"
+    line = b"So, so, break off this last lamenting kiss,\n"
+    big.write_bytes(line * (17 * MIB // len(line)))
+    refused = run_tend(*FOREGROUND, "poetry", *LOCAL, "--poem", str(big))
+    assert refused.wait(timeout=30) == 1
+    assert "larger than the limit of 16,777,216 bytes" in refused.stderr
+    tend = run_tend(
+        *FOREGROUND, "poetry", *LOCAL, "--poem", str(big), "--max-poem-bytes", str(32 * MIB)
+    )
+    (port,) = ports_of(tend, 1)
+    assert fetch(port) == big.read_bytes()
+    assert tend.stop() == 0
+    helped = run_tend("poetry", "--help")
+    assert helped.wait() == 0
+    assert re.search(r"--max-poem-bytes.*\n(.*\n)*.*\(default: 16777216\)", helped.stdout)

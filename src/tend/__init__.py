@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from tend.errors import StartupError, TendError, UsageError, quote
     from tend.files import read_file
     from tend.logs.access import AccessLog
-    from tend.net import StreamServer, TCPServer, UNIXServer, reset
+    from tend.net import (
+        StreamServer,
+        TCPServer,
+        UNIXServer,
+        arm_reset,
+        close_cleanly,
+        reset,
+    )
     from tend.options import CommandParser, Flag, Option, positive_seconds, seconds
     from tend.plugins import ServiceMaker
     from tend.service import Application, MultiService, Service, walk
@@ -32,6 +39,8 @@ _HOMES = {
     "TCPServer": "tend.net",
     "UNIXServer": "tend.net",
     "reset": "tend.net",
+    "arm_reset": "tend.net",
+    "close_cleanly": "tend.net",
     "EndpointSyntaxError": "tend.endpoints",
     "format_address": "tend.addresses",
     "host_and_port": "tend.addresses",
@@ -69,6 +78,8 @@ __all__ = [
     "UNIXServer",
     "UsageError",
     "__version__",
+    "arm_reset",
+    "close_cleanly",
     "current_worker",
     "endpoint_text",
     "format_address",

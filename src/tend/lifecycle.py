@@ -148,6 +148,7 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
             handover=handover,
             first_cwd=first_cwd,
             chrooted=settings.chroot is not None,
+            max_connections=settings.max_connections,
         )
         if settings.pidfile:
             supervisor.take_pidfile(settings.pidfile)

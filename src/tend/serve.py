@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 
 from tend.channel import Channel
 from tend.errors import StartupError, TendError, describe_error, quote
-from tend.net import listeners, stopping_by
+from tend.net import AcceptErrorLog, limit_connections, listeners, stopping_by
 from tend.service import Application, MultiService, Service, walk
 from tend.settings import LOOPS
 from tend.signals import Signals, name_of
@@ -41,18 +41,27 @@ def serve(
     shutdown_timeout: float,
     start_timeout: float = 0.0,
     ping_interval: float | None = None,
+    max_connections: int = 0,
 ) -> int:
     """Serve *application* until a stop signal; return the exit status.
 
     *start_timeout* bounds the start (0: no bound); every *ping_interval* seconds the loop
-    says ``WATCHDOG=1``, so whoever listens knows it is not stuck.
+    says ``WATCHDOG=1``, so whoever listens knows it is not stuck. Its listeners share one
+    limit of *max_connections* connections at once (0: as many as the open-file limit
+    allows, see `tend.net.default_max_connections`).
 
     Raises:
         StartupError: a service failed to start, or did not finish in time, or a stop
             signal came first.
     """
     serving = _Serving(
-        application, channel, signals, shutdown_timeout, start_timeout, ping_interval
+        application,
+        channel,
+        signals,
+        shutdown_timeout,
+        start_timeout,
+        ping_interval,
+        max_connections,
     )
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(serving.run())
@@ -67,6 +76,7 @@ class _Serving:
         shutdown_timeout: float,
         start_timeout: float,
         ping_interval: float | None,
+        max_connections: int = 0,
     ) -> None:
         self.application = application
         self.channel = channel
@@ -74,6 +84,7 @@ class _Serving:
         self.shutdown_timeout = shutdown_timeout
         self.start_timeout = start_timeout
         self.ping_interval = ping_interval
+        self.max_connections = max_connections
         self.stop_signals: list[str] = []
         self.first_signal_at = 0.0
         self.stop_requested = asyncio.Event()
@@ -82,6 +93,9 @@ class _Serving:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         log.info("event loop class: %s.", _qualified_name(type(loop)))
+        # Out of descriptors, a loop reports every failed accept(): a line a second is enough.
+        loop.set_exception_handler(AcceptErrorLog())
+        limit_connections(self.application, self.max_connections)
         self.signals.hand_to_loop(loop, self._on_signal)
         if not self.channel.closed:
             loop.add_reader(self.channel.fileno(), self._on_message)

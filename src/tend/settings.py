@@ -214,6 +214,15 @@ SETTINGS: tuple[Option | Flag, ...] = (
         type=workers,
         metavar="N",
     ),
+    Option(
+        "max-connections",
+        default="0",
+        help="connections each worker holds open at once, across its listeners; more wait in "
+        "the listen backlog; 0 = the open-file limit (ulimit -n) less the descriptors open at "
+        "start and 16 spare",
+        type=count,
+        metavar="N",
+    ),
 )
 
 
@@ -236,6 +245,7 @@ class Settings:
     worker_timeout: float = 30.0
     reload: bool = False
     console: str | None = None  # a console's socket (tend manhole), absolute
+    max_connections: int = 0
 
 
 def _log_config(**values: object) -> LogConfig:
@@ -309,6 +319,7 @@ def resolve(
         worker_timeout=_float(value["worker_timeout"]),
         reload=bool(value["reload"]),
         console=text("console") or None,
+        max_connections=_int(value["max_connections"]),
     )
 
 

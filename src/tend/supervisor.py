@@ -173,8 +173,10 @@ class Supervisor:
         handover: Handover | None = None,
         first_cwd: str | None = None,
         chrooted: bool = False,
+        max_connections: int = 0,
     ) -> None:
         self.application = application
+        self.max_connections = max_connections  # per worker; 0: from the open-file limit
         self.source = source
         self.handover = handover  # an upgrade's: the sockets the old tend passed on
         self.first_cwd = first_cwd or os.getcwd()  # where tend was started, for an upgrade
@@ -321,10 +323,11 @@ class Supervisor:
         return [g for g in (self.current, self.incoming) if g is not None]
 
     def _finished(self) -> bool:
+        # A reload's generation counts too: stopped while it started, its workers may end
+        # killed, with no ERROR= that would have failed (and cleared) it.
         return (
             self.current is not None
-            and self.current.core.finished
-            and self.incoming is None
+            and all(generation.core.finished for generation in self._live())
             and not self.workers
         )
 
@@ -687,11 +690,40 @@ class Supervisor:
         self._unregister(successor.channel.fileno())
         self._forget_fd(successor.pidfd)
         successor.channel.close()
+        self._take_back_files()
         line = f"upgrade failed: {reason}"
         log.error("%s; serving on as before", line)
         replies, self.upgrade_replies = self.upgrade_replies, []
         for reply in replies:
             reply(False, line)
+
+    def _take_back_files(self) -> None:
+        """After a failed upgrade: the pidfile and the control socket are this process's
+        again. The successor may have renamed its own over them, and removed them as it
+        failed; written anew (renamed over whatever is there), they name this tend."""
+        if self.pidfile is None:
+            return
+        old, self.pidfile = self.pidfile, Pidfile(self.pidfile.path)
+        old.release()  # removes nothing that is not its own; drops the old lock
+        try:
+            self.pidfile.acquire(take_over=True)
+        except TendError as error:
+            log.error("cannot write the pidfile again after the failed upgrade: %s", error)
+            self.pidfile = None
+        asking = {}  # tendctl waiting for this upgrade's answer: kept
+        if self.control is not None:
+            self._unregister(self.control.fileno())
+            asking = self.control.connections
+            self.control.listening.close()
+            self.control = None
+        try:
+            self.control = ControlServer(control_path(old.path), take_over=True)
+        except (TendError, OSError) as error:
+            log.warning("no control socket, tendctl will send signals: %s", error)
+            return
+        self.control.connections.update(asking)
+        if self.selector is not None:
+            self.selector.register(self.control.fileno(), selectors.EVENT_READ, self._accept)
 
     def _upgraded(self, successor: Successor) -> None:
         """The successor serves: tell whoever waits, then drain and go, leaving it all to it."""
@@ -823,6 +855,7 @@ class Supervisor:
             loop_factory=self.loop_factory,
             limits=self.limits,
             ping_interval=self._ping_interval(),
+            max_connections=self.max_connections,
         )
         self.sink.flush()
         with self.signals.forking():

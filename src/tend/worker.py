@@ -34,6 +34,7 @@ class WorkerPlan:
     loop_factory: LoopFactory
     limits: Limits
     ping_interval: float | None  # how often to tell the supervisor the loop is alive
+    max_connections: int = 0  # open at once in this worker; 0: from the open-file limit
 
 
 # The number of the worker this process is, once it is one (see current_worker).
@@ -72,6 +73,7 @@ def run_worker(
             shutdown_timeout=plan.limits.shutdown_timeout,
             start_timeout=plan.limits.start_timeout,
             ping_interval=plan.ping_interval,
+            max_connections=plan.max_connections,
         )
     except TendError as error:
         # The supervisor logs it: once for a failed start, however many workers fail alike.

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import os
+import re
 import socket
 import sys
 import time
@@ -45,11 +47,14 @@ async def get_poetry(
     port: int,
     *,
     timeout: float | None = DEFAULT_TIMEOUT,  # noqa: ASYNC109
+    max_bytes: int | None = None,
 ) -> bytes:
-    """Fetch the poem served on *host*:*port*; *timeout* bounds the whole fetch, in seconds.
+    """Fetch the poem served on *host*:*port*; *timeout* bounds the whole fetch, in seconds,
+    and *max_bytes* the poem's size (more fails the fetch as soon as it arrives).
 
     Raises:
-        PoetryError: the connection was refused, reset or timed out, or no poetry came.
+        PoetryError: the connection was refused, reset or timed out, no poetry came, or
+            more than *max_bytes*.
     """
     address = host_and_port(host, port)
     chunks: list[bytes] = []
@@ -61,6 +66,12 @@ async def get_poetry(
                 while chunk := await reader.read(_READ_SIZE):
                     chunks.append(chunk)
                     received += len(chunk)
+                    if max_bytes is not None and received > max_bytes:
+                        raise PoetryError(
+                            address,
+                            f"the poem is larger than {max_bytes:,} bytes",
+                            b"".join(chunks),
+                        )
             finally:
                 writer.close()
                 # The error that ended the read (a reset) surfaces here again; it is handled.
@@ -76,6 +87,8 @@ async def get_poetry(
         ) from None
     except OSError as error:
         raise PoetryError(address, _describe(error, received), b"".join(chunks)) from error
+    except (UnicodeError, ValueError) as error:  # a host the resolver cannot take
+        raise PoetryError(address, f"invalid host {quote(host, 40)}: {error}") from error
     if not received:
         raise PoetryError(address, "the server closed the connection without sending poetry")
     return b"".join(chunks)
@@ -120,11 +133,19 @@ class Server:
 
 
 def parse_address(text: str) -> Server:
-    """Parse ``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on localhost)."""
+    """Parse ``HOST:PORT``, ``[IPV6]:PORT`` or a bare ``PORT`` (on localhost).
+
+    The host must be an IP address (IPv6 in brackets) or a host name: IDNA-encodable,
+    dot-separated labels of letters, digits and hyphens, at most 253 characters.
+
+    Raises:
+        argparse.ArgumentTypeError: the address, with what is wrong with it.
+    """
     host, colon, port_text = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
     if not colon:
         host = "localhost"
-    elif host.startswith("[") and host.endswith("]"):
+    elif bracketed:
         host = host[1:-1]
     elif ":" in host:
         raise argparse.ArgumentTypeError(
@@ -139,7 +160,43 @@ def parse_address(text: str) -> Server:
         raise argparse.ArgumentTypeError(
             f"invalid address {quote(text)}: the port must be a number from 1 to 65535"
         )
+    problem = _host_problem(host, bracketed)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(
+            f"invalid address {quote(text)}: {quote(host, 40)} {problem}"
+        )
     return Server(host, port)
+
+
+# A label of a host name, once IDNA-encoded: letters, digits and inner hyphens, 1 to 63.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _host_problem(host: str, bracketed: bool) -> str | None:
+    """What is wrong with *host* (as the rest of a sentence), or None if it is fine."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if bracketed:
+        if address is None or address.version != 6:
+            return "is not an IPv6 address: brackets are for IPv6 addresses only"
+        return None
+    if address is not None:
+        return None
+    if len(host) > 253:
+        return "is longer than 253 characters"
+    not_a_name = "is not a host name (letters, digits and hyphens) or an IP address"
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return not_a_name
+    labels = encoded.removesuffix(".").split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels) or len(encoded) > 253:
+        return not_a_name
+    if labels[-1].isdigit():  # no top-level domain is all digits: a mistyped IP address
+        return "is not a valid IP address"
+    return None
 
 
 def command_parser() -> argparse.ArgumentParser:
@@ -203,6 +260,13 @@ async def _fetch_one(
         outcome.failed = True
         _report(f"Task {number}: failed to get poetry from {server}: {error.reason}")
         return
+    except Exception as error:  # a bug, not the server's fault: still one line, no traceback
+        outcome.failed = True
+        _report(
+            f"Task {number}: failed to get poetry from {server}: "
+            f"{type(error).__name__}: {quote(error)}"
+        )
+        return
     elapsed = time.monotonic() - started
     if output_dir is not None:
         path = os.path.join(output_dir, f"{server.host}_{server.port}.txt")
@@ -210,11 +274,43 @@ async def _fetch_one(
             await asyncio.to_thread(_write_file, path, poem)
         except OSError as error:
             outcome.failed = True
-            _report(f"Task {number}: cannot write {path}: {error.strerror}")
+            _report(f"Task {number}: cannot write {quote(path)}: {error.strerror}")
             return
     else:
         outcome.poem = poem
     _report(f"Task {number}: {len(poem)} bytes of poetry from {server} in {elapsed:.2f} s")
+
+
+def make_folders(path: str) -> None:
+    """Create the folder *path* and its missing parents; if that fails, remove the ones
+    this call created, so that a failure leaves nothing new behind.
+
+    Raises:
+        OSError: a folder could not be created (a name too long, no permission, ...).
+    """
+    missing = []
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    created: list[str] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError:
+                if not os.path.isdir(folder):
+                    raise
+                continue  # made by someone else meanwhile: not ours to remove
+            created.append(folder)
+    except OSError:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
 
 def _write_file(path: str, poem: bytes) -> None:
@@ -237,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir: str | None = arguments.output_dir
     if output_dir is not None:
         try:
-            os.makedirs(output_dir, exist_ok=True)
+            make_folders(output_dir)
         except OSError as error:
             _report(
                 f"get-poetry: cannot create output directory {quote(output_dir)}: {error.strerror}"

@@ -24,8 +24,8 @@ from tend import (
 )
 from tend.poetry import DEFAULT_POEM
 from tend.poetry.client import DEFAULT_TIMEOUT, Server, parse_address
-from tend.poetry.proxy import PoetryProxyFactory, ProxyService
-from tend.poetry.server import PoetryFactory, PoetryService
+from tend.poetry.proxy import DEFAULT_MAX_PROXIED_BYTES, PoetryProxyFactory, ProxyService
+from tend.poetry.server import DEFAULT_MAX_POEM_BYTES, PoetryFactory, PoetryService
 from tend.poetry.slow import DEFAULT_CHUNK_SIZE, SlowPoetryFactory
 
 
@@ -43,6 +43,15 @@ def chunk_size(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(
             f"invalid chunk size {quote(text)}: expected a whole number of bytes, at least 1"
+        )
+    return int(text)
+
+
+def byte_count(text: str) -> int:
+    """A size in bytes, at least 1, for ``--max-poem-bytes``."""
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(
+            f"invalid size {quote(text)}: expected a whole number of bytes, at least 1"
         )
     return int(text)
 
@@ -68,11 +77,21 @@ class PoetryMaker(ServiceMaker):
             "Pause this many seconds between pieces, as the tutorial's slow server does.",
             type=seconds,
         ),
+        Option(
+            "max-poem-bytes",
+            None,
+            str(DEFAULT_MAX_POEM_BYTES),
+            "The largest poem file to read, in bytes (16 MiB); the poem must be a regular file.",
+            type=byte_count,
+        ),
     )
 
     def make_service(self, options: Mapping[str, object]) -> Service:
         top_service = MultiService()
-        poetry_service = PoetryService(str(options["poem"]))
+        poetry_service = PoetryService(
+            str(options["poem"]),
+            int(_number(options.get("max_poem_bytes")) or DEFAULT_MAX_POEM_BYTES),
+        )
         poetry_service.set_service_parent(top_service)
         size = _number(options.get("chunk_size"))
         delay = _number(options.get("delay"))
@@ -86,8 +105,9 @@ class PoetryMaker(ServiceMaker):
                 DEFAULT_CHUNK_SIZE if size is None else int(size),
                 delay or 0.0,
             )
+        # Armed: every protocol here ends with close_cleanly or a reset (see server.py).
         listener = StreamServer(
-            str(options["port"]), factory, default_interface=str(options["iface"])
+            str(options["port"]), factory, default_interface=str(options["iface"]), armed=True
         )
         listener.set_service_parent(top_service)
         return top_service
@@ -122,6 +142,14 @@ class PoetryProxyMaker(ServiceMaker):
             "None: keep it for as long as the proxy runs.",
             type=seconds,
         ),
+        Option(
+            "max-poem-bytes",
+            None,
+            str(DEFAULT_MAX_PROXIED_BYTES),
+            "The largest poem to fetch and hold, in bytes (4 MiB); over it the fetch fails "
+            "and its waiting clients are reset.",
+            type=byte_count,
+        ),
     )
 
     def make_service(self, options: Mapping[str, object]) -> Service:
@@ -135,12 +163,14 @@ class PoetryProxyMaker(ServiceMaker):
             server.port,
             timeout=DEFAULT_TIMEOUT if timeout is None else timeout,
             cache_ttl=_number(options.get("cache_ttl")),
+            max_poem_bytes=int(_number(options.get("max_poem_bytes")) or DEFAULT_MAX_PROXIED_BYTES),
         )
         proxy_service.set_service_parent(top_service)
         listener = StreamServer(
             str(options["port"]),
             PoetryProxyFactory(proxy_service),
             default_interface=str(options["iface"]),
+            armed=True,
         )
         listener.set_service_parent(top_service)
         return top_service

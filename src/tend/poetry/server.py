@@ -1,9 +1,13 @@
 """The poetry protocol and the service that holds the poem (the seed's FastPoetry 2.0).
 
 A poem goes out in one write and the connection closes: the clean end-of-file is how a
-client knows the poem is whole. A poem larger than the transport's high-water mark goes
-out a piece at a time instead (see :class:`PoemSender`), so that a client that never
-reads holds one piece of the server's memory rather than a copy of the whole poem.
+client knows the poem is whole. So every connection is armed to end in a reset
+(`tend.arm_reset`) from the moment it is made, and disarmed only by the clean close once
+the whole poem has left the process (`tend.close_cleanly`): a server killed mid-poem,
+even by SIGKILL or the OOM killer, cuts its clients off with a reset, never a clean short
+poem. A poem larger than the transport's high-water mark goes out a piece at a time
+instead (see :class:`PoemSender`), so that a client that never reads holds one piece of
+the server's memory rather than a copy of the whole poem.
 """
 
 from __future__ import annotations
@@ -12,11 +16,21 @@ import asyncio
 import logging
 from typing import cast
 
-from tend import AccessLog, Service, StartupError, format_address, quote
+from tend import (
+    AccessLog,
+    Service,
+    arm_reset,
+    close_cleanly,
+    format_address,
+    read_file,
+)
 
 log = logging.getLogger(__name__)
 # The lines written per connection: the cheap path into the same log, at the same level.
 access = AccessLog(__name__)
+
+# The largest poem the server reads, unless told otherwise (--max-poem-bytes).
+DEFAULT_MAX_POEM_BYTES = 16 * 1024 * 1024
 
 # asyncio's default high-water mark: a poem up to this size is written at once, since the
 # transport would hold no more than this for a client that does not read anyway.
@@ -32,38 +46,47 @@ class Peer:
         self.address = address
 
     def __str__(self) -> str:
+        if self.address is None:  # it reset before it was accepted: it has no address left
+            return "a client already gone"
         return format_address(self.address)
 
 
 class PoetryService(Service):
-    """Holds the poem; loads it when started (the seed's PoetryService)."""
+    """Holds the poem; loads it when started (the seed's PoetryService).
 
-    def __init__(self, poetry_file: str) -> None:
+    The poem file must be a regular file of at most *max_poem_bytes*: a FIFO would make
+    the start wait for ever, and ``/dev/zero`` would be read until memory ran out.
+    """
+
+    def __init__(self, poetry_file: str, max_poem_bytes: int = DEFAULT_MAX_POEM_BYTES) -> None:
         super().__init__()
         self.poetry_file = poetry_file
+        self.max_poem_bytes = max_poem_bytes
         self.poem = b""
 
     async def start_service(self) -> None:
-        """Read the poem, failing the start with one clear line if it cannot be read."""
-        try:
-            self.poem = await asyncio.to_thread(_read, self.poetry_file)
-        except OSError as error:
-            raise StartupError(
-                f"cannot read poem file {quote(self.poetry_file)}: {error.strerror}"
-            ) from None
+        """Read the poem, failing the start with one clear line if it cannot be read.
+
+        Raises:
+            StartupError: the file cannot be read, is not a regular file, or is too large.
+        """
+        self.poem = await asyncio.to_thread(
+            read_file,
+            self.poetry_file,
+            "poem file",
+            self.max_poem_bytes,
+            hint="; raise it with --max-poem-bytes",
+        )
         log.info("loaded a poem from: %s", self.poetry_file)
         await super().start_service()
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
 
 
 def announce(
     service: PoetryService, transport: asyncio.BaseTransport
 ) -> tuple[asyncio.WriteTransport, bytes]:
-    """Log the seed's line for a new client; return the transport to write to and the poem."""
+    """Arm the reset and log the seed's line for a new client; return the transport to
+    write to and the poem."""
+    arm_reset(transport)
     poem = service.poem
     access.info(
         "sending %d bytes of poetry to %s", len(poem), Peer(transport.get_extra_info("peername"))
@@ -83,7 +106,7 @@ class PoetryProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         writer, poem = announce(self.service, transport)
         writer.write(poem)
-        writer.close()
+        close_cleanly(writer)
 
 
 class PoemSender(asyncio.Protocol):
@@ -107,10 +130,13 @@ class PoemSender(asyncio.Protocol):
         self._poem = b""
         self._sent = 0
         self._paused = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None  # the next _send_more, when one is due
 
     def send_poem(self, transport: asyncio.WriteTransport, poem: bytes) -> None:
-        """Start sending *poem* on *transport*; the connection closes after the last piece."""
+        """Start sending *poem* on *transport*; the connection closes after the last piece.
+
+        The connection should already be armed with `tend.arm_reset`, when it was made.
+        """
         self._transport = transport
         self._poem = poem
         self._send_more()
@@ -125,6 +151,8 @@ class PoemSender(asyncio.Protocol):
         while self._sent < size:
             if self._paused:
                 return  # resume_writing carries on
+            if transport.is_closing():
+                return  # a write failed (the client reset): the rest has nowhere to go
             end = self._sent + self._chunk_size
             transport.write(poem[self._sent : end])
             self._sent = min(end, size)
@@ -132,7 +160,7 @@ class PoemSender(asyncio.Protocol):
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(self._delay, self._send_more)
                 return
-        transport.close()
+        close_cleanly(transport)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -140,7 +168,9 @@ class PoemSender(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
         if self._timer is None:  # else the pause between pieces is still running
-            self._send_more()
+            # Soon, not now: asyncio (3.11) ends a connection twice if it is closed from
+            # resume_writing with its buffer empty, as the last piece may leave it.
+            self._timer = asyncio.get_running_loop().call_soon(self._send_more)
 
     def eof_received(self) -> bool | None:
         # A poetry client sends nothing, so its end-of-file means it has gone: stop at once

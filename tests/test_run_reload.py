@@ -171,6 +171,9 @@ class Odd(tend.Service):
             raise RuntimeError("refuses to start")
         if {how!r} == "hang":
             await asyncio.Event().wait()
+        if {how!r} == "block":  # deaf to everything, its loop included
+            import time
+            time.sleep(3600)
         await super().start_service()
 
 application = tend.Application("odd")
@@ -286,6 +289,75 @@ def test_an_upgrade_to_a_program_that_fails_keeps_the_old_one(
     assert fetch(port) == b"still here\n"
     assert int((tmp_path / "tend.pid").read_text()) == tend.pid
     assert tend.stop() == 0
+
+
+def test_an_upgrade_failing_after_it_took_the_pidfile_gives_it_back(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """The new program loads, takes the pidfile and the control socket, then its worker
+    fails: the old tend has both again, and tendctl still reaches it."""
+    app = tmp_path / "app.py"
+    poem = tmp_path / "poem.txt"
+    poem.write_text("still here\n")
+    port = free_port()
+    app.write_text(APP.format(how="", poem=str(poem), port=port))
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", str(app))
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    app.write_text(APP.format(how="raise", poem=str(poem), port=port))
+    result = tendctl("upgrade", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert "refuses to start" in result.stderr
+    assert fetch(port) == b"still here\n"
+    assert int((tmp_path / "tend.pid").read_text()) == tend.pid
+    status = tendctl("status", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert f"pid {tend.pid}" in status.stdout
+    assert tend.stop() == 0
+    assert not (tmp_path / "tend.pid").exists()
+    assert not (tmp_path / "tend.ctl").exists()
+
+
+def test_a_stop_during_a_reload_ends_the_run(run_tend: Callable[..., Tend], tmp_path: Path) -> None:
+    """SIGTERM while a reload's worker is still starting, blocked for good: both generations
+    stop, the blocked one killed after the grace, and tend exits, its pidfile gone."""
+    app = tmp_path / "app.py"
+    poem = tmp_path / "poem.txt"
+    poem.write_text("a poem\n")
+    port = free_port()
+    app.write_text(APP.format(how="", poem=str(poem), port=port))
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "--shutdown-timeout", "1",
+                    "--start-timeout", "60", "-y", str(app))  # fmt: skip
+    tend.wait_for_output(r"starting on \d+")
+    app.write_text(APP.format(how="block", poem=str(poem), port=port))
+    os.kill(tend.pid, signal.SIGHUP)
+    started = tend.wait_for_output(r"started worker 1 \(pid (\d+)\), generation 2")
+    blocked = int(started.group(1))
+    wait_until(lambda: "sleep" in Path(f"/proc/{blocked}/wchan").read_text())  # it is blocked
+    assert tend.stop(timeout=30) in (0, 1)
+    assert "Server Shut Down." in tend.stdout
+    assert not (tmp_path / "tend.pid").exists()
+
+
+def test_sigusr2_upgrades(run_tend: Callable[..., Tend], tmp_path: Path) -> None:
+    """SIGUSR2 itself, as `kill -USR2` sends it: a new supervisor serves, the pidfile
+    names it, and the old one has gone."""
+    port = free_port()
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "poetry", "--port",
+                    f"tcp:{port}:interface=127.0.0.1")  # fmt: skip
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    os.kill(tend.pid, signal.SIGUSR2)
+    assert tend.wait() == 0  # the old one drains and exits once the new one serves
+
+    def successor() -> int | None:
+        pid = int((tmp_path / "tend.pid").read_text())
+        return pid if pid != tend.pid and pid_alive(pid) else None
+
+    new = wait_until(successor)
+    assert fetch(port) != b""
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not (tmp_path / "tend.pid").exists())
 
 
 @pytest.fixture

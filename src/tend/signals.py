@@ -31,13 +31,14 @@ from types import FrameType
 # too, as nginx and gunicorn take it, rather than dumping core with the pidfile left).
 STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
-# What the first process catches: the stops, SIGUSR1 (reopen the log) and SIGHUP.
-CAUGHT = (*STOP, signal.SIGUSR1, signal.SIGHUP)
+# What the first process catches: the stops, SIGUSR1 (reopen the log), SIGHUP (reload) and
+# SIGUSR2 (upgrade).
+CAUGHT = (*STOP, signal.SIGUSR1, signal.SIGHUP, signal.SIGUSR2)
 
 # A worker shares its supervisor's process group, so a terminal's Ctrl-C, Ctrl-\ and
 # hang-up reach it too: it leaves them to the supervisor, which passes on a SIGTERM.
 WORKER_CATCHES = (signal.SIGTERM,)
-WORKER_IGNORES = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1)
+WORKER_IGNORES = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def name_of(signal_number: int) -> str:

@@ -6,10 +6,10 @@ import asyncio
 import os
 import select
 import signal
-import threading
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 
 import pytest

@@ -449,6 +449,29 @@ def test_picks_a_socket_by_its_name(
 
 
 @needs_socket_activate
+def test_an_upgrade_keeps_serving_the_passed_socket(
+    activate: Callable[..., Activated], listener: socket.socket
+) -> None:
+    """SIGUSR2 under socket activation: the new program gets the passed socket from the old
+    one (LISTEN_FDS are long gone) and serves on it; the old one exits 0."""
+    port = listener.getsockname()[1]
+    activated = activate(
+        [],
+        [*FOREGROUND, "poetry", "--port", "systemd:name=poetry"],
+        passed=listener,
+        fdnames="poetry",
+    )
+    listener.close()
+    knock(port)  # the first client starts tend
+    activated.wait_for_stdout(f"PoetryFactory starting on {port}$")
+    activated.process.send_signal(signal.SIGUSR2)
+    activated.wait_for_stdout(r"upgraded: pid \d+ serves now")
+    assert activated.wait() == 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        assert read_all(client) == POEM.read_bytes()
+
+
+@needs_socket_activate
 def test_serves_a_passed_unix_socket_and_leaves_its_file(
     activate: Callable[..., Activated], short_dir: Path
 ) -> None:

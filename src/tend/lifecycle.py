@@ -116,7 +116,10 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
             settings.gid if settings.gid is not None else application.gid,
         )
         check_can_switch(identity)
-        if any(server.endpoint.passed_by_systemd for server in listeners(application)):
+        # After an upgrade the passed sockets come with the handover (LISTEN_* are gone).
+        if handover is None and any(
+            server.endpoint.passed_by_systemd for server in listeners(application)
+        ):
             from tend.systemd import inherited_sockets
 
             # Taken now: LISTEN_PID names this process, not the daemon it may fork.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tend.errors import UsageError
+from tend.errors import StartupError, UsageError
 from tend.plugins import (
     Flag,
     Option,
@@ -20,6 +20,7 @@ from tend.plugins import (
     ServiceMaker,
     find_plugin,
     find_plugins,
+    make_service,
 )
 from tend.service import Service
 
@@ -492,3 +493,20 @@ def test_unknown_plugin_mentions_a_module_that_failed_to_load(write_plugin: Writ
     message = str(caught.value)
     assert message.startswith("unknown plugin 'hello'")
     assert f"(a plugin failed to load: {broken}: ImportError: no module named lyre)" in message
+
+
+def test_a_plugin_that_calls_sys_exit_is_a_startup_error() -> None:
+    """sys.exit() in make_service (at start or in a reload) is the plugin's failure, one
+    line, never the end of the process that asked."""
+
+    class Exiting(ServiceMaker):
+        name = "exiting"
+
+        def make_service(self, options: Mapping[str, object]) -> Service:
+            raise SystemExit("bye")
+
+    with pytest.raises(StartupError) as raised:
+        make_service(Exiting(), {}, "deploy.toml: entry 1: ")
+    assert str(raised.value) == (
+        "deploy.toml: entry 1: plugin 'exiting' called sys.exit('bye') while making its service"
+    )

@@ -188,7 +188,9 @@ def test_a_workers_traceback_is_never_split_across_rotated_files(run_tend, tmp_p
     tend = run_tend("--nodaemon", "--pidfile=", "-l", str(log), "--log-max-bytes", "3000",
                     "-y", str(app))  # fmt: skip
     tend.wait_for_output(r"record 59", source=str(log))
-    assert tend.stop() == 0
+    # The records are logged while the tree starts: a stop that comes before the worker
+    # said READY is a stop during the start (exit 1), which is as good here.
+    assert tend.stop() in (0, 1)
     files = sorted(tmp_path.glob("tend.log*"))
     assert len(files) > 5
     for file in files:

@@ -448,3 +448,44 @@ def test_the_control_socket_answers_no_other_user(
         assert fetch(tend.wait_for_port()) != b""
     assert tend.stop() == 0
     shutil.rmtree(folder)
+
+
+DEV_APP = """
+import pathlib
+import tend
+import helper
+from tend.poetry.server import PoetryFactory, PoetryService
+
+poem = pathlib.Path(__file__).with_name("poem.txt")
+poem.write_text(helper.TEXT)
+application = tend.Application("dev")
+poetry = PoetryService(str(poem))
+poetry.set_service_parent(application)
+tend.TCPServer({port}, PoetryFactory(poetry), interface="127.0.0.1").set_service_parent(
+    application
+)
+"""
+
+
+def test_reload_flag_reloads_when_a_module_changes_and_after_a_broken_one_is_fixed(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """--reload: a change to a module beside the app file reloads with the new code; a
+    syntax error there is one line and the old tree serves on; fixing it reloads again."""
+    port = free_port()
+    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
+    (tmp_path / "app.py").write_text(DEV_APP.format(port=port))
+    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    tend = run_tend("--nodaemon", "--pidfile", "", "--reload", "-y", "app.py", env=environment)
+    tend.wait_for_output(r"Watching \d+ file\(s\)")
+    wait_until(lambda: fetch(port) == b"first\n")
+    (tmp_path / "helper.py").write_text('TEXT = "second, longer\\n"\n')
+    tend.wait_for_output(r"Changed: '.*helper\.py'")
+    wait_until(lambda: fetch(port) == b"second, longer\n")
+    (tmp_path / "helper.py").write_text('TEXT = "third\n')  # a syntax error
+    tend.wait_for_output(r"reload failed: .*helper\.py.*")
+    assert fetch(port) == b"second, longer\n"
+    (tmp_path / "helper.py").write_text('TEXT = "fourth, fixed\\n"\n')
+    tend.wait_for_output(r"reloaded: generation 3")
+    wait_until(lambda: fetch(port) == b"fourth, fixed\n")
+    assert tend.stop() == 0

@@ -28,7 +28,12 @@ class Slow(tend.Service):
     def privileged_start_service(self):
         if PHASE == "privileged":
             (MARKS / "privileged").touch()
-            time.sleep(1.5)  # a signal now is recorded; the start stops when this returns
+            # Busy until the test has signalled, and a moment more for a launcher to pass
+            # the signal on: it is recorded meanwhile, and the start stops when this returns.
+            deadline = time.monotonic() + 60
+            while not (MARKS / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.5)
 
     async def start_service(self):
         if PHASE == "start":
@@ -80,6 +85,7 @@ def test_a_stop_signal_during_the_start_stops_cleanly(
     wait_until(lambda: (tmp_path / phase).exists() or tend.exited)
     assert not tend.exited, tend.stderr
     os.kill(tend.pid, signal_number)
+    (tmp_path / "go").touch()
     assert tend.wait(timeout=20) == 1
     name = signal.Signals(signal_number).name
     assert tend.stderr == f"tend: stopped by {name} before the services were ready\n"

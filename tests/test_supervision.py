@@ -200,6 +200,20 @@ def test_the_watchdog_is_due_only_when_every_worker_has_pinged() -> None:
     assert not core.watchdog_due()
 
 
+def test_a_worker_still_starting_does_not_hold_the_watchdog_back() -> None:
+    """A replacement worker pings only once ready: until then the ready ones suffice."""
+    core = running(2, Clock())
+    core.exited(1002, 1)  # worker 2 died; its replacement starts
+    core.started(2, 1003)
+    core.said(1001, message(WATCHDOG=1))
+    assert core.watchdog_due()
+    core.said(1003, message(READY=1))
+    core.said(1001, message(WATCHDOG=1))
+    assert not core.watchdog_due()  # ready now: its ping is awaited too
+    core.said(1003, message(WATCHDOG=1))
+    assert core.watchdog_due()
+
+
 def test_messages_from_unknown_pids_are_ignored() -> None:
     """A message or exit of a pid the core never started changes nothing."""
     core = running(1, Clock())

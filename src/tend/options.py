@@ -36,7 +36,8 @@ class Option:
     the example shows it: a TOML number forgets how it was written (``0o27`` and ``23``
     arrive alike), which matters for a umask. A *repeatable* option may be given more
     than once, on the command line or as a deployment file's array, and arrives as a list
-    of its converted values in the order given (its default, if any, as a one-item list).
+    of its converted values in the order given (its default, if any, as a list: a default
+    may be one value or a list of them).
     """
 
     long: str
@@ -131,7 +132,9 @@ def default_of(option: Option | Flag) -> object:
     if isinstance(option, Flag):
         return option.default
     if option.repeatable:
-        defaults = [] if option.default is None else [option.default]
+        if option.default is None:
+            return []
+        defaults = option.default if isinstance(option.default, list | tuple) else [option.default]
         return [_default_one(option, default) for default in defaults]
     return _default_one(option, option.default)
 
@@ -139,6 +142,9 @@ def default_of(option: Option | Flag) -> object:
 def _default_one(option: Option, default: object) -> object:
     if not isinstance(default, str):
         return default
+    if option.path and default not in ("", "-"):
+        # As a path typed on the command line: from the current directory, made absolute.
+        default = os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(default)))
     try:
         return option.type(default)
     except (argparse.ArgumentTypeError, ValueError, TypeError) as error:

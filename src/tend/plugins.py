@@ -95,6 +95,12 @@ def make_service(maker: ServiceMaker, options: Mapping[str, object], where: str)
         if not where:
             raise
         raise StartupError(f"{where}{error}") from None
+    except SystemExit as error:
+        status = quote(error.code) if isinstance(error.code, str) else error.code
+        raise StartupError(
+            f"{where}plugin {quote(maker.name)} called sys.exit({status}) while making its "
+            "service"
+        ) from None
     except Exception as error:
         logging.getLogger("tend").exception(
             "%splugin %r failed to make its service", where, maker.name

@@ -187,12 +187,14 @@ class Supervision:
         return False
 
     def watchdog_due(self) -> bool:
-        """True when every worker has pinged since the last time this said True.
+        """True when every ready worker has pinged since the last time this said True.
 
         One worker whose loop is stuck holds the pings back, and systemd, hearing none,
-        restarts the service.
+        restarts the service. A worker still starting (a replacement) does not: it pings
+        only once ready, and the start timeout bounds its start; with none ready at all,
+        nothing is served and nothing is said.
         """
-        workers = self.workers.values()
+        workers = [worker for worker in self.workers.values() if worker.ready]
         if not workers or not all(worker.pinged for worker in workers):
             return False
         for worker in workers:

@@ -446,7 +446,8 @@ class Supervisor:
             # Which came first decides what the start is said to have died of.
             self.stopped_before_failure = self.core.failure is None
             log.info("%s, stopping %d worker(s).", why, len(self.workers))
-            self.upstream.stopping()
+            if not self.handed_over:  # else systemd watches the successor, which serves on
+                self.upstream.stopping()
             for generation in self._live():
                 generation.core.stop()
             # New clients must be refused now, not queue on sockets no worker accepts; after
@@ -582,7 +583,7 @@ class Supervisor:
         except TendError as error:
             self._reload_done(False, f"reload failed: {error}")
             return
-        except Exception as error:
+        except (Exception, SystemExit) as error:  # whatever the new code does, tend serves on
             log.exception("building the tree again failed")
             self._reload_done(
                 False, f"reload failed: {describe_error(error)} (the traceback is in the log)"
@@ -762,7 +763,9 @@ class Supervisor:
             shown = ", ".join(quote(path) for path in changed[:3])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             self.reload(f"Changed: {shown}{more}")
-            self.watched = _mtimes(self.source.watched_files())
+            # The files of the tree now, and those of before: a module that failed to
+            # import is in neither sys.modules nor the new list, and its fix must count.
+            self.watched = {**now, **_mtimes(self.source.watched_files())}
 
     def _promote(self) -> None:
         """The incoming generation is ready: it serves; the old one drains and goes."""
@@ -912,6 +915,10 @@ class Supervisor:
             self.pidfile.forget()
         if self.control is not None:
             self.control.forget()
+        if self.successor is not None:  # an upgrade under way: the new program's, not ours
+            self.successor.channel.close()
+            with contextlib.suppress(OSError):
+                os.close(self.successor.pidfd)
         self.upstream.forget()
         # Sockets only another generation listens on: this worker must not keep them open.
         mine = {id(listening) for listening in generation.listenings}
@@ -935,9 +942,10 @@ class Supervisor:
                 worker.served = _number(message.get("SERVED"), worker.served)
 
     def _read_log(self, worker: _Worker) -> None:
-        """Take every record the worker's pipe holds now (all of them before its READY)."""
+        """Take the records the worker's pipe holds now, up to a MiB: a worker flooding
+        its log must not starve the rest of the loop (the next turn takes more)."""
         assert worker.log_pipe is not None
-        while True:
+        for _ in range(16):
             try:
                 data = os.read(worker.log_pipe, 65536)
             except BlockingIOError:

@@ -349,3 +349,20 @@ def test_reopen_logs_without_tend_is_7(tmp_path: Path) -> None:
         f"tendctl: cannot reopen the logs: tend is not running "
         f"(no pidfile {tmp_path / 'tend.pid'})\n"
     )
+
+
+def test_status_into_a_closed_pipe_says_nothing_more(run_tend, tmp_path):
+    """`tendctl status | head -1`: the reader has gone; no traceback follows, exit 1."""
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "poetry", *LOCAL)
+    tend.wait_for_port()
+    wait_until((tmp_path / "tend.ctl").exists)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        done = subprocess.run(
+            [*TENDCTL, "status"], cwd=tmp_path, stdout=write_end, stderr=subprocess.PIPE,
+            text=True, timeout=30, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (1, "")

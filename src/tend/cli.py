@@ -12,12 +12,9 @@ import contextlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from tend.errors import TendError, UsageError, one_line, quote
-
-if TYPE_CHECKING:
-    pass
 
 PROG = "tend"
 

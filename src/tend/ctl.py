@@ -682,6 +682,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         code = 2
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # `tendctl status | head`: the reader has gone; say nothing more, as ls does.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
     sys.exit(code)
 
 

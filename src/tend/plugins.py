@@ -98,8 +98,7 @@ def make_service(maker: ServiceMaker, options: Mapping[str, object], where: str)
     except SystemExit as error:
         status = quote(error.code) if isinstance(error.code, str) else error.code
         raise StartupError(
-            f"{where}plugin {quote(maker.name)} called sys.exit({status}) while making its "
-            "service"
+            f"{where}plugin {quote(maker.name)} called sys.exit({status}) while making its service"
         ) from None
     except Exception as error:
         logging.getLogger("tend").exception(

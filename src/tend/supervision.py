@@ -45,7 +45,8 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """How long things may take, in seconds; 0 is no limit."""
+    """How long things may take, in seconds. A start or worker timeout of 0 is no limit; a
+    shutdown timeout of 0 resets open connections at once."""
 
     shutdown_timeout: float = 10.0  # --shutdown-timeout
     start_timeout: float = 60.0  # --start-timeout

@@ -674,7 +674,8 @@ class Supervisor:
             how = describe_exit(os.waitstatus_to_exitcode(wait_status))
         except ChildProcessError:
             how = "an unknown status"
-        self._hear_successor() if not successor.channel.closed else None
+        if not successor.channel.closed:
+            self._hear_successor()
         if self.successor is None:  # it said READY just before it went
             return
         reason = successor.error or f"the new tend program exited with {how} before it was ready"

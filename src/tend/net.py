@@ -681,8 +681,6 @@ class StreamServer(Service):
             self._retry = None
         if self._limit is not None:
             self._limit._waiting.discard(self)
-        for task in self._arriving:  # a TLS handshake, say: the client is refused
-            task.cancel()
         if self._listening is not None:
             self._listening.close()
         return was_open
@@ -699,9 +697,21 @@ class StreamServer(Service):
         """Close the listeners, let open connections finish until the loop time *deadline*,
         then reset the rest."""
         self.stop_listening()
-        # Quick, both: arrivals were cancelled, and a late opening closes what it opened.
-        if self._arriving or self._openings:
-            await asyncio.wait(self._arriving | self._openings)
+        loop = asyncio.get_running_loop()
+        # Clients accepted before the listeners closed are served like the others: tend's
+        # own accepts still being made (a TLS handshake, say) get until the deadline, and
+        # a late opening closes what it opened.
+        pending = self._arriving | self._openings
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        # The loop's own accepts (uvloop's) make their protocols on its next turns: until
+        # then the connections are not counted, and a drain would find none to wait for.
+        for _ in range(2):
+            await asyncio.sleep(0)
         await self.drain(deadline)
 
     async def drain(self, deadline: float) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from .conftest import CLIENTS, POEM, PYTHON, SERVICE, SOCKET, Systemd, wait_until
 
 
@@ -32,12 +30,6 @@ def test_the_socket_holds_the_port_and_the_first_client_starts_tend(systemd: Sys
 
 
 # Not strict: the race is real but not met on every run (about one run in three here).
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13: a worker that stops right after accepting closes those connections "
-    "before any poetry: asyncio's accept tasks have not made their protocols when "
-    "StreamServer.drain finds no connection to wait for (net.py)",
-)
 def test_a_restart_loses_no_client(systemd: Systemd) -> None:
     """Clients fetching all through two `systemctl restart`s all get whole poems."""
     systemd.install_shipped()

@@ -489,3 +489,62 @@ def test_reload_flag_reloads_when_a_module_changes_and_after_a_broken_one_is_fix
     tend.wait_for_output(r"reloaded: generation 3")
     wait_until(lambda: fetch(port) == b"fourth, fixed\n")
     assert tend.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answer"),
+    [
+        (b"status\n", "not a tendctl request"),
+        (b'{"command": "restart"}\n', "unknown command 'restart'"),
+        (b"x" * 5000, "the request is too long"),
+    ],
+)
+def test_a_bad_control_request_is_answered_and_tend_goes_on(
+    run_tend: Callable[..., Tend], tmp_path: Path, request_bytes: bytes, answer: str
+) -> None:
+    """A request tend cannot take gets its one-line answer; the next ones work as ever."""
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "poetry", "--port",
+                    "tcp:0:interface=127.0.0.1")  # fmt: skip
+    tend.wait_for_port()
+    wait_until((tmp_path / "tend.ctl").exists)
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(str(tmp_path / "tend.ctl"))
+        client.sendall(request_bytes)
+        assert answer in client.recv(4096).decode()
+    for _ in range(3):
+        status = tendctl("status", cwd=tmp_path)
+        assert status.returncode == 0, status.stderr
+    assert not tend.exited
+    assert "Traceback" not in tend.stdout
+    assert tend.stop() == 0
+
+
+def test_a_long_reload_is_waited_for_without_spinning(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """tendctl reload waits 6 s for a slow new tree: the supervisor sleeps meanwhile (its CPU
+    time grows by far less than the wait: a busy loop would take a whole second of it)."""
+    app = tmp_path / "app.py"
+    poem = tmp_path / "poem.txt"
+    poem.write_text("a poem\n")
+    port = free_port()
+    app.write_text(APP.format(how="", poem=str(poem), port=port).replace(
+        "await super().start_service()",
+        "if __import__('os').path.exists('slow'): await asyncio.sleep(6)\n"
+        "        await super().start_service()",
+    ))  # fmt: skip
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", str(app))
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    (tmp_path / "slow").touch()
+
+    def cpu_ticks() -> int:
+        fields = Path(f"/proc/{tend.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before = cpu_ticks()
+    result = tendctl("reload", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert cpu_ticks() - before < os.sysconf("SC_CLK_TCK")  # under a second of CPU
+    assert tend.stop() == 0

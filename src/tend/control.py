@@ -98,6 +98,9 @@ class Connection:
 
     def __init__(self, peer: socket.socket, refusal: str | None = None) -> None:
         self.peer = peer
+        # Its number, kept: once closed the socket says -1, and the selector and the table
+        # of connections still have it under this one.
+        self.fd = peer.fileno()
         self.refusal = refusal  # the answer to whatever it asks: it may not ask
         self.buffer = b""
         self.deadline = time.monotonic() + REQUEST_TIMEOUT
@@ -105,7 +108,7 @@ class Connection:
         self.waiting = False  # asked, and waiting for the answer (a reload takes a while)
 
     def fileno(self) -> int:
-        return self.peer.fileno()
+        return self.fd
 
     def read(self) -> str | None:
         """The command, once the request line is whole; None until then.

@@ -339,7 +339,10 @@ class Supervisor:
             if (moment := generation.core.next_wakeup()) is not None
         ]
         if self.control is not None:
-            moments.extend(c.deadline for c in self.control.connections.values())
+            # A connection waiting for a reload's outcome has no deadline of its own.
+            moments.extend(
+                c.deadline for c in self.control.connections.values() if not c.waiting
+            )
         if self.watched is not None:
             moments.append(self.next_look)
         if self.successor is not None:

@@ -548,3 +548,43 @@ def test_a_long_reload_is_waited_for_without_spinning(
     assert result.returncode == 0, result.stderr
     assert cpu_ticks() - before < os.sysconf("SC_CLK_TCK")  # under a second of CPU
     assert tend.stop() == 0
+
+
+def test_a_stop_during_an_upgrade_stops_both(run_tend: Callable[..., Tend], tmp_path: Path) -> None:
+    """While the new program is still starting the pidfile names the old one: tendctl stop
+    reaches it, the upgrade is called off, and neither tend is left."""
+    app = tmp_path / "app.py"
+    poem = tmp_path / "poem.txt"
+    poem.write_text("a poem\n")
+    port = free_port()
+    app.write_text(APP.format(how="", poem=str(poem), port=port).replace(
+        "await super().start_service()",
+        "if __import__('os').path.exists('slow'): await asyncio.sleep(30)\n"
+        "        await super().start_service()",
+    ))  # fmt: skip
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", str(app))
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    (tmp_path / "slow").touch()
+    upgrade = subprocess.Popen(
+        [*TENDCTL, "upgrade"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        # The new program has started its worker, which now waits in its start.
+        tend.wait_for_output(r"started worker 1 \(pid \d+\)(.|\n)*started worker 1 \(pid \d+\)")
+        assert int((tmp_path / "tend.pid").read_text()) == tend.pid
+        stop = tendctl("stop", cwd=tmp_path)
+        assert stop.returncode == 0, stop.stderr
+        assert f"pid {tend.pid}" in stop.stdout
+        _, errors = upgrade.communicate(timeout=30)
+    finally:
+        upgrade.kill()
+        upgrade.wait()
+    assert upgrade.returncode == 1
+    assert "upgrade failed: tend is stopping" in errors
+    assert tend.wait(timeout=30) == 0
+    assert not (tmp_path / "tend.pid").exists()
+    assert not (tmp_path / "tend.ctl").exists()
+    with pytest.raises(ConnectionRefusedError):  # nobody serves
+        fetch(port)

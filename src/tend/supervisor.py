@@ -193,6 +193,7 @@ class Supervisor:
         self.loop_factory = loop_factory
         self.limits = limits
         self.pidfile: Pidfile | None = None
+        self.taking_over = False  # an upgrade's new program: the pidfile is taken once ready
         self.control: ControlServer | None = None
         self.relay_logs = sink.fileno() is not None
         self.workers: dict[int, _Worker] = {}  # by pid, of every generation
@@ -223,14 +224,34 @@ class Supervisor:
 
     def take_pidfile(self, path: str) -> None:
         """Write and lock the pidfile, for as long as this process runs; open the control
-        socket beside it (tendctl can then ask, and hear how it went)."""
-        take_over = self.handover is not None
+        socket beside it (tendctl can then ask, and hear how it went).
+
+        The new program of an upgrade takes both over only once it serves: until then
+        they name the tend it replaces, which a stop meanwhile must reach.
+        """
         self.pidfile = Pidfile(path)
-        self.pidfile.acquire(take_over=take_over)
+        if self.handover is not None:
+            self.taking_over = True
+            return
+        self.pidfile.acquire()
+        self._open_control(take_over=False)
+
+    def _take_over(self) -> None:
+        """An upgrade's new program is ready: the pidfile and the control socket are its own."""
+        assert self.pidfile is not None
+        self.taking_over = False
+        self.pidfile.acquire(take_over=True)
+        self._open_control(take_over=True)
+
+    def _open_control(self, *, take_over: bool) -> None:
+        assert self.pidfile is not None
         try:
             self.control = ControlServer(control_path(self.pidfile.path), take_over=take_over)
         except (TendError, OSError) as error:
             log.warning("no control socket, tendctl will send signals: %s", error)
+            return
+        if self.selector is not None:
+            self.selector.register(self.control.fileno(), selectors.EVENT_READ, self._accept)
 
     def bind(self) -> None:
         """Bind every listener, one copy per worker, then run the privileged starts."""
@@ -382,6 +403,8 @@ class Supervisor:
                 self._signal_workers(signal.SIGKILL, generation)
             self._kill_overdue(generation)
         if self.core.ready_to_report():
+            if self.taking_over:
+                self._take_over()
             self.sink.flush()  # whoever waits for ready may read the log next
             self.upstream.ready(self.status_line)
         if self.incoming is not None:
@@ -449,6 +472,8 @@ class Supervisor:
             # Which came first decides what the start is said to have died of.
             self.stopped_before_failure = self.core.failure is None
             log.info("%s, stopping %d worker(s).", why, len(self.workers))
+            if self.successor is not None:  # an upgrade under way: the stop is for both
+                self._upgrade_failed("tend is stopping")
             if not self.handed_over:  # else systemd watches the successor, which serves on
                 self.upstream.stopping()
             for generation in self._live():
@@ -721,14 +746,10 @@ class Supervisor:
             asking = self.control.connections
             self.control.listening.close()
             self.control = None
-        try:
-            self.control = ControlServer(control_path(old.path), take_over=True)
-        except (TendError, OSError) as error:
-            log.warning("no control socket, tendctl will send signals: %s", error)
-            return
-        self.control.connections.update(asking)
-        if self.selector is not None:
-            self.selector.register(self.control.fileno(), selectors.EVENT_READ, self._accept)
+        if self.pidfile is not None:
+            self._open_control(take_over=True)
+        if self.control is not None:
+            self.control.connections.update(asking)
 
     def _upgraded(self, successor: Successor) -> None:
         """The successor serves: tell whoever waits, then drain and go, leaving it all to it."""

@@ -588,3 +588,53 @@ def test_a_stop_during_an_upgrade_stops_both(run_tend: Callable[..., Tend], tmp_
     assert not (tmp_path / "tend.ctl").exists()
     with pytest.raises(ConnectionRefusedError):  # nobody serves
         fetch(port)
+
+
+FAKE_CONTROL = """
+import json, socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen()
+print("ready", flush=True)
+while True:
+    peer, _ = server.accept()
+    try:
+        peer.recv(4096)
+        peer.sendall(json.dumps({"ok": True, "message": "reloaded: fake"}).encode() + b"\\n")
+    except OSError:  # tend's check whether the socket is stale hangs up at once
+        pass
+    peer.close()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a planter as another user")
+def test_tendctl_will_not_ask_a_control_socket_someone_else_planted(
+    run_tend: Callable[..., Tend],
+) -> None:
+    """In a folder everyone may write to, nobody binds tend.ctl before tend starts: tendctl
+    sees the socket is not tend's (SO_PEERCRED) and says so, instead of believing it."""
+    folder = Path(tempfile.mkdtemp(prefix="tend-planted-"))
+    folder.chmod(0o1777)
+    nobody = pwd.getpwnam("nobody")
+    planter = subprocess.Popen(
+        ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+         "/usr/bin/python3", "-c", FAKE_CONTROL, str(folder / "tend.ctl")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert planter.stdout is not None
+        assert planter.stdout.readline() == "ready\n"
+        tend = run_tend("--nodaemon", "--pidfile", str(folder / "tend.pid"), "poetry",
+                        "--port", "tcp:0:interface=127.0.0.1")  # fmt: skip
+        tend.wait_for_port()
+        wait_until((folder / "tend.pid").exists)
+        result = tendctl("--pidfile", str(folder / "tend.pid"), "reload", cwd=folder)
+        assert result.returncode != 0, tend.stdout
+        assert "not asking the control socket" in result.stderr
+        assert "neither root nor yours" in result.stderr
+        assert "fake" not in result.stdout
+        assert tend.stop() == 0
+    finally:
+        planter.kill()
+        planter.communicate()
+        shutil.rmtree(folder)

@@ -165,9 +165,15 @@ class Connection:
 
 def peer_uid(peer: socket.socket) -> int:
     """The uid of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    return peer_credentials(peer)[1]
+
+
+def peer_credentials(peer: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of a UNIX socket (SO_PEERCRED): for
+    a listening socket's peer, the process that listened."""
     credentials = peer.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", credentials)
-    return int(uid)
+    pid, uid, _ = struct.unpack("3i", credentials)
+    return int(pid), int(uid)
 
 
 def _encode(reply: dict[str, object]) -> bytes:
@@ -176,17 +182,37 @@ def _encode(reply: dict[str, object]) -> bytes:
     return (json.dumps(reply, ensure_ascii=False, default=str) + "\n").encode()
 
 
-def ask(path: str, command: str, timeout: float) -> dict[str, object]:
+class NotTend(ValueError):
+    """What listens on the control socket is not the tend the pidfile names."""
+
+    def __init__(self, message: str, pid: int) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+def ask(
+    path: str, command: str, timeout: float, is_tend: Callable[[int], bool] | None = None
+) -> dict[str, object]:
     """tendctl's end: ask the tend at *path* and wait up to *timeout* for its answer.
+
+    Before asking, the listener's credentials (``SO_PEERCRED``) are checked: its uid must
+    be root or this user's, and *is_tend(pid)* must hold, so that a socket planted by
+    someone else, in a folder others can write to, is never taken for tend.
 
     Raises:
         FileNotFoundError, ConnectionRefusedError: no tend listens there.
+        NotTend: something else does.
         OSError: the socket cannot be used; TimeoutError: no answer in time.
         ValueError: the answer is not one tend gives.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(timeout)
         client.connect(path)
+        pid, uid = peer_credentials(client)
+        if uid not in (0, os.geteuid()):
+            raise NotTend(f"it is held by uid {uid}, neither root nor yours", pid)
+        if is_tend is not None and not is_tend(pid):
+            raise NotTend(f"it is held by pid {pid}, not by the tend of the pidfile", pid)
         client.sendall(_encode({"command": command}))
         data = b""
         deadline = time.monotonic() + timeout

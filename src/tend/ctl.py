@@ -24,7 +24,7 @@ from typing import NoReturn
 
 from tend import __version__
 from tend.addresses import host_and_port
-from tend.control import ask, control_path
+from tend.control import NotTend, ask, control_path
 from tend.errors import UsageError, one_line, quote
 from tend.options import CommandParser, seconds
 from tend.pidfile import PidfileError, PidfileState, read_pidfile
@@ -345,10 +345,23 @@ def _ask(state: PidfileState, command: str, timeout: float) -> dict[str, object]
         ControlError: it has one, but did not answer in time or could not be understood.
     """
     path = control_path(state.path)
+
+    def is_tend(pid: int) -> bool:
+        if pid == state.pid:
+            return True
+        # An upgrade's new program renames its pidfile into place just before its socket.
+        now = read_state(state.path)
+        return now is not None and now.locked and now.pid == pid
+
     try:
-        return ask(path, command, timeout)
+        return ask(path, command, timeout, is_tend)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
+    except NotTend as error:
+        raise ControlError(
+            f"not asking the control socket {quote(path)}: {error}; someone may have put it "
+            "there: keep the pidfile in a folder only tend's user can write"
+        ) from None
     except TimeoutError:
         raise ControlError(
             f"tend (pid {state.pid}) did not answer {command} within {_seconds(timeout)}; "
@@ -669,7 +682,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the ``tendctl`` command and exit with its status."""
 
     def out(line: str) -> None:
-        print(line, flush=True)
+        # What tend answered, made printable: never a terminal's escape sequence.
+        print(one_line(line, limit=100_000), flush=True)
 
     try:
         code = run(list(sys.argv[1:] if argv is None else argv), out)

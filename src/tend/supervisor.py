@@ -361,9 +361,7 @@ class Supervisor:
         ]
         if self.control is not None:
             # A connection waiting for a reload's outcome has no deadline of its own.
-            moments.extend(
-                c.deadline for c in self.control.connections.values() if not c.waiting
-            )
+            moments.extend(c.deadline for c in self.control.connections.values() if not c.waiting)
         if self.watched is not None:
             moments.append(self.next_look)
         if self.successor is not None:

@@ -343,3 +343,24 @@ def test_a_supervisor_without_cap_kill_stops_its_workers_on_their_channel(run_te
     assert "signalling workers that run as another user needs CAP_KILL" in output
     assert "Received STOP from the supervisor, shutting down." in output
     assert "Traceback" not in output
+
+
+@needs_root
+def test_without_cap_kill_a_stop_still_ends_a_worker_that_does_not_listen(run_tend, tmp_path):
+    """A worker as nobody, stopped (SIGSTOP), under a root supervisor that may not signal
+    it: the stop cannot kill it, so the supervisor exits, within the shutdown timeout and
+    the kill's grace, rather than wait for ever."""
+    tend = run_tend(
+        "--nodaemon", "--pidfile", "", "-u", "nobody", "--shutdown-timeout", "1",
+        "poetry", "--port", "0", "--iface", "127.0.0.1",
+        wrapper=["setpriv", "--bounding-set", "-kill", "--inh-caps", "-kill", "--"],
+    )  # fmt: skip
+    tend.wait_for_port()
+    (worker,) = children(tend.pid)
+    os.kill(worker, signal.SIGSTOP)  # the test holds CAP_KILL
+    assert tend.stop(timeout=30) == 1
+    assert "cannot kill 1 worker(s) that did not stop; exiting" in tend.stdout
+    # Left to the service manager, which would kill it; here the test, which may, wakes it
+    # instead: it hears its channel hang up and stops by itself.
+    os.kill(worker, signal.SIGCONT)
+    wait_until(lambda: not pid_alive(worker))

@@ -346,11 +346,30 @@ class Supervisor:
     def _finished(self) -> bool:
         # A reload's generation counts too: stopped while it started, its workers may end
         # killed, with no ERROR= that would have failed (and cleared) it.
-        return (
-            self.current is not None
-            and all(generation.core.finished for generation in self._live())
-            and not self.workers
+        if self.current is None:
+            return False
+        if all(generation.core.finished for generation in self._live()) and not self.workers:
+            return True
+        return self._only_unkillable_left()
+
+    def _only_unkillable_left(self) -> bool:
+        """Stopping, past the kill, with only workers the kernel would not let this process
+        signal: it exits. Orphaned, they are woken (SIGCONT), hear the channel hang up and
+        stop if they still can; what is left is the service manager's (systemd kills the
+        rest of the unit's cgroup: it holds CAP_KILL)."""
+        if self.stop_signal is None or not self.workers:
+            return False
+        if not all(worker.unsignalable for worker in self.workers.values()):
+            return False
+        generations = {id(worker.generation): worker.generation for worker in self.workers.values()}
+        if not all(generation.core.killed for generation in generations.values()):
+            return False
+        log.error(
+            "cannot kill %d worker(s) that did not stop; exiting, and leaving them to the "
+            "service manager (give the supervisor CAP_KILL to kill them itself)",
+            len(self.workers),
         )
+        return True
 
     def _step(self) -> None:
         assert self.selector is not None

@@ -638,3 +638,42 @@ def test_tendctl_will_not_ask_a_control_socket_someone_else_planted(
         planter.kill()
         planter.communicate()
         shutil.rmtree(folder)
+
+
+def test_a_reload_reads_relative_paths_from_where_tend_was_started(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """--rundir moves the daemon elsewhere; a reload parses the plugin's options again,
+    and poem.txt is still the one beside where tend was started."""
+    (tmp_path / "poem.txt").write_text("the poem beside\n")
+    (tmp_path / "run").mkdir()
+    port = free_port()
+    tend = run_tend("--nodaemon", "--pidfile", "", "--rundir", "run", "poetry", "--poem",
+                    "poem.txt", "--port", f"tcp:{port}:interface=127.0.0.1")  # fmt: skip
+    tend.wait_for_output(r"starting on \d+")
+    (tmp_path / "poem.txt").write_text("the poem beside, changed\n")
+    os.kill(tend.pid, signal.SIGHUP)
+    tend.wait_for_output(r"reloaded: generation 2")
+    assert fetch(port) == b"the poem beside, changed\n"
+    assert tend.stop() == 0
+
+
+def test_a_reload_says_that_tend_table_changes_wait_for_a_restart(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """[tend] is read at start: a reload that finds it changed says which settings, in
+    one warning line, and applies the services' changes."""
+    port = free_port()
+    deploy = tmp_path / "deploy.toml"
+    service = f'[[service]]\nplugin = "poetry"\nport = "tcp:{port}:interface=127.0.0.1"\n'
+    deploy.write_text("[tend]\nshutdown-timeout = 5\n\n" + service)
+    tend = run_tend("--nodaemon", "--pidfile", "", "-c", str(deploy))
+    tend.wait_for_output(r"starting on \d+")
+    deploy.write_text("[tend]\nshutdown-timeout = 7\nworkers = 2\n\n" + service)
+    os.kill(tend.pid, signal.SIGHUP)
+    tend.wait_for_output(r"reloaded: generation 2")
+    assert (
+        "[tend] changed (shutdown-timeout, workers): the runner's settings take effect at "
+        "the next start or upgrade, not in a reload" in tend.stdout
+    )
+    assert tend.stop() == 0

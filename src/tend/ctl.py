@@ -153,7 +153,7 @@ def find_server(state: PidfileState) -> Server:
         _close(pidfd)
         raise ControlError(
             f"cannot check that pid {pid} holds {state.path}: permission denied; "
-            "run tendctl as the user tend runs as, or as root"
+            "run tendctl as root, or as the user who started tend"
         ) from None
     except BaseException:
         _close(pidfd)
@@ -370,7 +370,7 @@ def _ask(state: PidfileState, command: str, timeout: float) -> dict[str, object]
     except PermissionError:
         raise ControlError(
             f"cannot use tend's control socket {quote(path)}: permission denied; "
-            "run tendctl as the user tend runs as, or as root"
+            "run tendctl as root, or as the user who started tend"
         ) from None
     except (OSError, ValueError) as error:
         raise ControlError(f"cannot use tend's control socket {quote(path)}: {error}") from None
@@ -593,7 +593,7 @@ def reopen_logs(path: str, out: Callable[[str], None]) -> int:
 def _not_permitted(pid: int) -> str:
     return (
         f"cannot signal tend (pid {pid}): operation not permitted; "
-        "run tendctl as the user tend runs as, or as root"
+        "run tendctl as root, or as the user who started tend"
     )
 
 

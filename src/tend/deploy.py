@@ -344,7 +344,7 @@ def _plugin_options(
                     f"which plugin {quote(maker.name)} requires"
                 )
             else:
-                options[option.key] = default_of(option)
+                options[option.key] = default_of(option, folder)
         except InvalidValue as error:
             raise DeploymentError(f"{where}: option {quote(long)}: {error}") from None
     return options

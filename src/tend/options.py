@@ -123,7 +123,7 @@ def _convert_one(option: Option, value: object, folder: str) -> object:
         raise InvalidValue(str(error) or f"invalid value {quote(text)}") from None
 
 
-def default_of(option: Option | Flag) -> object:
+def default_of(option: Option | Flag, folder: str | None = None) -> object:
     """The value an option left out takes: a default written as text goes through the type.
 
     Raises:
@@ -135,28 +135,32 @@ def default_of(option: Option | Flag) -> object:
         if option.default is None:
             return []
         defaults = option.default if isinstance(option.default, list | tuple) else [option.default]
-        return [_default_one(option, default) for default in defaults]
-    return _default_one(option, option.default)
+        return [_default_one(option, default, folder) for default in defaults]
+    return _default_one(option, option.default, folder)
 
 
-def _default_one(option: Option, default: object) -> object:
+def _default_one(option: Option, default: object, folder: str | None) -> object:
     if not isinstance(default, str):
         return default
     if option.path and default not in ("", "-"):
         # As a path typed on the command line: from the current directory, made absolute.
-        default = os.path.normpath(os.path.join(os.getcwd(), os.path.expanduser(default)))
+        here = os.getcwd() if folder is None else folder
+        default = os.path.normpath(os.path.join(here, os.path.expanduser(default)))
     try:
         return option.type(default)
     except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
         raise InvalidValue(f"the default is invalid: {error}") from None
 
 
-def values_of(options: Iterable[Option | Flag], given: Mapping[str, object]) -> dict[str, object]:
-    """Every option's value by key: the converted one *given*, else its default."""
+def values_of(
+    options: Iterable[Option | Flag], given: Mapping[str, object], folder: str | None = None
+) -> dict[str, object]:
+    """Every option's value by key: the converted one *given*, else its default (a
+    relative path default taken from *folder*, by default the current directory)."""
     values: dict[str, object] = {}
     for option in options:
         value = given.get(option.key)
-        values[option.key] = default_of(option) if value is None else value
+        values[option.key] = default_of(option, folder) if value is None else value
     return values
 
 
@@ -207,13 +211,18 @@ class CommandParser(argparse.ArgumentParser):
 
 
 def add_options(
-    parser: argparse.ArgumentParser, options: Iterable[Option | Flag], *, negatable: bool
+    parser: argparse.ArgumentParser,
+    options: Iterable[Option | Flag],
+    *,
+    negatable: bool,
+    folder: str | None = None,
 ) -> None:
     """Add *options* to *parser*, each arriving under its key, None when not given.
 
     Values are converted by `convert`, so a bad one is argparse's usage error naming the
     option. With *negatable*, each flag also gets a ``--no-`` form, so a switch set by a
-    deployment file can be turned off on the command line.
+    deployment file can be turned off on the command line. Relative paths are taken from
+    *folder*, by default the current directory.
     """
     for option in options:
         names = [f"--{option.long}"]
@@ -234,7 +243,7 @@ def add_options(
             metavar=option.metavar or _metavar(option),
             default=None,
             required=option.required,
-            type=_argparse_type(option),
+            type=_argparse_type(option, folder),
             help=_help(option),
         )
 
@@ -255,10 +264,10 @@ def _help(option: Option) -> str:
     return f"{text} ({'; '.join(notes)})" if notes else text
 
 
-def _argparse_type(option: Option) -> Callable[[str], object]:
+def _argparse_type(option: Option, folder: str | None) -> Callable[[str], object]:
     def checked(text: str) -> object:
         try:
-            return _convert_one(option, text, os.getcwd())
+            return _convert_one(option, text, os.getcwd() if folder is None else folder)
         except InvalidValue as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 

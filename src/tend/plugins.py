@@ -56,26 +56,29 @@ class ServiceMaker:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
 
-    def parser(self, prog: str) -> argparse.ArgumentParser:
-        """An argument parser for this plugin's options."""
+    def parser(self, prog: str, folder: str | None = None) -> argparse.ArgumentParser:
+        """An argument parser for this plugin's options; relative paths from *folder* (by
+        default the current directory)."""
         parser = CommandParser(
             prog=prog,
             description=self.description,
             epilog=self.epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_options(parser, self.options, negatable=False)
+        add_options(parser, self.options, negatable=False, folder=folder)
         return parser
 
-    def parse_options(self, arguments: Sequence[str], prog: str) -> dict[str, object]:
+    def parse_options(
+        self, arguments: Sequence[str], prog: str, folder: str | None = None
+    ) -> dict[str, object]:
         """Parse *arguments* into the mapping ``make_service`` receives.
 
         An option left out takes its default; a default written as text (as twistd's
         were) arrives converted by the option's type, as a deployment file's would.
         """
-        parsed = vars(self.parser(prog).parse_args(list(arguments)))
+        parsed = vars(self.parser(prog, folder).parse_args(list(arguments)))
         try:
-            return values_of(self.options, parsed)
+            return values_of(self.options, parsed, folder)
         except InvalidValue as error:
             raise UsageError(f"plugin {quote(self.name)} has a bad default: {error}") from None
 

@@ -4,12 +4,13 @@ A tree comes from a plugin and its options, an app file, or a deployment file. T
 build happens at start; a reload builds the tree again from the same source, after
 forgetting the modules that came with it (the plugin's package, the app file's folder),
 so the new tree runs the code as it is on disk now. Makes no OS calls but reading the
-files it builds from.
+files it builds from and the current directory.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,9 @@ class PluginSource(TreeSource):
         self.name = name
         self.arguments = list(arguments)
         self.description = f"plugin {quote(name)}"
+        # Relative paths among the options are from where tend was started, for a reload
+        # too (the daemon has changed directory since, and that one may even be gone).
+        self.folder = os.getcwd()
         self._module = ""
         self._checked: tuple[ServiceMaker, Mapping[str, object]] | None = None
 
@@ -79,7 +83,7 @@ class PluginSource(TreeSource):
 
         maker = find_plugin(self.name)
         self._module = type(maker).__module__
-        return maker, maker.parse_options(self.arguments, prog=f"tend {self.name}")
+        return maker, maker.parse_options(self.arguments, f"tend {self.name}", self.folder)
 
     def build(self) -> Application:
         """Wrap the plugin's service in an Application, as twistd does for a plugin."""
@@ -126,13 +130,32 @@ class DeploymentSource(TreeSource):
         self.path = os.path.abspath(path)
         self.description = f"deployment file {quote(path)}"
         self._modules: list[str] = []
+        self._settings: Mapping[str, object] | None = None  # [tend], as read at start
 
     def load(self) -> object:
-        """Read and check the file (the runner settings of its ``[tend]`` table too)."""
+        """Read and check the file (the runner settings of its ``[tend]`` table too).
+
+        ``[tend]`` is read at start only; a reload that finds it changed says so.
+        """
         from tend.deploy import load_deployment
 
         deployment = load_deployment(self.path)
         self._modules = sorted({type(entry.maker).__module__ for entry in deployment.services})
+        if self._settings is None:
+            self._settings = deployment.settings
+        elif deployment.settings != self._settings:
+            changed = sorted(
+                key.replace("_", "-")
+                for key in {*deployment.settings, *self._settings}
+                if deployment.settings.get(key) != self._settings.get(key)
+            )
+            logging.getLogger("tend").warning(
+                "%s: [tend] changed (%s): the runner's settings take effect at the next "
+                "start or upgrade, not in a reload",
+                self.description,
+                ", ".join(changed),
+            )
+            self._settings = deployment.settings
         return deployment
 
     def build(self) -> Application:

@@ -432,7 +432,11 @@ def test_proxy_of_a_100_mib_poem_stays_bounded(
     with open(big, "wb") as handle:
         handle.write((b"So, so, break off this last lamenting kiss,\n" * (size // 44 + 1))[:size])
     upstream = Background(
-        [TEND, "--nodaemon", "--pidfile=", "poetry", "--port", LOCAL, "--poem", str(big)], place
+        [
+            *(TEND, "--nodaemon", "--pidfile=", "poetry", "--port", LOCAL),
+            *("--poem", str(big), "--max-poem-bytes", str(2 * size)),
+        ],
+        place,
     )
     background.append(upstream)
     upstream_port = upstream.port(30)
@@ -469,6 +473,10 @@ def test_proxy_of_a_100_mib_poem_stays_bounded(
     assert peak - before < size // 2 // 1024, (
         f"the proxy's peak RSS grew by {(peak - before) // 1024} MiB for a 100 MiB poem"
     )
+    # Over the proxy's --max-poem-bytes (4 MiB by default) the fetch fails: nothing is
+    # relayed or cached, and the proxy says why in its log.
+    assert received == 0
+    proxy.wait_for("the poem is larger than")
 
 
 def test_rss_and_descriptors_hold_over_many_fetches(

@@ -162,9 +162,7 @@ def parse_address(text: str) -> Server:
         )
     problem = _host_problem(host, bracketed)
     if problem is not None:
-        raise argparse.ArgumentTypeError(
-            f"invalid address {quote(text)}: {quote(host, 40)} {problem}"
-        )
+        raise argparse.ArgumentTypeError(f"invalid address {quote(text, 40)}: the host {problem}")
     return Server(host, port)
 
 

@@ -162,7 +162,9 @@ def parse_address(text: str) -> Server:
         )
     problem = _host_problem(host, bracketed)
     if problem is not None:
-        raise argparse.ArgumentTypeError(f"invalid address {quote(text, 40)}: the host {problem}")
+        raise argparse.ArgumentTypeError(
+            f"invalid address {quote(text, 32)}: {quote(host, 30)} {problem}"
+        )
     return Server(host, port)
 
 

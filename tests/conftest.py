@@ -363,6 +363,14 @@ def _read(path: str) -> str:
         return ""
 
 
+def assert_usage_error(stderr: str, command: str, message: str) -> None:
+    """*stderr* is argparse's one line for `tend COMMAND` holding *message*, then the hint."""
+    lines = stderr.splitlines()
+    assert lines[0].startswith(f"tend {command}: error: "), stderr
+    assert message in lines[0], stderr
+    assert lines[1:] == [f"try `tend {command} --help`"], stderr
+
+
 @pytest.fixture
 def run_tend(tmp_path: Path) -> Iterator[Callable[..., Tend]]:
     """Start `tend` with the given arguments in *tmp_path*; kill what is left at the end."""

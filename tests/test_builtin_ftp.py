@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Spawned, Tend, wait_until
+from conftest import Spawned, Tend, assert_usage_error, wait_until
 
 FOREGROUND = ["--nodaemon", "--pidfile", ""]
 LOCAL = ["--listen", "tcp:0:interface=127.0.0.1"]
@@ -554,10 +554,7 @@ def test_bad_options_are_one_line_and_exit_2(
 ) -> None:
     tend = run_tend(*FOREGROUND, "ftp", *arguments)
     assert tend.wait() == 2
-    lines = tend.stderr.splitlines()
-    assert lines[0].startswith("tend ftp: error: ")
-    assert message in lines[0]
-    assert lines[1:] == ["try `tend ftp --help`"]
+    assert_usage_error(tend.stderr, "ftp", message)
 
 
 def test_a_missing_root_is_one_line_and_exit_1(

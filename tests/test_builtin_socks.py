@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TEND, Spawned, Tend, wait_until
+from conftest import TEND, Spawned, Tend, assert_usage_error, wait_until
 from test_builtin_relay import (
     HTTP_BODY,
     PeerServer,
@@ -523,10 +523,7 @@ def test_bad_options_are_one_line_and_exit_2(
         check=False,
     )
     assert result.returncode == 2
-    lines = result.stderr.splitlines()
-    assert len(lines) == 2, result.stderr
-    assert message in lines[0]
-    assert lines[1] == "try `tend socks --help`"
+    assert_usage_error(result.stderr, "socks", message)
 
 
 @pytest.mark.parametrize(

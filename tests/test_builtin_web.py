@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Tend, wait_until
+from conftest import Tend, assert_usage_error, wait_until
 
 from tend.builtins.httpfiles import parse_ranges
 from tend.builtins.web import is_loopback
@@ -709,10 +709,7 @@ def test_bad_options_are_one_line_and_exit_2(
     """Each bad option is named in one line (and tend's hint), exit 2, nothing started."""
     tend = run_tend(*FOREGROUND, "web", *arguments)
     assert tend.wait() == 2
-    lines = tend.stderr.splitlines()
-    assert lines[0].startswith("tend web: error: ")
-    assert message in lines[0]
-    assert lines[1:] == ["try `tend web --help`"]
+    assert_usage_error(tend.stderr, "web", message)
 
 
 def test_a_missing_folder_is_one_line_and_exit_1(

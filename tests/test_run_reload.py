@@ -520,24 +520,33 @@ def test_a_bad_control_request_is_answered_and_tend_goes_on(
     assert tend.stop() == 0
 
 
-def test_a_long_reload_is_waited_for_without_spinning(
-    run_tend: Callable[..., Tend], tmp_path: Path
-) -> None:
-    """tendctl reload waits 6 s for a slow new tree: the supervisor sleeps meanwhile (its CPU
-    time grows by far less than the wait: a busy loop would take a whole second of it)."""
+def start_then_slow(
+    run_tend: Callable[..., Tend], tmp_path: Path, seconds: float
+) -> tuple[Tend, int]:
+    """tend serving an app file whose trees built from now on take *seconds* to start, and
+    its port."""
     app = tmp_path / "app.py"
     poem = tmp_path / "poem.txt"
     poem.write_text("a poem\n")
     port = free_port()
     app.write_text(APP.format(how="", poem=str(poem), port=port).replace(
         "await super().start_service()",
-        "if __import__('os').path.exists('slow'): await asyncio.sleep(6)\n"
+        f"if __import__('os').path.exists('slow'): await asyncio.sleep({seconds})\n"
         "        await super().start_service()",
     ))  # fmt: skip
     tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", str(app))
     tend.wait_for_output(r"starting on \d+")
     wait_until((tmp_path / "tend.ctl").exists)
     (tmp_path / "slow").touch()
+    return tend, port
+
+
+def test_a_long_reload_is_waited_for_without_spinning(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """tendctl reload waits 6 s for a slow new tree: the supervisor sleeps meanwhile (its CPU
+    time grows by far less than the wait: a busy loop would take a whole second of it)."""
+    tend, _ = start_then_slow(run_tend, tmp_path, 6)
 
     def cpu_ticks() -> int:
         fields = Path(f"/proc/{tend.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -553,19 +562,7 @@ def test_a_long_reload_is_waited_for_without_spinning(
 def test_a_stop_during_an_upgrade_stops_both(run_tend: Callable[..., Tend], tmp_path: Path) -> None:
     """While the new program is still starting the pidfile names the old one: tendctl stop
     reaches it, the upgrade is called off, and neither tend is left."""
-    app = tmp_path / "app.py"
-    poem = tmp_path / "poem.txt"
-    poem.write_text("a poem\n")
-    port = free_port()
-    app.write_text(APP.format(how="", poem=str(poem), port=port).replace(
-        "await super().start_service()",
-        "if __import__('os').path.exists('slow'): await asyncio.sleep(30)\n"
-        "        await super().start_service()",
-    ))  # fmt: skip
-    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", str(app))
-    tend.wait_for_output(r"starting on \d+")
-    wait_until((tmp_path / "tend.ctl").exists)
-    (tmp_path / "slow").touch()
+    tend, port = start_then_slow(run_tend, tmp_path, 30)
     upgrade = subprocess.Popen(
         [*TENDCTL, "upgrade"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,

@@ -103,6 +103,14 @@ def convert(option: Option | Flag, value: object, folder: str) -> object:
     return [_convert_one(option, each, folder) for each in values]
 
 
+def _one_of(choices: tuple[str, ...]) -> str:
+    """``one of a, b, c``, shortened when the list would crowd the line out."""
+    names = ", ".join(choices)
+    if len(names) <= 60:
+        return f"one of {names}"
+    return f"one of {', '.join(choices[:4])}, … {choices[-1]} ({len(choices)} names)"
+
+
 def _convert_one(option: Option, value: object, folder: str) -> object:
     if option.path and not isinstance(value, str):
         raise InvalidValue(f"expected a path, as a string, not {describe_value(value)}")
@@ -114,7 +122,7 @@ def _convert_one(option: Option, value: object, folder: str) -> object:
     if text is None:
         raise InvalidValue(f"expected a string or a number, not {describe_value(value)}")
     if option.choices is not None and text not in option.choices:
-        raise InvalidValue(f"expected one of {', '.join(option.choices)}, not {quote(text)}")
+        raise InvalidValue(f"expected {_one_of(option.choices)}, not {quote(text)}")
     if option.path and text not in ("", "-"):
         text = os.path.normpath(os.path.join(folder, os.path.expanduser(text)))
     try:

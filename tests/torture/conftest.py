@@ -9,6 +9,7 @@ its ``user_properties`` under ``"torture"``; `pytest_terminal_summary` adds them
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from torture.harness import Background
 
 FULL = os.environ.get("TORTURE") == "full"
 
@@ -60,6 +63,30 @@ def record(request: pytest.FixtureRequest, group: str, label: str, **figures: ob
 def figure(request: pytest.FixtureRequest, name: str, value: object) -> None:
     """Note a figure (an RSS, a count) for the table, even if the test then fails."""
     request.node.user_properties.append(("torture-figure", (name, value)))
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A short folder under /tmp that everyone may read (so that a dropped user can read
+    what the test puts there only if the test lets it), unmounting its ``disk`` at the end.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(folder, 0o755)
+    try:
+        yield folder
+    finally:
+        if (folder / "disk").is_mount():
+            subprocess.run(["umount", "-l", str(folder / "disk")], capture_output=True, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def background() -> Iterator[list[Background]]:
+    """The test's Background processes, each killed at the end."""
+    started: list[Background] = []
+    yield started
+    for handle in started:
+        handle.kill()
 
 
 @pytest.fixture(scope="session")

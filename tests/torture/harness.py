@@ -692,3 +692,12 @@ def rss_kib(pid: int) -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fetch(port: int, timeout: float = 10.0) -> bytes:
+    """Everything the server on 127.0.0.1:*port* sends before it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)

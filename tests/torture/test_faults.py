@@ -25,19 +25,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from torture.conftest import FULL, figure, record, scale
+from torture.conftest import FULL, figure, record, scale, scratch_folder
 from torture.harness import (
     POEM,
     PROGRAMS,
     Background,
     fd_count,
+    fetch,
     kill_marked,
     marked_processes,
     proc_status,
@@ -57,29 +57,8 @@ pytestmark = pytest.mark.timeout(300 if FULL else 120)
 
 @pytest.fixture
 def place() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="flt", dir="/tmp"))
-    os.chmod(folder, 0o755)
-    yield folder
-    disk = folder / "disk"
-    if disk.is_mount():
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def background() -> Iterator[list[Background]]:
-    started: list[Background] = []
-    yield started
-    for handle in started:
-        handle.kill()
-
-
-def fetch(port: int, timeout: float = 10.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    with scratch_folder("flt") as folder:
+        yield folder
 
 
 async def hammer(

@@ -17,20 +17,20 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from torture.conftest import record
+from torture.conftest import record, scratch_folder
 from torture.harness import (
     OLD_MTIME,
     POEM,
     PROGRAMS,
     Background,
     check_one_line,
+    fetch,
     proc_status,
 )
 
@@ -43,29 +43,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def place() -> Iterator[Path]:
-    """A short folder everyone may read (so that nobody can read an app file in it)."""
-    folder = Path(tempfile.mkdtemp(prefix="sec", dir="/tmp"))
-    os.chmod(folder, 0o755)
-    yield folder
-    with contextlib.suppress(OSError):
-        subprocess.run(["umount", "-l", str(folder / "disk")], capture_output=True, check=False)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def background() -> Iterator[list[Background]]:
-    started: list[Background] = []
-    yield started
-    for handle in started:
-        handle.kill()
-
-
-def fetch(port: int, timeout: float = 10.0) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+    with scratch_folder("sec") as folder:
+        yield folder
 
 
 # -- no way back to root ------------------------------------------------------------------------

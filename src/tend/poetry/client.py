@@ -155,11 +155,11 @@ def parse_address(text: str) -> Server:
         raise argparse.ArgumentTypeError(
             f"invalid address {quote(text)}: expected HOST:PORT or a port number"
         )
-    port = int(port_text)
-    if not 0 < port < 65536:
+    if len(port_text) > 5 or not 0 < int(port_text) < 65536:
         raise argparse.ArgumentTypeError(
             f"invalid address {quote(text)}: the port must be a number from 1 to 65535"
         )
+    port = int(port_text)
     problem = _host_problem(host, bracketed)
     if problem is not None:
         raise argparse.ArgumentTypeError(

@@ -19,9 +19,11 @@ from typing import cast
 from tend import (
     AccessLog,
     Service,
+    StartupError,
     arm_reset,
     close_cleanly,
     format_address,
+    quote,
     read_file,
 )
 
@@ -68,7 +70,8 @@ class PoetryService(Service):
         """Read the poem, failing the start with one clear line if it cannot be read.
 
         Raises:
-            StartupError: the file cannot be read, is not a regular file, or is too large.
+            StartupError: the file cannot be read, is not a regular file, is too large, or
+                is empty (every client would get nothing, which no client takes for a poem).
         """
         self.poem = await asyncio.to_thread(
             read_file,
@@ -77,6 +80,8 @@ class PoetryService(Service):
             self.max_poem_bytes,
             hint="; raise it with --max-poem-bytes",
         )
+        if not self.poem:
+            raise StartupError(f"cannot serve poem file {quote(self.poetry_file)}: it is empty")
         log.info("loaded a poem from: %s", self.poetry_file)
         await super().start_service()
 

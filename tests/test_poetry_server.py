@@ -315,6 +315,15 @@ def test_a_poem_that_is_no_regular_file_or_too_large_fails_the_start(
     assert tend.stderr == f"tend: cannot read poem file {poem!r}: {reason}\n"
 
 
+def test_an_empty_poem_fails_the_start(run_tend: Callable[..., Tend], tmp_path: Path) -> None:
+    """Every client would get nothing, which get-poetry takes for a failed fetch: refused."""
+    empty = tmp_path / "empty.txt"
+    empty.touch()
+    tend = run_tend(*FOREGROUND, "poetry", *LOCAL, "--poem", str(empty))
+    assert tend.wait(timeout=30) == 1
+    assert tend.stderr == f"tend: cannot serve poem file {str(empty)!r}: it is empty\n"
+
+
 def test_max_poem_bytes_raises_the_limit_and_is_in_the_help(
     run_tend: Callable[..., Tend], tmp_path: Path
 ) -> None:

@@ -279,3 +279,33 @@ def test_a_detached_start_with_a_standard_stream_closed_serves(tmp_path, daemons
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not pid_alive(pid))
     assert not (tmp_path / "tend.pid").exists()
+
+
+def test_of_two_starts_that_both_find_no_pidfile_only_one_takes_it(tmp_path: Path) -> None:
+    """The second start looked before the first wrote and found no file; the first then
+    takes the pidfile. The second must not take it too (it would delete the winner's file
+    when it failed to bind): it is told a live tend holds it, and the file stays."""
+    from tend.pidfile import Pidfile, PidfileLockedError
+
+    path = tmp_path / "tend.pid"
+    first, second = Pidfile(str(path)), Pidfile(str(path))
+    look = second._open_locked_existing
+    looks: list[int | None] = []
+
+    def look_then_lose() -> int | None:
+        found = look()
+        if not looks:
+            first.acquire(pid=111)  # the other start wins between the look and the write
+        looks.append(found)
+        return found
+
+    second._open_locked_existing = look_then_lose  # type: ignore[method-assign]
+    with pytest.raises(PidfileLockedError, match="PID 111"):
+        second.acquire(pid=222)
+    assert looks[0] is None
+    assert path.read_text() == "111\n"
+    assert not list(tmp_path.glob(".tend.pid.*.tmp"))
+    second.release()
+    assert path.read_text() == "111\n"
+    first.release()
+    assert not path.exists()

@@ -360,6 +360,38 @@ def test_sigusr2_upgrades(run_tend: Callable[..., Tend], tmp_path: Path) -> None
     wait_until(lambda: not (tmp_path / "tend.pid").exists())
 
 
+def test_an_upgrade_follows_a_current_symlink_to_the_new_release(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """Started in `current`, a symlink to release 1 (as deployment tools make it); the link
+    moves to release 2; the upgrade's new program runs release 2's app file and poem."""
+    port = free_port()
+    for number in (1, 2):
+        release = tmp_path / f"release{number}"
+        release.mkdir()
+        (release / "poem.txt").write_text(f"the poem of release {number}\n")
+        (release / "app.py").write_text(APP.format(how="", poem="poem.txt", port=port))
+    current = tmp_path / "current"
+    current.symlink_to(tmp_path / "release1")
+    environment = {**os.environ, "PWD": str(current)}
+    pidfile = str(tmp_path / "tend.pid")
+    tend = run_tend("--nodaemon", "--pidfile", pidfile, "-y", "app.py", cwd=current,
+                    env=environment)  # fmt: skip
+    tend.wait_for_output(r"starting on \d+")
+    assert fetch(port) == b"the poem of release 1\n"
+    (tmp_path / "next").symlink_to(tmp_path / "release2")
+    os.replace(tmp_path / "next", current)
+    result = tendctl("upgrade", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert tend.wait() == 0
+    new = int((tmp_path / "tend.pid").read_text())
+    try:
+        assert fetch(port) == b"the poem of release 2\n"
+    finally:
+        os.kill(new, signal.SIGTERM)
+    wait_until(lambda: not (tmp_path / "tend.pid").exists())
+
+
 @pytest.fixture
 def notify_receiver(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     path = str(tmp_path / "notify.sock")
@@ -652,6 +684,28 @@ def test_a_reload_reads_relative_paths_from_where_tend_was_started(
     os.kill(tend.pid, signal.SIGHUP)
     tend.wait_for_output(r"reloaded: generation 2")
     assert fetch(port) == b"the poem beside, changed\n"
+    assert tend.stop() == 0
+
+
+def test_a_reload_reads_a_relative_app_file_from_where_tend_was_started(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """-y app.py with --rundir: the reload reads app.py beside where tend was started, not
+    in the rundir."""
+    poem = tmp_path / "poem.txt"
+    poem.write_text("the first poem\n")
+    (tmp_path / "run").mkdir()
+    port = free_port()
+    app = tmp_path / "app.py"
+    app.write_text(APP.format(how="", poem=str(poem), port=port))
+    tend = run_tend("--nodaemon", "--pidfile", "", "--rundir", "run", "-y", "app.py")
+    tend.wait_for_output(r"starting on \d+")
+    app.write_text(APP.format(how="", poem=str(poem), port=port).replace("odd", "even"))
+    poem.write_text("the second poem\n")
+    os.kill(tend.pid, signal.SIGHUP)
+    tend.wait_for_output(r"reloaded: generation 2")
+    assert fetch(port) == b"the second poem\n"
+    assert "reload failed" not in tend.stdout
     assert tend.stop() == 0
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 from tend.errors import TendError, UsageError, one_line, quote
+from tend.files import working_directory
 
 PROG = "tend"
 
@@ -131,7 +131,7 @@ def run_command(arguments: list[str]) -> int:
     from tend.settings import SETTINGS, resolve
 
     given = {option.key: getattr(parsed, option.key) for option in SETTINGS}
-    settings = resolve(given, from_file, os.getcwd())
+    settings = resolve(given, from_file, working_directory())
     if settings.console is not None:
         from tend.sources import WithConsole
 

@@ -3,7 +3,8 @@
 A FIFO given as a poem or an app file would make a naive ``open`` wait for ever, and
 ``/dev/zero`` would be read until memory runs out. `read_file` opens without blocking,
 refuses anything but a regular file, and refuses a file past its size cap, each with one
-line naming what was being read. Makes no OS calls but reading the file.
+line naming what was being read. `working_directory` is where relative names start from.
+Makes no OS calls but reading the file and looking at the current directory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,24 @@ APP_FILE_LIMIT = 10 * 1024 * 1024
 DEPLOYMENT_FILE_LIMIT = 1024 * 1024
 TLS_FILE_LIMIT = 1024 * 1024
 PIDFILE_LIMIT = 64
+
+
+def working_directory() -> str:
+    """The current directory, as the user's shell names it.
+
+    ``$PWD`` when it is that directory (a ``current`` symlink to a release, as deployment
+    tools make), else the resolved path: an upgrade or a reload then follows the symlink
+    to the new release, rather than going back to the one tend was started in.
+    """
+    resolved = os.getcwd()
+    named = os.environ.get("PWD", "")
+    if os.path.isabs(named) and named != resolved:
+        try:
+            if os.path.samestat(os.stat(named), os.stat(resolved)):
+                return os.path.normpath(named)
+        except OSError:
+            pass
+    return resolved
 
 
 def describe_kind(mode: int) -> str:

@@ -26,6 +26,7 @@ from typing import NoReturn
 
 from tend import __version__, daemon
 from tend.errors import StartupError, TendError, UsageError
+from tend.files import working_directory
 from tend.launcher import Launcher, detach
 from tend.logs import open_log
 from tend.net import listeners
@@ -56,7 +57,7 @@ def run(settings: Settings, source: TreeSource, abandon: Callable[[str], NoRetur
         TendError: the start failed, with the line for the user.
     """
     daemon.fill_standard_streams()
-    first_cwd = os.getcwd()
+    first_cwd = working_directory()
     # From here on a signal only sets a flag; each phase below checks between its steps.
     signals = Signals(catch=CAUGHT).install()
     handover = None

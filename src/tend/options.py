@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from tend.errors import UsageError, one_line, quote
+from tend.files import working_directory
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +153,7 @@ def _default_one(option: Option, default: object, folder: str | None) -> object:
         return default
     if option.path and default not in ("", "-"):
         # As a path typed on the command line: from the current directory, made absolute.
-        here = os.getcwd() if folder is None else folder
+        here = working_directory() if folder is None else folder
         default = os.path.normpath(os.path.join(here, os.path.expanduser(default)))
     try:
         return option.type(default)
@@ -275,7 +276,7 @@ def _help(option: Option) -> str:
 def _argparse_type(option: Option, folder: str | None) -> Callable[[str], object]:
     def checked(text: str) -> object:
         try:
-            return _convert_one(option, text, os.getcwd() if folder is None else folder)
+            return _convert_one(option, text, working_directory() if folder is None else folder)
         except InvalidValue as error:
             raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -18,6 +18,9 @@ from tend.files import PIDFILE_LIMIT, describe_kind
 
 log = logging.getLogger("tend")
 
+# How often a start looks again when another one creates the pidfile first.
+CREATE_ATTEMPTS = 5
+
 
 class PidfileError(StartupError):
     """A pidfile that cannot be used."""
@@ -68,20 +71,30 @@ class Pidfile:
                 be written.
         """
         pid = os.getpid() if pid is None else pid
-        guard = None if take_over else self._open_locked_existing()
-        if take_over:
-            fd = _open_pidfile(self.path, os.O_RDONLY)  # checked: a regular file, or none
-            if fd is not None:
-                os.close(fd)
-        try:
-            self._write(pid)
-        except BaseException:
-            self._close_fds()
-            raise
-        if guard is not None:
-            # Holding the old file's lock until exit keeps a racing starter that opened
-            # it before the rename from believing it stale.
-            self._fds.append(guard)
+        for _ in range(CREATE_ATTEMPTS):
+            guard = None if take_over else self._open_locked_existing()
+            if take_over:
+                fd = _open_pidfile(self.path, os.O_RDONLY)  # checked: a regular file, or none
+                if fd is not None:
+                    os.close(fd)
+            try:
+                # With no file there, the new one is linked in, not renamed: of two starts
+                # that both found none, only one can create it.
+                self._write(pid, create=guard is None and not take_over)
+            except _Raced:
+                self._close_fds()
+                continue
+            except BaseException:
+                self._close_fds()
+                if guard is not None:
+                    os.close(guard)
+                raise
+            if guard is not None:
+                # Holding the old file's lock until exit keeps a racing starter that opened
+                # it before the rename from believing it stale.
+                self._fds.append(guard)
+            return
+        raise PidfileError(f"cannot write pidfile {quote(self.path)}: other starts keep racing")
 
     def _open_locked_existing(self) -> int | None:
         fd = _open_pidfile(self.path, os.O_RDWR)
@@ -103,7 +116,7 @@ class Pidfile:
         log.info("Removing stale pidfile %s", self.path)
         return fd
 
-    def _write(self, pid: int) -> None:
+    def _write(self, pid: int, *, create: bool = False) -> None:
         folder, name = os.path.split(self.path)
         temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
         try:
@@ -117,7 +130,8 @@ class Pidfile:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, f"{pid}\n".encode())
             os.fchmod(fd, 0o644)  # readable by tendctl and `kill $(cat ...)` whatever the umask
-            os.rename(temporary, self.path)
+            if not create or not _linked(temporary, self.path):
+                os.rename(temporary, self.path)
         except OSError as error:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
@@ -154,6 +168,31 @@ class Pidfile:
                 os.close(fd)
         self._fds.clear()
         self._folder_fd = None
+
+
+class _Raced(Exception):
+    """Another start created the pidfile between our look and our write."""
+
+
+def _linked(temporary: str, path: str) -> bool:
+    """Give *temporary* the name *path* only if nothing has it; True if done that way.
+
+    False where the file system has no hard links (the caller renames instead).
+
+    Raises:
+        _Raced: something has the name now (*temporary* is removed).
+    """
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        os.unlink(temporary)
+        raise _Raced from None
+    except OSError as error:
+        if error.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+            return False
+        raise
+    os.unlink(temporary)
+    return True
 
 
 def read_pidfile(path: str) -> PidfileState | None:

@@ -4,7 +4,7 @@ A tree comes from a plugin and its options, an app file, or a deployment file. T
 build happens at start; a reload builds the tree again from the same source, after
 forgetting the modules that came with it (the plugin's package, the app file's folder),
 so the new tree runs the code as it is on disk now. Makes no OS calls but reading the
-files it builds from and the current directory.
+files it builds from and looking at the current directory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from tend.errors import quote
+from tend.files import working_directory
 from tend.service import Application
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class PluginSource(TreeSource):
         self.description = f"plugin {quote(name)}"
         # Relative paths among the options are from where tend was started, for a reload
         # too (the daemon has changed directory since, and that one may even be gone).
-        self.folder = os.getcwd()
+        self.folder = working_directory()
         self._module = ""
         self._checked: tuple[ServiceMaker, Mapping[str, object]] | None = None
 
@@ -107,13 +108,18 @@ class AppFileSource(TreeSource):
     """An app file: a Python file that defines ``application``."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.given = path
+        # From where tend was started, for a reload too: --rundir changes directory first.
+        self.path = os.path.join(working_directory(), path)
+        self.started_in = os.stat(".")
         self.description = f"app file {quote(path)}"
 
     def build(self) -> Application:
         from tend.appfile import load_application
 
-        return load_application(self.path)
+        # Messages name the file as the user typed it, while that still leads to it.
+        here = os.path.samestat(os.stat("."), self.started_in)
+        return load_application(self.given if here else self.path)
 
     def module_folders(self) -> list[str]:
         # The modules the app file imports from beside it.

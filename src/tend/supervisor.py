@@ -29,6 +29,7 @@ from tend.channel import Channel
 from tend.control import Connection, ControlServer, control_path
 from tend.endpoints import ListenError, Listening, endpoint_key, inherited_listening
 from tend.errors import StartupError, TendError, describe_error, quote
+from tend.files import working_directory
 from tend.logs import LogError, LogSink
 from tend.logs.rotating import RECORD_END
 from tend.net import describe_serving, listeners
@@ -179,7 +180,7 @@ class Supervisor:
         self.max_connections = max_connections  # per worker; 0: from the open-file limit
         self.source = source
         self.handover = handover  # an upgrade's: the sockets the old tend passed on
-        self.first_cwd = first_cwd or os.getcwd()  # where tend was started, for an upgrade
+        self.first_cwd = first_cwd or working_directory()  # where tend was started, for an upgrade
         self.successor: Successor | None = None
         self.successor_deadline = 0.0
         self.chrooted = chrooted

@@ -529,7 +529,11 @@ def test_reload_flag_reloads_when_a_module_changes_and_after_a_broken_one_is_fix
         (b"status\n", "not a tendctl request"),
         (b'{"command": "restart"}\n', "unknown command 'restart'"),
         (b"x" * 5000, "the request is too long"),
+        (b'{"command": "status", "x": ' + b"[" * 3000 + b"\n", "not a tendctl request"),
+        (b'{"command": ["status"]}\n', "not a tendctl request"),
+        (b'{"command": {}}\n', "not a tendctl request"),
     ],
+    ids=["not-json", "unknown", "too-long", "nested-3000", "a-list", "a-dict"],
 )
 def test_a_bad_control_request_is_answered_and_tend_goes_on(
     run_tend: Callable[..., Tend], tmp_path: Path, request_bytes: bytes, answer: str
@@ -728,3 +732,26 @@ def test_a_reload_says_that_tend_table_changes_wait_for_a_restart(
         "the next start or upgrade, not in a reload" in tend.stdout
     )
     assert tend.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        {"TEND_UPGRADE_CHANNEL": "1", "TEND_SOCKETS": "x"},
+        {"TEND_UPGRADE_CHANNEL": "99", "TEND_SOCKETS": '[["tcp:0", [[1]]]]'},
+        {"TEND_UPGRADE_CHANNEL": "0"},
+        {"TEND_UPGRADE_CHANNEL": "2", "TEND_SOCKETS": "[]"},
+        {"TEND_UPGRADE_CHANNEL": "9" * 30},
+    ],
+    ids=["stdout-garbage", "closed-fd", "stdin", "stderr", "huge"],
+)
+def test_stray_upgrade_variables_are_ignored(
+    run_tend: Callable[..., Tend], stray: dict[str, str]
+) -> None:
+    """Upgrade variables copied from elsewhere are not a hand-over (the channel's peer is
+    not tend's parent): tend starts as ever, with no traceback."""
+    tend = run_tend("--nodaemon", "--pidfile", "", "poetry", "--port",
+                    "tcp:0:interface=127.0.0.1", env={**os.environ, **stray})  # fmt: skip
+    assert fetch(tend.wait_for_port()) != b""
+    assert tend.stop() == 0
+    assert "Traceback" not in tend.stdout + tend.stderr

@@ -139,9 +139,11 @@ class Connection:
         try:
             request = json.loads(line)
             command = request["command"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # [[[... 3,000 deep
+            command = None
+        if not isinstance(command, str):
             self.answer({"ok": False, "message": "not a tendctl request"})
-            raise ValueError("not understood") from None
+            raise ValueError("not understood")
         if command not in COMMANDS:
             self.answer({"ok": False, "message": f"unknown command {command!r}"})
             raise ValueError("unknown command")

@@ -17,11 +17,14 @@ import contextlib
 import json
 import os
 import socket
+import stat
+import struct
 import sys
 from dataclasses import dataclass, field
 
 from tend.channel import Channel
 from tend.endpoints import endpoint_key as key_of
+from tend.errors import StartupError
 
 __all__ = ["CHANNEL", "SOCKETS", "Handover", "Successor", "key_of", "start_successor"]
 
@@ -40,20 +43,29 @@ class Handover:
     @classmethod
     def from_environment(cls) -> Handover | None:
         """The hand-over this process was started for, if any; its variables are removed,
-        so that a program tend starts does not take them for its own."""
+        so that a program tend starts does not take them for its own.
+
+        As systemd's ``LISTEN_PID`` guards ``LISTEN_FDS``, the channel proves the hand-over
+        real: it must be a UNIX socket whose other end is this process's parent. Stray
+        variables (copied from another shell, say) are ignored.
+
+        Raises:
+            StartupError: the channel is real but the sockets it names are not.
+        """
         channel_text = os.environ.pop(CHANNEL, None)
         sockets_text = os.environ.pop(SOCKETS, None)
-        if channel_text is None or not channel_text.isdigit():
+        if channel_text is None or not (channel_text.isascii() and channel_text.isdigit()):
             return None
-        fd = int(channel_text)
+        fd = int(channel_text[:9])
+        if not _from_parent(fd):
+            return None
         os.set_inheritable(fd, False)
-        sockets: dict[str, list[list[list[int]]]] = {}
-        for item in json.loads(sockets_text or "[]"):
-            key, copies = str(item["key"]), [[int(fd) for fd in copy] for copy in item["copies"]]
-            for copy in copies:
-                for descriptor in copy:
-                    os.set_inheritable(descriptor, False)
-            sockets.setdefault(key, []).append(copies)
+        try:
+            sockets = _passed_sockets(sockets_text or "[]")
+        except (ValueError, TypeError, KeyError, RecursionError):
+            raise StartupError(
+                f"cannot take over from the upgrading tend: {SOCKETS} is not its list of sockets"
+            ) from None
         return cls(Channel(socket.socket(fileno=fd)), sockets)
 
     def take(self, key: str) -> list[list[socket.socket]] | None:
@@ -84,6 +96,46 @@ class Successor:
     channel: Channel
     ready: bool = False
     error: str | None = None
+
+
+def _from_parent(fd: int) -> bool:
+    """Whether descriptor *fd* is a connected UNIX socket whose peer is our parent."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        probe = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    with probe:
+        try:
+            if probe.family != socket.AF_UNIX:
+                return False
+            credentials = probe.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            )
+        except OSError:
+            return False
+    peer_pid: int = struct.unpack("3i", credentials)[0]
+    return peer_pid == os.getppid()
+
+
+def _passed_sockets(text: str) -> dict[str, list[list[list[int]]]]:
+    """``TEND_SOCKETS`` read: endpoint key -> per listener, its copies' descriptors, each
+    checked to be an open socket (and kept from the programs tend starts)."""
+    sockets: dict[str, list[list[list[int]]]] = {}
+    for item in json.loads(text):
+        key, copies = str(item["key"]), [[int(fd) for fd in copy] for copy in item["copies"]]
+        for copy in copies:
+            for descriptor in copy:
+                try:
+                    is_socket = stat.S_ISSOCK(os.fstat(descriptor).st_mode)
+                except OSError:
+                    is_socket = False
+                if not is_socket:
+                    raise ValueError(f"descriptor {descriptor} is not a socket")
+                os.set_inheritable(descriptor, False)
+        sockets.setdefault(key, []).append(copies)
+    return sockets
 
 
 def start_successor(sockets: list[tuple[str, list[list[int]]]], cwd: str) -> Successor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -177,3 +178,25 @@ def test_unix_listeners_are_shared_by_the_workers(run_tend, tmp_path):
     first, second = (socket_inodes(pid) for pid in children(tend.pid))
     assert first & second  # the same listening socket in both
     assert tend.stop() == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_another_server_holds_is_refused_whatever_the_worker_count(
+    tmp_path: Path, workers: str
+) -> None:
+    """Per-worker copies use SO_REUSEPORT, which would let them share a port with another
+    server of the same user (here one that set SO_REUSEPORT itself): tend refuses it, as
+    with one worker, and leaves nothing behind."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [*TEND, "--nodaemon", "--pidfile", "tend.pid", "--workers", workers, "poetry",
+             "--port", f"tcp:{port}:interface=127.0.0.1"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == f"tend: cannot listen on 127.0.0.1:{port}: address already in use\n"
+    assert not (tmp_path / "tend.pid").exists()

@@ -73,6 +73,11 @@ class TCPEndpoint:
         """
         if copies <= 1:
             return Listening(self, [_listen_tcp(self)])
+        if self.port and not self.reuse_port:
+            # SO_REUSEPORT would let these copies share the port with another server of
+            # this user's: bound once without it first, a port in use is refused as ever.
+            for sock in _listen_tcp(self, listen=False):
+                sock.close()
         first = replace(self, reuse_port=True)
         sets = [_listen_tcp(first)]
         try:
@@ -624,7 +629,8 @@ def _parse_bool(text: str, key: str, description: str) -> bool:
     raise EndpointSyntaxError(f"invalid endpoint {quote(description, 50)}: {key} must be yes or no")
 
 
-def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
+def _listen_tcp(endpoint: TCPEndpoint, *, listen: bool = True) -> list[socket.socket]:
+    """The endpoint's sockets, bound and listening (only bound, without *listen*)."""
     host = endpoint.interface or "0.0.0.0"
     try:
         infos = socket.getaddrinfo(
@@ -657,7 +663,8 @@ def _listen_tcp(endpoint: TCPEndpoint) -> list[socket.socket]:
                 ) from None
             # Port 0 picks a free port for the first address; the others must match it.
             port = sock.getsockname()[1]
-            sock.listen(endpoint.backlog)
+            if listen:
+                sock.listen(endpoint.backlog)
             sock.setblocking(False)
     except OSError as error:  # making the socket itself: out of descriptors, say
         for sock in sockets:

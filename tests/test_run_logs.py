@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TEND, fetch, wait_until
+from conftest import POEM, TEND, fetch, wait_until
 
 LOCAL = ["poetry", "--port", "0", "--iface", "127.0.0.1"]
 
@@ -217,3 +217,37 @@ def test_a_detached_daemons_first_syslog_lines_carry_its_pid(tmp_path, daemons):
         first, second = syslog.recv(4096).decode(), syslog.recv(4096).decode()
     assert first.startswith(f"<14>tend[{daemon}]: [-] Log opened.")
     assert second.startswith(f"<14>tend[{daemon}]: [-] tend ")
+
+
+HUGE_RECORD_APP = """
+import logging, tend
+from tend.poetry.server import PoetryFactory, PoetryService
+
+class Loud(PoetryService):
+    async def start_service(self):  # in the worker, which relays its records
+        logging.getLogger("app").warning("A" * 1_000_000)
+        logging.getLogger("app").warning("the record after")
+        await super().start_service()
+
+application = tend.Application("huge")
+poetry = Loud({poem!r})
+poetry.set_service_parent(application)
+tend.TCPServer(0, PoetryFactory(poetry), interface="127.0.0.1").set_service_parent(application)
+"""
+
+
+def test_a_workers_huge_record_is_cut_and_the_next_ones_kept(run_tend, tmp_path):
+    """A worker's record past 256 KiB is written cut, with a mark, and the rest dropped:
+    a worker (which an attacker may run code in) cannot grow the root supervisor's memory
+    or one line of its log at will; the records after it arrive as ever."""
+    app = tmp_path / "app.py"
+    app.write_text(HUGE_RECORD_APP.format(poem=str(POEM)))
+    log = tmp_path / "tend.log"
+    tend = run_tend("--nodaemon", "--pidfile=", "-l", str(log), "-y", str(app))
+    tend.wait_for_output(r"the record after", source=str(log))
+    assert tend.stop() in (0, 1)
+    lines = log.read_text().splitlines()
+    (cut,) = [line for line in lines if "AAAA" in line]
+    assert cut.endswith(" [cut: a record over 262144 bytes]")
+    assert len(cut) < 262144 + 200
+    assert any(line.endswith("the record after") for line in lines)

@@ -52,6 +52,8 @@ log = logging.getLogger("tend")
 # A dead worker's own listening socket is kept for its replacement when that comes sooner
 # than this, in seconds; its queued clients wait rather than being refused.
 COPY_KEPT_FOR = 1.0
+# The longest log record relayed from a worker, in bytes; past it the rest is dropped.
+LONGEST_RELAYED_RECORD = 256 * 1024
 
 
 class WorkerFailedError(StartupError):
@@ -139,6 +141,7 @@ class _Worker:
     channel: Channel
     log_pipe: int | None
     pending_log: bytes = field(default=b"")
+    skipping_log: bool = False  # the rest of an over-long record is being dropped
     started: float = field(default_factory=time.time)
     connections: int = 0  # open, as of its last ping
     served: int = 0  # since it started, as of its last ping
@@ -994,18 +997,33 @@ class Supervisor:
             except BlockingIOError:
                 break
             if not data:
-                self._write_complete_records(worker)
                 self._flush_partial(worker)
                 self._forget_fd(worker.log_pipe)
                 worker.log_pipe = None
                 return
-            worker.pending_log += data
-        self._write_complete_records(worker)
+            self._take_log(worker, data)
 
-    def _write_complete_records(self, worker: _Worker) -> None:
-        complete, _, worker.pending_log = worker.pending_log.rpartition(RECORD_END)
+    def _take_log(self, worker: _Worker, data: bytes) -> None:
+        """Write the records *data* completes; hold the start of the next one.
+
+        A record has at most LONGEST_RELAYED_RECORD bytes: past that, what came is written
+        with a mark and the rest dropped, so a worker (running code that an attacker may
+        have taken over) cannot grow the root supervisor's memory, or one line, at will.
+        """
+        if worker.skipping_log:
+            end = data.find(RECORD_END)
+            if end < 0:
+                return
+            data = data[end + 1 :]
+            worker.skipping_log = False
+        complete, _, worker.pending_log = (worker.pending_log + data).rpartition(RECORD_END)
         if complete:
             self.sink.write_lines(complete.decode(errors="replace").split(RECORD_END.decode()))
+        if len(worker.pending_log) > LONGEST_RELAYED_RECORD:
+            cut = worker.pending_log[:LONGEST_RELAYED_RECORD].decode(errors="replace")
+            self.sink.write_lines([f"{cut} [cut: a record over {LONGEST_RELAYED_RECORD} bytes]"])
+            worker.pending_log = b""
+            worker.skipping_log = True
 
     def _flush_partial(self, worker: _Worker) -> None:
         if worker.pending_log:
@@ -1031,8 +1049,7 @@ class Supervisor:
         if worker.log_pipe is not None:
             with contextlib.suppress(OSError):
                 while data := os.read(worker.log_pipe, 65536):
-                    worker.pending_log += data
-            self._write_complete_records(worker)
+                    self._take_log(worker, data)
             self._flush_partial(worker)
             self._forget_fd(worker.log_pipe)
         if not worker.channel.closed:

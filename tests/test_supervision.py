@@ -14,6 +14,7 @@ from tend.supervision import (
     RESTART_RESET,
     START_GRACE,
     STOP_OVERRUN,
+    UNKNOWN_EXIT,
     Limits,
     Supervision,
     describe_exit,
@@ -223,7 +224,13 @@ def test_messages_from_unknown_pids_are_ignored() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "text"), [(0, "status 0"), (3, "status 3"), (-9, "signal SIGKILL")]
+    ("code", "text"),
+    [
+        (0, "status 0"),
+        (3, "status 3"),
+        (-9, "signal SIGKILL"),
+        (UNKNOWN_EXIT, "an unknown status (reaped by other code)"),
+    ],
 )
 def test_exits_are_described(code: int, text: str) -> None:
     assert describe_exit(code) == text

@@ -83,8 +83,14 @@ class Exit:
     error: str | None = None  # what the worker said went wrong (ERROR=), if it did
 
 
+# The code of a worker whose exit status was lost (something else reaped it): a failure.
+UNKNOWN_EXIT = 256
+
+
 def describe_exit(code: int) -> str:
     """How a process ended, from ``os.waitstatus_to_exitcode``: ``status 3``, ``signal SIGKILL``."""
+    if code == UNKNOWN_EXIT:
+        return "an unknown status (reaped by other code)"
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
     return f"status {code}"

@@ -39,7 +39,7 @@ from tend.serve import LoopFactory, starting
 from tend.service import Application
 from tend.signals import STOP, WORKER_CATCHES, WORKER_IGNORES, Signals, name_of
 from tend.sources import TreeSource
-from tend.supervision import START_GRACE, Limits, Supervision, describe_exit
+from tend.supervision import START_GRACE, UNKNOWN_EXIT, Limits, Supervision, describe_exit
 from tend.systemd import Notifier
 from tend.worker import WorkerPlan, run_worker
 
@@ -1043,8 +1043,9 @@ class Supervisor:
     def _reap(self, worker: _Worker) -> None:
         try:
             _, wait_status = os.waitpid(worker.pid, 0)
-        except ChildProcessError:
-            wait_status = 0
+            code = os.waitstatus_to_exitcode(wait_status)
+        except ChildProcessError:  # user code reaped it (SIGCHLD ignored, say): not clean
+            code = UNKNOWN_EXIT
         # Take what the worker said in its last moments before forgetting its pipes.
         if worker.log_pipe is not None:
             with contextlib.suppress(OSError):
@@ -1060,7 +1061,7 @@ class Supervisor:
         del self.workers[worker.pid]
         generation = worker.generation
         del generation.workers[worker.pid]
-        exit_ = generation.core.exited(worker.pid, os.waitstatus_to_exitcode(wait_status))
+        exit_ = generation.core.exited(worker.pid, code)
         if exit_ is not None:
             log.warning(
                 "worker %d (pid %d) exited with %s%s; starting a new one in %.1f s",

@@ -11,6 +11,7 @@ one datagram. tend's processes send each other:
 ``ERROR=text``     the start failed; the text is the one line for the user
 ``MAINPID=n``      from a detached daemon, as soon as it exists: who to pass signals to
 ``STOP=1``         from a supervisor to a worker it may not signal: stop, as on SIGTERM
+``STOP=now``       from a supervisor to its workers: stop at once (a second stop signal)
 =================  ==================================================================
 
 so the supervisor can forward what systemd understands as it is. Values are one line
@@ -67,6 +68,10 @@ class Message:
     @property
     def stop(self) -> bool:
         return self.fields.get("STOP") == "1"
+
+    @property
+    def stop_now(self) -> bool:
+        return self.fields.get("STOP") == "now"
 
     @property
     def error(self) -> str | None:

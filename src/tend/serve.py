@@ -27,9 +27,8 @@ log = logging.getLogger("tend")
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
-# A second stop signal this soon after the first is the same stop arriving twice, not a
-# request to stop at once.
-SAME_STOP = 0.1
+# How long a stop at once waits for the services' cancelled stop, after the resets.
+CANCEL_GRACE = 1.0
 
 
 def serve(
@@ -86,7 +85,6 @@ class _Serving:
         self.ping_interval = ping_interval
         self.max_connections = max_connections
         self.stop_signals: list[str] = []
-        self.first_signal_at = 0.0
         self.stop_requested = asyncio.Event()
         self.second_signal = asyncio.Event()
 
@@ -124,7 +122,8 @@ class _Serving:
 
     def _on_message(self) -> None:
         """What the other end says: STOP=1 stands in for SIGTERM (a supervisor that may
-        not signal this process); its hanging up means nobody waits for this one."""
+        not signal this process), STOP=now asks for the stop at once; its hanging up means
+        nobody waits for this one."""
         try:
             message = self.channel.receive()
         except BlockingIOError:
@@ -134,18 +133,22 @@ class _Serving:
             self._request_stop("a hang-up from the supervisor")
         elif message.stop:
             self._request_stop("STOP from the supervisor")
+        elif message.stop_now:
+            self._request_stop("STOP=now from the supervisor", at_once=True)
 
-    def _request_stop(self, name: str) -> None:
-        now = asyncio.get_running_loop().time()
-        if self.stop_signals and now - self.first_signal_at < SAME_STOP:
-            # The same stop twice: sent to the whole process group (a supervisor's
-            # stopasgroup, kill -TERM -PGID) and passed on by tend's supervisor as well.
-            return
+    def _request_stop(self, name: str, *, at_once: bool = False) -> None:
+        """Begin the graceful stop; with *at_once*, end it now.
+
+        Only the supervisor asks for "at once" (on its own second signal), over the
+        channel. A stop signal that comes again is the same stop, however late: sent to
+        the whole process group (systemd's KillMode=control-group, supervisord's
+        stopasgroup, kill -TERM -PGID) and passed on by tend's supervisor as well.
+        """
         if not self.stop_signals:
-            self.first_signal_at = now
-        self.stop_signals.append(name)
-        self.stop_requested.set()
-        if len(self.stop_signals) > 1:
+            self.stop_signals.append(name)
+            self.stop_requested.set()
+        if at_once and not self.second_signal.is_set():
+            self.stop_signals.append(name)
             self.second_signal.set()
 
     async def _ping_watchdog(self, interval: float) -> None:
@@ -216,14 +219,18 @@ class _Serving:
             await second
         if stopping not in done:
             if second in done:
-                log.warning("Received %s again, stopping at once.", self.stop_signals[-1])
+                log.warning("Asked by the supervisor to stop at once.")
             else:
                 log.error("services did not stop within %.1f s; stopping at once.", limit)
-            stopping.cancel()
-            with contextlib.suppress(BaseException):
-                await stopping
+            # Reset first: a stop_service that never returns from its cancellation (one
+            # awaiting wait_closed() on a client that does not read) must not keep a cut
+            # poem from ending in a reset.
             for server in servers:
                 server.reset_all()
+            stopping.cancel()
+            await asyncio.wait({stopping}, timeout=CANCEL_GRACE)
+            if stopping.done() and not stopping.cancelled():
+                stopping.exception()  # retrieved, so asyncio does not log it as lost
             return 1
         status = 0
         if (error := stopping.exception()) is not None:

@@ -510,7 +510,10 @@ class Supervisor:
             self._signal_workers(signal.SIGTERM)
         else:
             log.warning("%s again, stopping the workers at once.", why)
-            self._signal_workers(signal.SIGTERM)
+            # On the channel, not as a signal: a worker takes a SIGTERM that comes again
+            # for the same stop (systemd's and tend's both reach it), never for "at once".
+            for worker in self.workers.values():
+                worker.channel.send(STOP="now")
 
     # -- the control socket ------------------------------------------------------------------
 
@@ -854,7 +857,7 @@ class Supervisor:
 
         A supervisor without CAP_KILL (a systemd unit's capability set) may not signal a
         worker running as another user: then STOP=1 on the channel does what SIGTERM
-        would, and a second one what a second SIGTERM would. Nothing can stand in for
+        would. Nothing can stand in for
         SIGKILL: a worker that ignores its channel as well is left to the service manager.
         """
         try:

@@ -412,6 +412,23 @@ def test_a_socket_left_behind_is_replaced(run_tend: Callable[..., Tend], tmp_pat
     assert handle.stop() == 0
 
 
+def test_a_live_socket_of_another_tend_is_refused(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """A second tend given the first one's console path must not take the console over:
+    one line, exit 1, and the first one's console still answers."""
+    path = tmp_path / "console" / "tend.sock"
+    first = start_console(run_tend, path)
+    second = run_tend("--nodaemon", "--pidfile", "second.pid", "manhole", "--socket", str(path))
+    assert second.wait() == 1
+    assert second.stderr.startswith("tend: cannot listen on '")
+    assert "tend.sock': another process (pid " in second.stderr
+    assert "listens on it; stop it, or give this tend a console path of its own" in second.stderr
+    assert len(second.stderr.splitlines()) == 1
+    assert "4" in socat(path, "print(2 + 2)\n")
+    assert first.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("prepare", "message"),
     [

@@ -458,6 +458,12 @@ def _clear(path: str, name: str, folder: int) -> None:
             f"cannot listen on {quote(path, 60)}: something other than a socket is there; "
             "tend replaces only a socket"
         )
+    listener = _listener_of(path)
+    if listener is not None and not _same_tend(listener):
+        raise StartupError(
+            f"cannot listen on {quote(path, 60)}: another process (pid {listener}) listens "
+            "on it; stop it, or give this tend a console path of its own"
+        )
     try:
         os.unlink(name, dir_fd=folder)
     except FileNotFoundError:
@@ -467,6 +473,40 @@ def _clear(path: str, name: str, folder: int) -> None:
             f"cannot remove the socket at {quote(path, 60)}: {error.strerror}"
         ) from None
     log.info("replaced the socket at %s (a stopped tend's, or a generation being replaced)", path)
+
+
+def _listener_of(path: str) -> int | None:
+    """The pid of the process listening on the UNIX socket at *path*; None if none does."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+            credentials = probe.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+            )
+        except OSError:  # refused: a stale file; or gone meanwhile
+            return None
+    pid: int = struct.unpack("3i", credentials)[0]
+    return pid
+
+
+def _same_tend(pid: int) -> bool:
+    """Whether *pid* is a worker of this worker's supervisor (an older generation being
+    replaced), or of the supervisor that one is upgrading from."""
+    if _parent_of(os.getpid()) is None:  # no /proc here (a chroot): replace, as before
+        return True
+    supervisor = os.getppid()
+    parent = _parent_of(pid)
+    return parent is not None and parent in (supervisor, _parent_of(supervisor))
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            fields = stat_file.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[1])
 
 
 def _check_bound(path: str, name: str, folder: int) -> None:

@@ -330,7 +330,15 @@ def test_bad_options_are_one_line_and_exit_2(
 
 @pytest.mark.parametrize(
     ("listen", "connect"),
-    [("18090", "localhost:18090"), ("tcp:18090:interface=127.0.0.1", "127.0.0.1:18090")],
+    [
+        ("18090", "localhost:18090"),
+        ("tcp:18090:interface=127.0.0.1", "127.0.0.1:18090"),
+        ("18090", "127.1:18090"),
+        ("18090", "0:18090"),
+        ("18090", "2130706433:18090"),
+        ("18090", "[::ffff:127.0.0.1]:18090"),
+        ("18090", "LOCALHOST:18090"),
+    ],
 )
 def test_forwarding_to_itself_is_refused_at_start(
     tmp_path: Path, listen: str, connect: str

@@ -14,6 +14,7 @@ import argparse
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -318,13 +319,20 @@ def _reaches(endpoint: object, target: Target) -> bool:
 
 
 def _is_local(host: str) -> bool:
-    """Whether *host* is loopback, the unspecified address (which reaches it), or localhost."""
-    if host == "localhost":
+    """Whether *host* is loopback, the unspecified address (which reaches it), or localhost,
+    however spelt: ``127.1``, ``0`` and ``2130706433`` are IPv4 addresses to the resolver
+    (inet_aton's forms), ``::ffff:127.0.0.1`` is 127.0.0.1 to the kernel."""
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     return address.is_loopback or address.is_unspecified
 
 

@@ -180,6 +180,18 @@ def test_conditional_requests_get_304(run_tend: Callable[..., Tend], root: Path)
     assert body == b""
     assert status(port, "/hello.txt", "-H", 'If-None-Match: "other"') == 200
     assert curl("-z", str(root / "hello.txt"), url).stdout == b""
+    # A date later than now is invalid (RFC 9110 §13.1.3): ignored, the file comes.
+    future = "If-Modified-Since: Sat, 01 Jan 9999 00:00:00 GMT"
+    assert status(port, "/hello.txt", "-H", future) == 200
+
+
+@needs_curl
+def test_a_file_named_as_a_folder_is_not_found(run_tend: Callable[..., Tend], root: Path) -> None:
+    """/hello.txt/ names a folder; hello.txt is a file: 404, as nginx and Apache answer."""
+    port = start_web(run_tend, root)
+    assert status(port, "/hello.txt/") == 404
+    assert status(port, "/big.bin/") == 404
+    assert status(port, "/hello.txt") == 200
 
 
 @needs_curl

@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import stat
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -283,6 +284,9 @@ class Site:
 
     def _respond(self, method: str, target: Target, headers: Mapping[str, str]) -> Reply:
         file, info = self._open(target.segments)
+        if file is not None and target.slash and target.segments:
+            file.close()  # /poem.txt/ names a folder, and poem.txt is none
+            raise Refused(404)
         if file is not None:
             name = target.segments[-1] if target.segments else b""
             return self._file_reply(method, file, info, name, headers)
@@ -486,7 +490,8 @@ def _not_modified(headers: Mapping[str, str], etag: str, mtime: float) -> bool:
     if since is None:
         return False
     when = parse_http_date(since)
-    return when is not None and int(mtime) <= when
+    # A date later than now is invalid (RFC 9110 §13.1.3): the client gets the file.
+    return when is not None and int(mtime) <= when <= time.time()
 
 
 def _if_range_holds(headers: Mapping[str, str], etag: str, modified: str) -> bool:

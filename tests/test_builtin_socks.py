@@ -578,6 +578,10 @@ def test_the_proxy_will_not_relay_to_itself(start_socks: StartSocks) -> None:
     assert result.returncode == 97
     assert b"(2)" in result.stderr
     wait_until(lambda: "refused: that is this proxy itself" in socks.stdout)
+    # By name (socks5h: the proxy resolves it), the line says why as well.
+    result = curl("--socks5-hostname", f"127.0.0.1:{port}", f"http://localhost:{port}/")
+    assert result.returncode == 97
+    wait_until(lambda: re.search(r"it resolves to [^,]*, this proxy itself", socks.stdout))
 
 
 # -- the rules, without a proxy ----------------------------------------------------------------

@@ -650,7 +650,12 @@ class SocksProtocol(RelayProtocol):
         ]
         if not allowed:
             shown = ", ".join(str(address) for address in dict.fromkeys(resolved))
-            raise Refusal(f"it resolves to {quote(shown, 60, bare=True)}, not on the allow list")
+            why = (
+                "this proxy itself"
+                if any(self.socks.is_itself(address, port) for address in resolved)
+                else "not on the allow list"
+            )
+            raise Refusal(f"it resolves to {quote(shown, 60, bare=True)}, {why}")
         failure: OSError | None = None
         for address in allowed:
             try:

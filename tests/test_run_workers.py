@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -200,3 +201,41 @@ def test_a_port_another_server_holds_is_refused_whatever_the_worker_count(
     assert result.returncode == 1
     assert result.stderr == f"tend: cannot listen on 127.0.0.1:{port}: address already in use\n"
     assert not (tmp_path / "tend.pid").exists()
+
+
+STRACE = ["strace", "-qq", "-o", "/dev/null", "-e", "trace=clone,clone3,fork"]
+
+
+def fork_fails(when: int) -> list[str]:
+    """strace, tracing the supervisor alone, failing its *when*-th fork with EAGAIN (a pids
+    cgroup or RLIMIT_NPROC at its limit)."""
+    return [*STRACE, "-e", f"inject=clone,clone3,fork:error=EAGAIN:when={when}", "--"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (make test installs it)")
+def test_a_worker_that_cannot_be_forked_at_start_fails_the_start(run_tend, tmp_path):
+    """The second worker's fork fails: one line, exit 1, no pidfile, worker 1 stopped."""
+    tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL, wrapper=fork_fails(2))
+    assert tend.wait() == 1
+    assert tend.stderr == "tend: cannot start worker 2: Resource temporarily unavailable\n"
+    assert not (tmp_path / "tend.pid").exists()
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (make test installs it)")
+def test_a_worker_that_cannot_be_forked_later_is_tried_again(run_tend, tmp_path):
+    """Serving, a dead worker's replacement cannot be forked: the supervisor says so, tries
+    again after the back-off, and serves on; it does not end."""
+    tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL, wrapper=fork_fails(3))
+    port = tend.wait_for_port()
+    first = int(tend.wait_for_output(r"started worker 1 \(pid (\d+)\)").group(1))
+    tend.wait_for_output(r"started worker 2 \(pid \d+\)")
+    supervisor = int(wait_until(lambda: (tmp_path / "tend.pid").read_text().strip()))
+    os.kill(first, signal.SIGKILL)
+    tend.wait_for_output(
+        r"cannot start worker 1: Resource temporarily unavailable; trying again in [\d.]+ s"
+    )
+    tend.wait_for_output(rf"started worker 1 \(pid (?!{first}\))\d+\)")
+    for _ in range(10):
+        assert fetch(port) == POEM.read_bytes()
+    os.kill(supervisor, signal.SIGTERM)
+    assert tend.wait() == 0

@@ -285,3 +285,31 @@ def test_no_limit_means_no_kill() -> None:
     assert core.next_wakeup() is None
     assert Limits(worker_timeout=0).ping_interval is None
     assert Limits(worker_timeout=30).ping_interval == 7.5
+
+
+def test_a_fork_that_fails_before_ready_fails_the_start() -> None:
+    """Worker 2 cannot be forked while the start is under way: the start fails, naming it."""
+    clock = Clock()
+    core = Supervision(2, clock, Limits())
+    core.started(1, 1001)
+    assert core.could_not_start(2, "Resource temporarily unavailable") is None
+    assert core.failure == "cannot start worker 2: Resource temporarily unavailable"
+    assert core.to_start() == []
+
+
+def test_a_fork_that_fails_later_is_tried_again_after_a_growing_back_off() -> None:
+    """Serving, a worker that cannot be forked is tried again: 0.5 s, then 1 s, ..."""
+    clock = Clock()
+    core = running(2, clock)
+    died = core.exited(1001, -9)  # young: its replacement waits 0.5 s
+    assert died is not None
+    clock.advance(died.restart_in)
+    assert core.to_start() == [1]
+    assert core.could_not_start(1, "Resource temporarily unavailable") == 1.0
+    assert core.to_start() == []
+    clock.advance(1.0)
+    assert core.to_start() == [1]
+    assert core.could_not_start(1, "Resource temporarily unavailable") == 2.0
+    assert core.failure is None
+    core.stop()
+    assert core.could_not_start(1, "Resource temporarily unavailable") is None

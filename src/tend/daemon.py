@@ -18,7 +18,11 @@ from tend.errors import StartupError
 def fork() -> int:
     """Fork a child (a worker); 0 in the child, the child's pid in the parent."""
     gc.freeze()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:
+        gc.unfreeze()
+        raise
     if pid:
         gc.unfreeze()
     return pid

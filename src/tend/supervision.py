@@ -166,6 +166,25 @@ class Supervision:
         self.restarts[worker.number] = now + delay
         return Exit(worker.number, pid, describe_exit(code), delay, worker.error)
 
+    def could_not_start(self, number: int, reason: str) -> float | None:
+        """Worker *number* could not even be forked (*reason*: out of processes, say).
+
+        Before every worker was ready the start fails; after, it counts as a worker that
+        died young: tried again after the back-off, whose delay this returns.
+        """
+        if self.stopping_since is not None:
+            return None
+        if not self.reported_ready:
+            if self.failure is None:
+                self.failure = f"cannot start worker {number}: {reason}"
+            return None
+        now = self.clock()
+        deaths = self.quick_deaths.get(number, 0) + 1
+        self.quick_deaths[number] = deaths
+        delay: float = min(RESTART_MAX, RESTART_FIRST * 2 ** (deaths - 1))
+        self.restarts[number] = now + delay
+        return delay
+
     def stop(self) -> bool:
         """A stop was asked for (or the start failed); True the first time."""
         self.restarts.clear()

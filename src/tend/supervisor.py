@@ -898,8 +898,18 @@ class Supervisor:
                 listening.reopen_copy(number - 1)
             except ListenError as error:
                 log.error("worker %d will not accept on %s: %s", number, listening, error)
-        ours, theirs = Channel.pair()
-        log_read, log_write = os.pipe2(os.O_CLOEXEC) if self.relay_logs else (None, None)
+        try:
+            ours, theirs = Channel.pair()
+        except OSError as error:
+            self._could_not_start(generation, number, error)
+            return
+        try:
+            log_read, log_write = os.pipe2(os.O_CLOEXEC) if self.relay_logs else (None, None)
+        except OSError as error:
+            ours.close()
+            theirs.close()
+            self._could_not_start(generation, number, error)
+            return
         plan = WorkerPlan(
             number=number,
             application=generation.application,
@@ -910,13 +920,22 @@ class Supervisor:
             max_connections=self.max_connections,
         )
         self.sink.flush()
-        with self.signals.forking():
-            pid = daemon.fork()
-            if pid == 0:  # the worker: it must never return into the supervisor's code
-                try:
-                    worker_signals = self.signals.renew(WORKER_CATCHES, ignore=WORKER_IGNORES)
-                except BaseException:
-                    daemon.exit_now(1)
+        try:
+            with self.signals.forking():
+                pid = daemon.fork()
+                if pid == 0:  # the worker: it must never return into the supervisor's code
+                    try:
+                        worker_signals = self.signals.renew(WORKER_CATCHES, ignore=WORKER_IGNORES)
+                    except BaseException:
+                        daemon.exit_now(1)
+        except OSError as error:  # EAGAIN: a pids cgroup or RLIMIT_NPROC at its limit
+            for fd in (log_read, log_write):
+                if fd is not None:
+                    os.close(fd)
+            ours.close()
+            theirs.close()
+            self._could_not_start(generation, number, error)
+            return
         if pid == 0:
             status = 1
             try:
@@ -927,7 +946,16 @@ class Supervisor:
         theirs.close()
         if log_write is not None:
             os.close(log_write)
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as error:  # out of descriptors: a worker it cannot watch must go
+            os.kill(pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its
+            os.waitpid(pid, 0)
+            if log_read is not None:
+                os.close(log_read)
+            ours.close()
+            self._could_not_start(generation, number, error)
+            return
         worker = _Worker(generation, number, pid, pidfd, ours, log_read)
         self.workers[pid] = worker
         generation.workers[pid] = worker
@@ -941,6 +969,12 @@ class Supervisor:
         if generation.number > 1:
             label += f", generation {generation.number}"
         log.info("started worker %d (pid %d)%s", number, pid, label)
+
+    def _could_not_start(self, generation: Generation, number: int, error: OSError) -> None:
+        reason = error.strerror or str(error)
+        delay = generation.core.could_not_start(number, reason)
+        if delay is not None:
+            log.error("cannot start worker %d: %s; trying again in %.1f s", number, reason, delay)
 
     def _forget_in_worker(self, generation: Generation, *fds: Channel | int | None) -> None:
         """In a fresh worker: close what is the supervisor's alone.

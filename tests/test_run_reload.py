@@ -356,6 +356,9 @@ def test_sigusr2_upgrades(run_tend: Callable[..., Tend], tmp_path: Path) -> None
 
     new = wait_until(successor)
     assert fetch(port) != b""
+    # Forked with the stop signals blocked, it must not run with them blocked for good.
+    status = Path(f"/proc/{new}/status").read_text()
+    assert "SigBlk:\t0000000000000000\n" in status
     os.kill(new, signal.SIGTERM)
     wait_until(lambda: not (tmp_path / "tend.pid").exists())
 

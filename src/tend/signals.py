@@ -119,6 +119,14 @@ class Signals:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
+    def default_for_exec(self) -> None:
+        """In a child forked inside `forking` that is about to exec: the caught signals
+        back to their default actions, then unblocked (a new program inherits the mask).
+        """
+        for signal_number in self.catch:
+            signal.signal(signal_number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.catch)
+
     def renew(self, catch: Iterable[int] | None = None, ignore: Iterable[int] = ()) -> Signals:
         """In a forked child: a fresh Signals of its own, installed, replacing this copy."""
         self.close()

@@ -683,6 +683,7 @@ class Supervisor:
                     for listening in self.current.listenings
                 ],
                 self.first_cwd,
+                self.signals,
             )
         except OSError as error:
             line = f"upgrade failed: cannot start the tend program: {error.strerror or error}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from tend.channel import Channel
 from tend.endpoints import endpoint_key as key_of
 from tend.errors import StartupError
+from tend.signals import Signals
 
 __all__ = ["CHANNEL", "SOCKETS", "Handover", "Successor", "key_of", "start_successor"]
 
@@ -138,7 +139,9 @@ def _passed_sockets(text: str) -> dict[str, list[list[list[int]]]]:
     return sockets
 
 
-def start_successor(sockets: list[tuple[str, list[list[int]]]], cwd: str) -> Successor:
+def start_successor(
+    sockets: list[tuple[str, list[list[int]]]], cwd: str, signals: Signals
+) -> Successor:
     """Run this process's command line again, as a child, handing it *sockets*.
 
     *sockets* is, per listener, its endpoint key and its copies' descriptors. The
@@ -157,8 +160,19 @@ def start_successor(sockets: list[tuple[str, list[list[int]]]], cwd: str) -> Suc
     argv = [sys.executable, *sys.orig_argv[1:]]
     from tend import daemon
 
-    pid = daemon.fork()
-    if pid == 0:  # the successor, until exec: nothing here may return
+    try:
+        with signals.forking():  # no handler of ours may run in the child: it has our pipe
+            pid = daemon.fork()
+            if pid == 0:  # the successor, until exec: nothing here may return
+                try:
+                    signals.default_for_exec()
+                except BaseException:
+                    daemon.exit_now(127)
+    except OSError:
+        ours.close()
+        theirs.close()
+        raise
+    if pid == 0:
         status = 127
         try:
             for fd in passed:

@@ -599,9 +599,12 @@ class StreamServer(Service):
             await loop.connect_accepted_socket(
                 self._make_protocol, connection, ssl=self._listening.tls
             )
-        except (OSError, asyncio.CancelledError):
+        except OSError:
             # A failed TLS handshake or a client gone: the transport is closed, or never was.
             connection.close()
+        except asyncio.CancelledError:
+            connection.close()
+            raise
         except Exception as error:
             connection.close()
             loop.call_exception_handler(

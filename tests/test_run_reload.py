@@ -283,11 +283,28 @@ def test_an_upgrade_to_a_program_that_fails_keeps_the_old_one(
     tend.wait_for_output(r"starting on \d+")
     wait_until((tmp_path / "tend.ctl").exists)
     app.write_text("raise SystemExit('no')\n")
-    result = tendctl("upgrade", cwd=tmp_path)
+    missing: list[str] = []
+    done = threading.Event()
+
+    def watch() -> None:  # the paths must name a live tend at every moment
+        while not done.is_set():
+            for name in ("tend.pid", "tend.ctl"):
+                if not (tmp_path / name).exists():
+                    missing.append(name)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = tendctl("upgrade", cwd=tmp_path)
+    finally:
+        done.set()
+        watcher.join()
     assert result.returncode == 1
     assert result.stderr.startswith("tendctl: upgrade failed: ")
     assert fetch(port) == b"still here\n"
     assert int((tmp_path / "tend.pid").read_text()) == tend.pid
+    assert not missing
+    assert tendctl("status", cwd=tmp_path).returncode == 0
     assert tend.stop() == 0
 
 

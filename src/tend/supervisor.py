@@ -755,26 +755,33 @@ class Supervisor:
     def _take_back_files(self) -> None:
         """After a failed upgrade: the pidfile and the control socket are this process's
         again. The successor may have renamed its own over them, and removed them as it
-        failed; written anew (renamed over whatever is there), they name this tend."""
+        failed; the new ones are renamed over whatever is there before the old ones are
+        let go (which removes nothing that is not their own), so the paths never name
+        nothing while this tend serves."""
         if self.pidfile is None:
             return
-        old, self.pidfile = self.pidfile, Pidfile(self.pidfile.path)
-        old.release()  # removes nothing that is not its own; drops the old lock
+        old = self.pidfile
+        pidfile = Pidfile(old.path)
         try:
-            self.pidfile.acquire(take_over=True)
+            pidfile.acquire(take_over=True)
         except TendError as error:
             log.error("cannot write the pidfile again after the failed upgrade: %s", error)
-            self.pidfile = None
-        asking = {}  # tendctl waiting for this upgrade's answer: kept
-        if self.control is not None:
-            self._unregister(self.control.fileno())
-            asking = self.control.connections
-            self.control.listening.close()
-            self.control = None
-        if self.pidfile is not None:
-            self._open_control(take_over=True)
-        if self.control is not None:
-            self.control.connections.update(asking)
+        else:
+            self.pidfile = pidfile
+            old.release()
+        if self.control is None:
+            return
+        try:
+            control = ControlServer(self.control.path, take_over=True)
+        except (TendError, OSError) as error:
+            log.warning("cannot take the control socket back after the failed upgrade: %s", error)
+            return
+        self._unregister(self.control.fileno())
+        control.connections.update(self.control.connections)  # tendctl waiting: kept
+        self.control.listening.close()
+        self.control = control
+        if self.selector is not None:
+            self.selector.register(control.fileno(), selectors.EVENT_READ, self._accept)
 
     def _upgraded(self, successor: Successor) -> None:
         """The successor serves: tell whoever waits, then drain and go, leaving it all to it."""

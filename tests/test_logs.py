@@ -580,6 +580,27 @@ def test_backups_limit_keeps_the_newest_rotated_files(
     assert numbers == list(range(100 - len(numbers), 100))
 
 
+def test_a_file_left_to_a_successor_is_appended_to_but_never_rotated_or_reopened(
+    open_sink: OpenSink, attach: Attach, tmp_path: Path
+) -> None:
+    """After an upgrade the new supervisor owns the file: the old one, draining, appends to
+    the file it has open and neither rotates nor reopens it (that would rename the new
+    one's files under it)."""
+    path = tmp_path / "tend.log"
+    sink = open_sink(LogConfig(logfile=str(path), max_bytes=200, backups=3))
+    log = attach(sink)
+    sink.leave_the_file()
+    path.rename(tmp_path / "moved.log")  # what a rotation by the successor looks like
+    sink.reopen()
+    for number in range(50):
+        log.info("line %03d", number)
+    sink.close()
+    assert not path.exists()
+    assert log_files(tmp_path / "moved.log") == [tmp_path / "moved.log"]
+    numbers = [int(line[-3:]) for line in read_log(tmp_path / "moved.log") if " line " in line]
+    assert numbers == list(range(50))
+
+
 def test_failed_rotation_keeps_every_line_in_the_current_file(
     open_sink: OpenSink, attach: Attach, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

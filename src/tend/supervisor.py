@@ -792,6 +792,7 @@ class Supervisor:
         os.close(successor.pidfd)
         successor.channel.close()
         self.handed_over = True
+        self.sink.leave_the_file()  # the successor rotates it from now on
         line = f"upgraded: pid {successor.pid} serves now"
         log.info("%s; this one (pid %d) drains and exits", line, os.getpid())
         self.upstream.handed_over(successor.pid)

@@ -171,6 +171,12 @@ class LogSink:
         """Write out every buffered line now."""
         self.handler.flush()
 
+    def leave_the_file(self) -> None:
+        """After an upgrade: the successor rotates and reopens the log file; this process,
+        draining, only appends to the file it has open (two rotating writers would rename
+        each other's files)."""
+        self.handler.leave_the_file()
+
     def settle(self) -> None:
         """This process is the one that runs the services (it has detached, or will not):
         write what was held until it was known which process that would be."""

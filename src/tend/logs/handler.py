@@ -68,6 +68,10 @@ class LogHandler(logging.Handler):
     def settle(self) -> None:
         """The process that runs the services is this one: send anything held for it."""
 
+    def leave_the_file(self) -> None:
+        """Another process now owns the destination (an upgrade's successor): go on
+        appending where this one writes, but neither rotate nor reopen it."""
+
     def relay_to(self, fd: int) -> None:
         """In a forked worker: send formatted lines to *fd*, a pipe, for the supervisor."""
         raise RuntimeError(f"{self!r} cannot relay: only a log file's lines are relayed")

@@ -58,6 +58,7 @@ class LogFileHandler(BufferedHandler):
         self._size = 0
         self._rotates = False
         self._relaying = False  # writing to a pipe to the supervisor, see relay_to
+        self._left = False  # another process owns the file now: no rotating, no reopening
         self._lost = 0  # lines not written since writes began to fail
         self._rotation_failing = False  # said so once; said again after a rotation works
         self._failure = ""  # why they failed
@@ -160,10 +161,18 @@ class LogFileHandler(BufferedHandler):
         """
         self.acquire()
         try:
-            if self._closed or self._relaying:
+            if self._closed or self._relaying or self._left:
                 return
             self._write_buffer()
             self._adopt(*self._open_or_raise())
+        finally:
+            self.release()
+
+    def leave_the_file(self) -> None:
+        self.acquire()
+        try:
+            self._rotates = False
+            self._left = True
         finally:
             self.release()
 

@@ -775,3 +775,20 @@ def test_stray_upgrade_variables_are_ignored(
     assert fetch(tend.wait_for_port()) != b""
     assert tend.stop() == 0
     assert "Traceback" not in tend.stdout + tend.stderr
+
+
+def test_a_reload_asked_for_during_a_reload_follows_it(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """A second SIGHUP while a reload is under way is not dropped: another reload follows,
+    so a file changed meanwhile is read too."""
+    tend, port = start_then_slow(run_tend, tmp_path, 2)
+    os.kill(tend.pid, signal.SIGHUP)
+    tend.wait_for_output(r"Received SIGHUP, reloading")
+    os.kill(tend.pid, signal.SIGHUP)
+    tend.wait_for_output(r"another reload follows this one")
+    tend.wait_for_output(r"reloaded: generation 2")
+    tend.wait_for_output(r"reloaded: generation 3", timeout=30)
+    assert fetch(port) == b"a poem\n"
+    assert "cannot reload" not in tend.stdout
+    assert tend.stop() == 0

@@ -207,6 +207,10 @@ class Supervisor:
         self.retiring: list[Generation] = []  # draining after a reload, or failed
         self.generations_made = 0
         self.reload_replies: list[Reply] = []
+        # Asked to reload during a reload: one more follows it, so that what changed
+        # meanwhile is read too (why, and who waits for its answer).
+        self.reload_again: str | None = None
+        self.reload_again_replies: list[Reply] = []
         self.selector: selectors.BaseSelector | None = None
         self.stop_signal: str | None = None
         self.stopped_before_failure = False
@@ -331,7 +335,7 @@ class Supervisor:
         finally:
             self.selector.close()
             self.selector = None
-            for reply in self.reload_replies:
+            for reply in (*self.reload_replies, *self.reload_again_replies):
                 reply(False, "tend stopped before the reload was done")
         failed = self.core.failure is not None and not self.core.reported_ready
         if failed and not self.stopped_before_failure:
@@ -620,6 +624,12 @@ class Supervisor:
 
         *reply(ok, line)* is called once the reload has succeeded or failed.
         """
+        if self.incoming is not None and self.stop_signal is None:
+            log.info("%s during a reload: another reload follows this one.", why)
+            self.reload_again = why
+            if reply is not None:
+                self.reload_again_replies.append(reply)
+            return
         unable = None if self.source is not None else "this tree cannot be built again"
         if self._refused("reload", why, reply, unable):
             return
@@ -847,6 +857,10 @@ class Supervisor:
         replies, self.reload_replies = self.reload_replies, []
         for reply in replies:
             reply(ok, line)
+        if self.reload_again is not None:
+            why, self.reload_again = self.reload_again, None
+            self.reload_replies, self.reload_again_replies = self.reload_again_replies, []
+            self.reload(why)
 
     def _close_unused(self) -> None:
         """Close the sockets no live generation listens on (its workers keep their own)."""

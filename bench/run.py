@@ -361,30 +361,30 @@ def tree_cpu_ticks(pid: int) -> int:
     return total
 
 
-def rss_kib(pid: int) -> int:
-    """VmRSS of one process in KiB (0 if it is gone)."""
+def _proc_kib(path: str, field: str) -> int:
+    """The ``FIELD: N kB`` figure of a /proc file, in KiB (0 if the process is gone)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        text = Path(path).read_text()
     except OSError:
         return 0
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(match.group(1)) if match else 0
 
 
-def tree_rss_kib(pid: int) -> int:
-    """VmRSS of *pid* and all its descendants, in KiB."""
-    return rss_kib(pid) + sum(rss_kib(child) for child in descendants(pid))
+def rss_kib(pid: int) -> int:
+    """VmRSS of one process in KiB (0 if it is gone)."""
+    return _proc_kib(f"/proc/{pid}/status", "VmRSS")
 
 
 def pss_kib(pid: int) -> int:
     """Pss of one process in KiB (0 if it is gone): each page shared with other processes
     counted as its share, so that a forked tree's memory is not counted twice."""
-    try:
-        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return 0
-    match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
-    return int(match.group(1)) if match else 0
+    return _proc_kib(f"/proc/{pid}/smaps_rollup", "Pss")
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of *pid* and all its descendants, in KiB."""
+    return rss_kib(pid) + sum(rss_kib(child) for child in descendants(pid))
 
 
 def tree_pss_kib(pid: int) -> int:

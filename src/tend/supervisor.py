@@ -183,7 +183,8 @@ class Supervisor:
         self.max_connections = max_connections  # per worker; 0: from the open-file limit
         self.source = source
         self.handover = handover  # an upgrade's: the sockets the old tend passed on
-        self.first_cwd = first_cwd or working_directory()  # where tend was started, for an upgrade
+        # Where tend was started, as the shell named it: an upgrade runs the program there.
+        self.first_cwd = first_cwd or working_directory()
         self.successor: Successor | None = None
         self.successor_deadline = 0.0
         self.chrooted = chrooted
@@ -880,8 +881,8 @@ class Supervisor:
 
         A supervisor without CAP_KILL (a systemd unit's capability set) may not signal a
         worker running as another user: then STOP=1 on the channel does what SIGTERM
-        would. Nothing can stand in for
-        SIGKILL: a worker that ignores its channel as well is left to the service manager.
+        would. Nothing can stand in for SIGKILL: a worker that ignores its channel as well
+        is left to the service manager.
         """
         try:
             signal.pidfd_send_signal(worker.pidfd, signal_number)

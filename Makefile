@@ -19,8 +19,10 @@ SYSTEMD_TEST_TOOLS := debootstrap:debootstrap systemd-nspawn:systemd-container n
 SYSTEMD_ROOT := build/systemd-root
 WHEELS := build/wheels
 
-# A second Python for `make test-3.13`: python3.13 on PATH, else pyenv's, else none.
-PYTHON313 ?= $(firstword $(shell command -v python3.13 2>/dev/null) $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))
+# A second Python for `make test-3.13`: python3.13 on PATH, else pyenv's, else none; the
+# first that runs (pyenv's shim is on PATH even where 3.13 is not its version, and fails).
+PYTHON313 ?= $(shell for p in $$(command -v python3.13) $(HOME)/.pyenv/versions/3.13*/bin/python3.13; do \
+	"$$p" -c '' 2>/dev/null && { echo "$$p"; break; }; done)
 VENV313 := .venv-3.13
 
 .PHONY: run test test-3.13 torture torture-short bench clean system-tools systemd-test

@@ -59,7 +59,7 @@ test-3.13: system-tools
 	[ -f $(VENV313)/.dev-installed ] && [ $(VENV313)/.dev-installed -nt pyproject.toml ] || { \
 		$(VENV313)/bin/python -m pip install --quiet --upgrade pip; \
 		$(VENV313)/bin/python -m pip install --quiet -e '.[dev]'; \
-		touch $(VENV313)/.dev-installed; }; \
+		touch $(VENV313)/.dev-installed $(VENV313)/.installed; }; \
 	echo "test-3.13: $$($(VENV313)/bin/python --version)"; \
 	$(VENV313)/bin/mypy --strict --python-version 3.13 src/; \
 	$(VENV313)/bin/pytest -p no:cacheprovider --ignore=tests/torture

@@ -26,6 +26,7 @@ from tend.endpoints import (
     parse_endpoint,
     tls_context,
 )
+from tend.errors import quote
 from tend.net import StreamServer
 
 OPENSSL = shutil.which("openssl")
@@ -189,8 +190,8 @@ def test_a_key_that_does_not_match_is_named(
     """Another certificate's key: the message names the key and the certificate."""
     message = tls_error(describe(certificate, key=other_certificate.key))
     assert message == (
-        f"cannot use TLS private key '{other_certificate.key}': it does not match "
-        f"the certificate in '{certificate.cert.name}'"
+        f"cannot use TLS private key {quote(str(other_certificate.key), 70)}: it does not "
+        f"match the certificate in '{certificate.cert.name}'"
     )
 
 
@@ -378,8 +379,8 @@ def test_tend_with_a_mismatched_key_says_so_in_one_line(
     result = run_once(*FOREGROUND, "poetry", "--port", endpoint, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        f"tend: cannot use TLS private key '{other_certificate.key}': it does not match "
-        f"the certificate in '{certificate.cert.name}'"
+        f"tend: cannot use TLS private key {quote(str(other_certificate.key), 70)}: it does "
+        f"not match the certificate in '{certificate.cert.name}'"
     ]
 
 

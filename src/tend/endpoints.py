@@ -415,13 +415,13 @@ def split_description(description: str) -> tuple[list[str], dict[str, str]]:
                 )
             if key in keywords:
                 raise EndpointSyntaxError(
-                    f"invalid endpoint {quote(description, 50)}: {quote(key)} is given twice"
+                    f"invalid endpoint {quote(description, 50)}: {quote(key, 40)} is given twice"
                 )
             keywords[key] = value
         elif keywords:
             raise EndpointSyntaxError(
                 f"invalid endpoint {quote(description, 50)}: "
-                f"{quote(field)} comes after a key=value field"
+                f"{quote(field, 40)} comes after a key=value field"
             )
         else:
             positional.append(field)
@@ -779,8 +779,8 @@ def tls_context(endpoint: TLSEndpoint) -> ssl.SSLContext:
         raise ListenError(_describe_tls_error(endpoint, certificate, error)) from None
     except OSError as error:  # the file changed between the reading and the loading
         raise ListenError(
-            f"cannot read TLS certificate {quote(endpoint.cert_key)} or private key "
-            f"{quote(endpoint.private_key)}: {error.strerror or error}"
+            f"cannot read TLS certificate {quote(endpoint.cert_key, 60)} or private key "
+            f"{quote(endpoint.private_key, 50)}: {error.strerror or error}"
         ) from None
     return context
 
@@ -802,8 +802,8 @@ def _describe_tls_error(endpoint: TLSEndpoint, certificate: bytes, error: Except
         cert_folder, cert_name = os.path.split(endpoint.cert_key)
         same_folder = cert_folder == os.path.dirname(endpoint.private_key)
         return (
-            f"cannot use TLS private key {quote(endpoint.private_key)}: it does not match "
-            f"the certificate in {quote(cert_name if same_folder else endpoint.cert_key)}"
+            f"cannot use TLS private key {quote(endpoint.private_key, 70)}: it does not match "
+            f"the certificate in {quote(cert_name if same_folder else endpoint.cert_key, 50)}"
         )
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:

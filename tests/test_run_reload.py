@@ -792,3 +792,73 @@ def test_a_reload_asked_for_during_a_reload_follows_it(
     assert fetch(port) == b"a poem\n"
     assert "cannot reload" not in tend.stdout
     assert tend.stop() == 0
+
+
+BLOCKING_IMPORT = (
+    "import os, time\n"
+    "if os.path.exists('blocked'):\n"
+    "    time.sleep(3600)  # a database that does not answer, say\n"
+)
+
+
+def start_with_blocking_import(
+    run_tend: Callable[..., Tend], tmp_path: Path, *runner: str
+) -> tuple[Tend, int]:
+    """tend on an app file that, from now on, blocks for an hour when it is imported."""
+    poem = tmp_path / "poem.txt"
+    poem.write_text("the old poem\n")
+    port = free_port()
+    app = tmp_path / "app.py"
+    app.write_text(BLOCKING_IMPORT + APP.format(how="", poem=str(poem), port=port))
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", *runner, "-y", str(app))
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    (tmp_path / "blocked").touch()
+    return tend, port
+
+
+def test_a_reload_whose_import_blocks_fails_at_the_start_timeout(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """The new tree is tried in a child first: an import that blocks holds only the child,
+    killed at --start-timeout; meanwhile the supervisor answers tendctl, and the old
+    generation serves on."""
+    tend, port = start_with_blocking_import(run_tend, tmp_path, "--start-timeout", "3")
+    reload = subprocess.Popen(
+        [*TENDCTL, "reload"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    tend.wait_for_output(r"reloading app file")
+    status = tendctl("status", cwd=tmp_path, timeout=10)  # the supervisor is not blocked
+    assert status.returncode == 0, status.stderr
+    assert fetch(port) == b"the old poem\n"
+    _, stderr = reload.communicate(timeout=30)
+    assert reload.returncode == 1
+    assert stderr == (
+        f"tendctl: reload failed: app file {str(tmp_path / 'app.py')!r} did not finish "
+        "building within 3 s (--start-timeout)\n"
+    )
+    assert fetch(port) == b"the old poem\n"
+    (tmp_path / "blocked").unlink()
+    assert tendctl("reload", cwd=tmp_path).returncode == 0
+    assert tend.stop() == 0
+
+
+def test_a_stop_during_a_blocked_trial_build_ends_at_once(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """SIGTERM while the new tree's import blocks (no start timeout at all): tend stops
+    as ever, the trial child is killed, and nothing is left."""
+    tend, _ = start_with_blocking_import(run_tend, tmp_path, "--start-timeout", "0")
+    os.kill(tend.pid, signal.SIGHUP)
+    tend.wait_for_output(r"reloading app file")
+
+    def children() -> set[str] | None:  # the worker, and the trial build
+        found = set(Path(f"/proc/{tend.pid}/task/{tend.pid}/children").read_text().split())
+        return found if len(found) == 2 else None
+
+    both = wait_until(children)
+    assert tend.stop() == 0
+    assert not (tmp_path / "tend.pid").exists()
+    for child in both:
+        wait_until(lambda child=child: not pid_alive(int(child)))

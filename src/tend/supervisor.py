@@ -148,13 +148,27 @@ class _Worker:
     unsignalable: bool = False  # a signal to it failed with EPERM: it is asked on its channel
 
 
+@dataclass(slots=True)
+class _Trial:
+    """A reload's trial build: the new tree built in a forked child first, where an app
+    file that blocks at import, or takes longer than --start-timeout, holds nothing but
+    that child (killed at the deadline), never the supervisor's loop."""
+
+    pid: int
+    pidfd: int
+    channel: Channel
+    deadline: float  # monotonic; 0 for none
+
+
 Reply = Callable[[bool, str], None]
 
 
 class Supervisor:
     """Runs the tree in workers, from the pidfile to the last worker's exit, and reloads it.
 
-    A reload (SIGHUP, ``tendctl reload``) builds the tree again from *source*, binds what
+    A reload (SIGHUP, ``tendctl reload``) first builds the new tree in a forked child (a
+    trial, killed past --start-timeout, so that code which blocks at import never holds
+    this loop), then builds it again from *source* here, binds what
     the new tree listens on that the old one did not (as this process's user, so a port
     below 1024 works), starts a new generation of workers on the same sockets, and only
     once every new worker is ready stops the old generation with the usual drain. A new
@@ -212,6 +226,7 @@ class Supervisor:
         # meanwhile is read too (why, and who waits for its answer).
         self.reload_again: str | None = None
         self.reload_again_replies: list[Reply] = []
+        self.trial: _Trial | None = None  # a reload's trial build, in a child, under way
         self.selector: selectors.BaseSelector | None = None
         self.stop_signal: str | None = None
         self.stopped_before_failure = False
@@ -394,6 +409,8 @@ class Supervisor:
             moments.append(self.next_look)
         if self.successor is not None:
             moments.append(self.successor_deadline)
+        if self.trial is not None and self.trial.deadline:
+            moments.append(self.trial.deadline)
         wakeup = min(moments, default=None)
         timeout = None if wakeup is None else max(0.0, wakeup - time.monotonic())
         # Log pipes first: a worker writes its log before it says READY or exits, and the
@@ -447,6 +464,18 @@ class Supervisor:
         self.retiring = [g for g in self.retiring if g.workers]
         if self.watched is not None and time.monotonic() >= self.next_look:
             self._look_at_files()
+        if (
+            self.trial is not None
+            and self.trial.deadline
+            and time.monotonic() > self.trial.deadline
+        ):
+            self._end_trial(kill=True)
+            assert self.source is not None
+            self._reload_done(
+                False,
+                f"reload failed: {self.source.description} did not finish building within "
+                f"{self.limits.start_timeout:g} s (--start-timeout)",
+            )
         if self.successor is not None and time.monotonic() > self.successor_deadline:
             self._upgrade_failed(
                 f"the new tend program was not ready within "
@@ -500,6 +529,8 @@ class Supervisor:
             log.info("%s, stopping %d worker(s).", why, len(self.workers))
             if self.successor is not None:  # an upgrade under way: the stop is for both
                 self._upgrade_failed("tend is stopping")
+            if self.trial is not None:  # a reload's trial build: it is called off
+                self._end_trial(kill=True).channel.close()
             if not self.handed_over:  # else systemd watches the successor, which serves on
                 self.upstream.stopping()
             for generation in self._live():
@@ -625,7 +656,7 @@ class Supervisor:
 
         *reply(ok, line)* is called once the reload has succeeded or failed.
         """
-        if self.incoming is not None and self.stop_signal is None:
+        if (self.incoming is not None or self.trial is not None) and self.stop_signal is None:
             log.info("%s during a reload: another reload follows this one.", why)
             self.reload_again = why
             if reply is not None:
@@ -640,6 +671,96 @@ class Supervisor:
         log.info("%s, reloading %s.", why, self.source.description)
         self.upstream.reloading()
         self.reopen_log()
+        self._start_trial()
+
+    def _start_trial(self) -> None:
+        """Build the new tree in a forked child first (see _Trial); on its success, here."""
+        assert self.source is not None
+        assert self.selector is not None
+        try:
+            ours, theirs = Channel.pair()
+        except OSError as error:
+            self._reload_done(False, f"reload failed: cannot try the new tree: {error.strerror}")
+            return
+        self.sink.flush()
+        try:
+            with self.signals.forking():
+                pid = daemon.fork()
+                if pid == 0:
+                    try:
+                        self.signals.default_for_exec()  # none of the supervisor's handlers
+                    except BaseException:
+                        daemon.exit_now(1)
+        except OSError as error:
+            ours.close()
+            theirs.close()
+            self._reload_done(False, f"reload failed: cannot try the new tree: {error.strerror}")
+            return
+        if pid == 0:
+            status = 1
+            try:
+                self._forget_in_child(None, ours)
+                status = self._try_building(theirs)
+            finally:
+                daemon.exit_now(status)
+        theirs.close()
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as error:
+            os.kill(pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its
+            os.waitpid(pid, 0)
+            ours.close()
+            self._reload_done(False, f"reload failed: cannot try the new tree: {error.strerror}")
+            return
+        timeout = self.limits.start_timeout
+        self.trial = _Trial(pid, pidfd, ours, time.monotonic() + timeout if timeout else 0.0)
+        self.selector.register(pidfd, selectors.EVENT_READ, self._trial_ended)
+
+    def _try_building(self, channel: Channel) -> int:
+        """In the trial child: build the new tree; say ERROR= with the line, or READY=1."""
+        assert self.source is not None
+        try:
+            self.source.rebuild()
+        except TendError as error:
+            channel.send(ERROR=str(error))
+            return 1
+        except (Exception, SystemExit) as error:
+            log.exception("building the tree again failed")
+            channel.send(ERROR=f"{describe_error(error)} (the traceback is in the log)")
+            return 1
+        finally:
+            self.sink.flush()
+        channel.send(READY=1)
+        return 0
+
+    def _trial_ended(self) -> None:
+        """The trial child exited: build here if it built, else the reload fails."""
+        trial = self._end_trial()
+        message = trial.channel.receive() if not trial.channel.closed else None
+        trial.channel.close()
+        if message is not None and message.error is not None:
+            self._reload_done(False, f"reload failed: {message.error}")
+        elif message is None or not message.ready:
+            self._reload_done(False, "reload failed: the new tree's trial build ended early")
+        elif self.stop_signal is None:
+            self._build_incoming()
+
+    def _end_trial(self, *, kill: bool = False) -> _Trial:
+        """Forget the trial (killing it first with *kill*), reaped."""
+        trial = self.trial
+        assert trial is not None
+        self.trial = None
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(trial.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(trial.pid, 0)  # it has exited, or was just killed
+        self._forget_fd(trial.pidfd)
+        return trial
+
+    def _build_incoming(self) -> None:
+        """The tree built in the trial: build it here too, and start its generation."""
+        assert self.source is not None
         try:
             application = self.source.rebuild()
             generation = self._make_generation(application)
@@ -659,7 +780,7 @@ class Supervisor:
         reason = unable
         if self.stop_signal is not None:
             reason = "tend is stopping"
-        elif self.incoming is not None or self.successor is not None:
+        elif self.incoming is not None or self.trial is not None or self.successor is not None:
             reason = "a reload or an upgrade is already under way"
         elif not self.core.reported_ready:
             reason = "tend is still starting"
@@ -963,7 +1084,7 @@ class Supervisor:
         if pid == 0:
             status = 1
             try:
-                self._forget_in_worker(generation, ours, log_read)
+                self._forget_in_child(generation, ours, log_read)
                 status = run_worker(plan, theirs, log_write, worker_signals, self.sink)
             finally:
                 daemon.exit_now(status)
@@ -1000,8 +1121,9 @@ class Supervisor:
         if delay is not None:
             log.error("cannot start worker %d: %s; trying again in %.1f s", number, reason, delay)
 
-    def _forget_in_worker(self, generation: Generation, *fds: Channel | int | None) -> None:
-        """In a fresh worker: close what is the supervisor's alone.
+    def _forget_in_child(self, generation: Generation | None, *fds: Channel | int | None) -> None:
+        """In a fresh worker (of *generation*) or trial build (None): close what is the
+        supervisor's alone.
 
         The worker stays in the supervisor's process group, so a terminal lets it write
         (a background group would be stopped by SIGTTOU under `stty tostop`); the signals
@@ -1026,9 +1148,13 @@ class Supervisor:
             self.successor.channel.close()
             with contextlib.suppress(OSError):
                 os.close(self.successor.pidfd)
+        if self.trial is not None:  # a reload's trial build, under way
+            self.trial.channel.close()
+            with contextlib.suppress(OSError):
+                os.close(self.trial.pidfd)
         self.upstream.forget()
         # Sockets only another generation listens on: this worker must not keep them open.
-        mine = {id(listening) for listening in generation.listenings}
+        mine = set() if generation is None else {id(x) for x in generation.listenings}
         for listening in self.listenings:
             if id(listening) not in mine:
                 listening.forget()

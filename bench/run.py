@@ -1208,6 +1208,16 @@ def fmt_spread(value: Json | None, scale: float = 1.0, digits: int = 1) -> str:
     return f"{median} ({value['min'] * scale:,.{digits}f}{DASH}{value['max'] * scale:,.{digits}f})"
 
 
+def cost_and_rate_cells(summary: Json, reference: Json | None) -> list[str]:
+    """CPU µs per fetch and fetches/s, each with its ratio to *reference*'s: the four
+    cells every side-by-side table shares."""
+    cells = []
+    for key, digits in (("cpu_us_per_fetch", 1), ("fetches_per_s", 0)):
+        cells.append(fmt_spread(summary[key], digits=digits))
+        cells.append(fmt_ratio(ratio(median_of(summary, key), median_of(reference, key))))
+    return cells
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |"]
     lines.append("|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(header))) + "|")
@@ -1242,8 +1252,6 @@ def workers_table(results: Json, settings: Settings) -> list[str]:
         if summary is None:
             continue
         base = summary_of(results, one)
-        cpu = median_of(summary, "cpu_us_per_fetch")
-        fps = median_of(summary, "fetches_per_s")
         rows.append(
             [
                 row_label(name, results["servers"][name], settings),
@@ -1251,10 +1259,7 @@ def workers_table(results: Json, settings: Settings) -> list[str]:
                 "server on 1 core, load on the other"
                 if placement == "pinned"
                 else "server and load share every core",
-                fmt_spread(summary["cpu_us_per_fetch"]),
-                fmt_ratio(ratio(cpu, median_of(base, "cpu_us_per_fetch"))),
-                fmt_spread(summary["fetches_per_s"], digits=0),
-                fmt_ratio(ratio(fps, median_of(base, "fetches_per_s"))),
+                *cost_and_rate_cells(summary, base),
                 fmt_spread(summary["p99_us"], digits=0),
                 fmt_spread(summary["server_cpu_pct"], digits=0),
                 fmt_spread(summary["loadgen_cpu_pct"], digits=0),
@@ -1305,14 +1310,9 @@ def proxy_tables(results: Json, settings: Settings) -> list[str]:
             summary = summary_of(results, name)
             if summary is None:
                 continue
-            cpu = median_of(summary, "cpu_us_per_fetch")
-            fps = median_of(summary, "fetches_per_s")
             row = [
                 row_label(name, results["servers"][name], settings),
-                fmt_spread(summary["cpu_us_per_fetch"]),
-                fmt_ratio(ratio(cpu, median_of(reference, "cpu_us_per_fetch"))),
-                fmt_spread(summary["fetches_per_s"], digits=0),
-                fmt_ratio(ratio(fps, median_of(reference, "fetches_per_s"))),
+                *cost_and_rate_cells(summary, reference),
                 fmt_spread(summary["p50_us"], digits=0),
                 fmt_spread(summary["p99_us"], digits=0),
                 fmt_spread(summary["server_cpu_pct"], digits=0),
@@ -1392,16 +1392,11 @@ def web_tables(results: Json, settings: Settings) -> list[str]:
             summary = summary_of(results, name)
             if summary is None:
                 continue
-            cpu = median_of(summary, "cpu_us_per_fetch")
-            fps = median_of(summary, "fetches_per_s")
             rows.append(
                 [
                     row_label(name, results["servers"][name], settings),
                     f"{WEB_FILES[file]:,} B",
-                    fmt_spread(summary["cpu_us_per_fetch"]),
-                    fmt_ratio(ratio(cpu, median_of(reference, "cpu_us_per_fetch"))),
-                    fmt_spread(summary["fetches_per_s"], digits=0),
-                    fmt_ratio(ratio(fps, median_of(reference, "fetches_per_s"))),
+                    *cost_and_rate_cells(summary, reference),
                     fmt_spread(summary["p50_us"], digits=0),
                     fmt_spread(summary["p99_us"], digits=0),
                     fmt_spread(summary["requests_per_connection"], digits=0),

@@ -576,25 +576,38 @@ def test_a_bad_control_request_is_answered_and_tend_goes_on(
     assert tend.stop() == 0
 
 
+def start_then_change(
+    run_tend: Callable[..., Tend],
+    tmp_path: Path,
+    app_text: str,
+    flag: str,
+    poem_text: str = "a poem\n",
+    runner: tuple[str, ...] = (),
+) -> tuple[Tend, int]:
+    """tend serving the app file *app_text* (formatted with the poem's path and a port),
+    then *flag* created beside it, which the app reads to change from now on; and the port."""
+    poem = tmp_path / "poem.txt"
+    poem.write_text(poem_text)
+    port = free_port()
+    (tmp_path / "app.py").write_text(app_text.format(poem=str(poem), port=port))
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", *runner, "-y", str(tmp_path / "app.py"))
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    (tmp_path / flag).touch()
+    return tend, port
+
+
 def start_then_slow(
     run_tend: Callable[..., Tend], tmp_path: Path, seconds: float
 ) -> tuple[Tend, int]:
     """tend serving an app file whose trees built from now on take *seconds* to start, and
     its port."""
-    app = tmp_path / "app.py"
-    poem = tmp_path / "poem.txt"
-    poem.write_text("a poem\n")
-    port = free_port()
-    app.write_text(APP.format(how="", poem=str(poem), port=port).replace(
+    slow = APP.format(how="", poem="{poem}", port="{port}").replace(
         "await super().start_service()",
         f"if __import__('os').path.exists('slow'): await asyncio.sleep({seconds})\n"
         "        await super().start_service()",
-    ))  # fmt: skip
-    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", str(app))
-    tend.wait_for_output(r"starting on \d+")
-    wait_until((tmp_path / "tend.ctl").exists)
-    (tmp_path / "slow").touch()
-    return tend, port
+    )
+    return start_then_change(run_tend, tmp_path, slow, "slow")
 
 
 def test_a_long_reload_is_waited_for_without_spinning(
@@ -805,16 +818,8 @@ def start_with_blocking_import(
     run_tend: Callable[..., Tend], tmp_path: Path, *runner: str
 ) -> tuple[Tend, int]:
     """tend on an app file that, from now on, blocks for an hour when it is imported."""
-    poem = tmp_path / "poem.txt"
-    poem.write_text("the old poem\n")
-    port = free_port()
-    app = tmp_path / "app.py"
-    app.write_text(BLOCKING_IMPORT + APP.format(how="", poem=str(poem), port=port))
-    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", *runner, "-y", str(app))
-    tend.wait_for_output(r"starting on \d+")
-    wait_until((tmp_path / "tend.ctl").exists)
-    (tmp_path / "blocked").touch()
-    return tend, port
+    blocking = BLOCKING_IMPORT + APP.format(how="", poem="{poem}", port="{port}")
+    return start_then_change(run_tend, tmp_path, blocking, "blocked", "the old poem\n", runner)
 
 
 def test_a_reload_whose_import_blocks_fails_at_the_start_timeout(

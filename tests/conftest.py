@@ -363,6 +363,22 @@ def _read(path: str) -> str:
         return ""
 
 
+def run_once(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run tend to completion (a start that fails, a launcher that detaches); its outputs."""
+    return subprocess.run(
+        [*TEND, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 def assert_usage_error(stderr: str, command: str, message: str) -> None:
     """*stderr* is argparse's one line for `tend COMMAND` holding *message*, then the hint."""
     lines = stderr.splitlines()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TEND, Tend, assert_usage_error, wait_until
+from conftest import Tend, assert_usage_error, run_once, wait_until
 from test_builtin_relay import (
     HTTP_BODY,
     PIECE,
@@ -316,14 +316,7 @@ def test_bad_options_are_one_line_and_exit_2(
     tmp_path: Path, options: tuple[str, ...], message: str
 ) -> None:
     """Each bad or missing option is one line, then the help hint; exit 2."""
-    result = subprocess.run(
-        [*TEND, *FOREGROUND, "portforward", *options],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_once(*FOREGROUND, "portforward", *options, cwd=tmp_path)
     assert result.returncode == 2
     assert_usage_error(result.stderr, "portforward", message)
 
@@ -344,13 +337,8 @@ def test_forwarding_to_itself_is_refused_at_start(
     tmp_path: Path, listen: str, connect: str
 ) -> None:
     """--connect naming the listener itself would loop every connection back: one line, exit 1."""
-    result = subprocess.run(
-        [*TEND, *FOREGROUND, "portforward", "--listen", listen, "--connect", connect],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = run_once(
+        *FOREGROUND, "portforward", "--listen", listen, "--connect", connect, cwd=tmp_path
     )
     assert result.returncode == 1
     lines = result.stderr.splitlines()

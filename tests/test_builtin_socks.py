@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TEND, Spawned, Tend, assert_usage_error, wait_until
+from conftest import TEND, Spawned, Tend, assert_usage_error, run_once, wait_until
 from test_builtin_relay import (
     HTTP_BODY,
     PeerServer,
@@ -514,14 +514,7 @@ def test_bad_options_are_one_line_and_exit_2(
     tmp_path: Path, options: tuple[str, ...], message: str
 ) -> None:
     """Each bad option value is one line naming the option, then the help hint; exit 2."""
-    result = subprocess.run(
-        [*TEND, *FOREGROUND, "socks", *LOCAL, *options],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_once(*FOREGROUND, "socks", *LOCAL, *options, cwd=tmp_path)
     assert result.returncode == 2
     assert_usage_error(result.stderr, "socks", message)
 
@@ -544,14 +537,7 @@ def test_a_bad_users_file_is_one_line_and_exit_1(
     path = tmp_path / "users"
     if content is not None:
         path.write_text(content)
-    result = subprocess.run(
-        [*TEND, *FOREGROUND, "socks", *LOCAL, "--users", str(path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_once(*FOREGROUND, "socks", *LOCAL, "--users", str(path), cwd=tmp_path)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr

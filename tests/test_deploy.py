@@ -7,13 +7,21 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Daemons, Tend, fetch, pid_alive, shim_proxy_plugin, wait_until
+from conftest import (
+    POEM,
+    Daemons,
+    Tend,
+    fetch,
+    pid_alive,
+    run_once,
+    shim_proxy_plugin,
+    wait_until,
+)
 
 from tend.deploy import DeploymentError, load_deployment
 from tend.service import MultiService
@@ -70,19 +78,6 @@ def ports_in(text: str, count: int) -> list[int] | None:
     """The first *count* ports logged as `starting on PORT`, once all are there."""
     ports = [int(port) for port in re.findall(r"starting on (\d+)", text)]
     return ports[:count] if len(ports) >= count else None
-
-
-def run_once(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run tend to completion: a launcher that detaches, or a start that fails."""
-    return subprocess.run(
-        [*TEND, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 # -- real runs -----------------------------------------------------------------------------

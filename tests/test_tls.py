@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND
+from conftest import POEM, run_once
 
 from tend.endpoints import (
     EndpointSyntaxError,
@@ -351,10 +351,6 @@ def test_tend_serves_the_poem_over_tls(run_tend, certificate, loop):
     assert poem == POEM.read_bytes()
     assert version in ("TLSv1.2", "TLSv1.3")
     assert tend.stop() == 0
-
-
-def run_once(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*TEND, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
 
 
 @needs_openssl

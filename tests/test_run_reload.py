@@ -543,6 +543,29 @@ def test_reload_flag_reloads_when_a_module_changes_and_after_a_broken_one_is_fix
     assert tend.stop() == 0
 
 
+def test_reload_flag_watches_a_module_the_reload_brought_in(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """--reload: app.py now imports helper2; after that reload, a change to helper2.py
+    reloads too (its files are read once the new tree is built, not before)."""
+    port = free_port()
+    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
+    (tmp_path / "helper2.py").write_text('TEXT = "from helper2\\n"\n')
+    (tmp_path / "app.py").write_text(DEV_APP.format(port=port))
+    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    tend = run_tend("--nodaemon", "--pidfile", "", "--reload", "-y", "app.py", env=environment)
+    tend.wait_for_output(r"Watching \d+ file\(s\)")
+    wait_until(lambda: fetch(port) == b"first\n")
+    (tmp_path / "app.py").write_text(DEV_APP.format(port=port).replace("helper", "helper2"))
+    tend.wait_for_output(r"reloaded: generation 2")
+    wait_until(lambda: fetch(port) == b"from helper2\n")
+    (tmp_path / "helper2.py").write_text('TEXT = "helper2, changed\\n"\n')
+    tend.wait_for_output(r"Changed: '.*helper2\.py'")
+    tend.wait_for_output(r"reloaded: generation 3")
+    wait_until(lambda: fetch(port) == b"helper2, changed\n")
+    assert tend.stop() == 0
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "answer"),
     [

@@ -944,7 +944,7 @@ class Supervisor:
         assert self.source is not None
         assert self.watched is not None
         self.next_look = time.monotonic() + WATCH_INTERVAL
-        if self.incoming is not None or self.stop_signal is not None:
+        if self.incoming is not None or self.trial is not None or self.stop_signal is not None:
             return
         now = _mtimes(self.watched)
         changed = [path for path, mtime in now.items() if mtime != self.watched[path]]
@@ -953,9 +953,6 @@ class Supervisor:
             shown = ", ".join(quote(path) for path in changed[:3])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             self.reload(f"Changed: {shown}{more}")
-            # The files of the tree now, and those of before: a module that failed to
-            # import is in neither sys.modules nor the new list, and its fix must count.
-            self.watched = {**now, **_mtimes(self.source.watched_files())}
 
     def _promote(self) -> None:
         """The incoming generation is ready: it serves; the old one drains and goes."""
@@ -971,6 +968,10 @@ class Supervisor:
         self._reload_done(True, f"reloaded: generation {self.current.number} {self.status_line}")
 
     def _reload_done(self, ok: bool, line: str) -> None:
+        if self.watched is not None and self.source is not None:
+            # The files of the tree now, and those of before: a module that failed to
+            # import is in neither sys.modules nor the new list, and its fix must count.
+            self.watched = {**self.watched, **_mtimes(self.source.watched_files())}
         if ok:
             log.info("%s", line)
         else:

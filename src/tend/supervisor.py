@@ -421,7 +421,12 @@ class Supervisor:
                 not (isinstance(event[0].data, _Worker) and event[0].fd == event[0].data.log_pipe)
             ),
         )
+        registered = self.selector.get_map()
         for key, _ in events:
+            if registered.get(key.fd) is not key:
+                # Unregistered by an earlier event of this batch (a stop that ended the
+                # trial build or the upgrade, a worker reaped), or its number reused since.
+                continue
             worker = key.data
             if worker is None:
                 self._handle_signals()

@@ -16,18 +16,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import stat
-import struct
 import sys
 from dataclasses import dataclass, field
 
 from tend.channel import Channel
-from tend.endpoints import endpoint_key as key_of
+from tend.control import peer_credentials
 from tend.errors import StartupError
 from tend.signals import Signals
 
-__all__ = ["CHANNEL", "SOCKETS", "Handover", "Successor", "key_of", "start_successor"]
+__all__ = ["CHANNEL", "SOCKETS", "Handover", "Successor", "start_successor"]
 
 SOCKETS = "TEND_SOCKETS"
 CHANNEL = "TEND_UPGRADE_CHANNEL"  # lifecycle.py looks for it without importing this
@@ -109,15 +109,9 @@ def _from_parent(fd: int) -> bool:
         return False
     with probe:
         try:
-            if probe.family != socket.AF_UNIX:
-                return False
-            credentials = probe.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-            )
+            return probe.family == socket.AF_UNIX and peer_credentials(probe)[0] == os.getppid()
         except OSError:
             return False
-    peer_pid: int = struct.unpack("3i", credentials)[0]
-    return peer_pid == os.getppid()
 
 
 def _passed_sockets(text: str) -> dict[str, list[list[list[int]]]]:
@@ -185,4 +179,11 @@ def start_successor(
         finally:
             daemon.exit_now(status)
     theirs.close()
-    return Successor(pid, os.pidfd_open(pid), ours)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # out of descriptors: a successor it cannot watch must not go on
+        os.kill(pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its
+        os.waitpid(pid, 0)
+        ours.close()
+        raise
+    return Successor(pid, pidfd, ours)

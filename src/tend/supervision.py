@@ -158,12 +158,8 @@ class Supervision:
                     f"worker {worker.number} exited with {describe_exit(code)} before it was ready"
                 )
             return None
-        now = self.clock()
-        lived = now - worker.started
-        deaths = 0 if lived > RESTART_RESET else self.quick_deaths.get(worker.number, 0) + 1
-        self.quick_deaths[worker.number] = deaths
-        delay = 0.0 if deaths == 0 else min(RESTART_MAX, RESTART_FIRST * 2 ** (deaths - 1))
-        self.restarts[worker.number] = now + delay
+        young = self.clock() - worker.started <= RESTART_RESET
+        delay = self._back_off(worker.number, young)
         return Exit(worker.number, pid, describe_exit(code), delay, worker.error)
 
     def could_not_start(self, number: int, reason: str) -> float | None:
@@ -178,11 +174,15 @@ class Supervision:
             if self.failure is None:
                 self.failure = f"cannot start worker {number}: {reason}"
             return None
-        now = self.clock()
-        deaths = self.quick_deaths.get(number, 0) + 1
+        return self._back_off(number, young=True)
+
+    def _back_off(self, number: int, young: bool) -> float:
+        """Schedule worker *number*'s start again: at once after a long life, else after a
+        pause that doubles with each young death in a row; return the pause."""
+        deaths = self.quick_deaths.get(number, 0) + 1 if young else 0
         self.quick_deaths[number] = deaths
-        delay: float = min(RESTART_MAX, RESTART_FIRST * 2 ** (deaths - 1))
-        self.restarts[number] = now + delay
+        delay: float = 0.0 if deaths == 0 else min(RESTART_MAX, RESTART_FIRST * 2 ** (deaths - 1))
+        self.restarts[number] = self.clock() + delay
         return delay
 
     def stop(self) -> bool:

@@ -48,14 +48,22 @@ class TreeSource:
 
     def watched_files(self) -> list[str]:
         """The files whose change means the tree should be built again (``--reload``)."""
+        prefixes, folders = self.module_prefixes(), self.module_folders()
         files = []
         for module in list(sys.modules.values()):
             path = getattr(module, "__file__", None)
             if isinstance(path, str) and _belongs(
-                getattr(module, "__name__", ""), path, self.module_prefixes(), self.module_folders()
+                getattr(module, "__name__", ""), path, prefixes, folders
             ):
                 files.append(path)
         return sorted(set(files))
+
+
+def _reloaded_prefix(module: str) -> str:
+    """What a reload imports anew for a plugin defined in *module*: its package, unless
+    that is tend itself (for tend.builtins.web, the module alone)."""
+    package = module.rpartition(".")[0]
+    return module if package in ("", "tend", "tend.builtins") else package
 
 
 class PluginSource(TreeSource):
@@ -97,11 +105,7 @@ class PluginSource(TreeSource):
         return application
 
     def module_prefixes(self) -> list[str]:
-        # The plugin's package, unless that is tend itself (tend.builtins.web: the module).
-        if not self._module:
-            return []
-        package = self._module.rpartition(".")[0]
-        return [self._module] if package in ("", "tend", "tend.builtins") else [package]
+        return [_reloaded_prefix(self._module)] if self._module else []
 
 
 class AppFileSource(TreeSource):
@@ -172,11 +176,7 @@ class DeploymentSource(TreeSource):
         return deployment.build()
 
     def module_prefixes(self) -> list[str]:
-        prefixes = []
-        for module in self._modules:
-            package = module.rpartition(".")[0]
-            prefixes.append(module if package in ("", "tend", "tend.builtins") else package)
-        return prefixes
+        return [_reloaded_prefix(module) for module in self._modules]
 
     def watched_files(self) -> list[str]:
         return sorted({self.path, *super().watched_files()})

@@ -67,9 +67,7 @@ class ControlServer:
         """
         try:
             peer, _ = self.socket.accept()
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
+        except OSError:  # none waiting (BlockingIOError), or gone meanwhile
             return None
         peer.setblocking(False)
         uid = peer_uid(peer)

@@ -309,9 +309,9 @@ class Site:
         when dotfiles are hidden none of its parts below the root may be a dotfile (a
         symlink ``public -> .git`` does not reveal ``.git``).
         """
-        real = os.path.realpath(path)
         if self.follow_symlinks:
             return path
+        real = os.path.realpath(path)
         root = self._real_root
         if real != root:
             prefix = root if root.endswith(b"/") else root + b"/"

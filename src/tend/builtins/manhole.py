@@ -481,12 +481,10 @@ def _listener_of(path: str) -> int | None:
         probe.settimeout(1.0)
         try:
             probe.connect(path)
-            credentials = probe.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-            )
+            credentials = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
         except OSError:  # refused: a stale file; or gone meanwhile
             return None
-    pid: int = struct.unpack("3i", credentials)[0]
+    pid: int = _CREDENTIALS.unpack(credentials)[0]
     return pid
 
 

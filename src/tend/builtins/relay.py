@@ -16,9 +16,9 @@ opened for it:
 - counting the bytes each way for the one access line written when both ends are gone.
 
 `RelayProtocol` is the client's side of a relayed connection (a plugin subclasses it to
-decide where to connect), `UpstreamProtocol` the upstream's, `RelayService` owns a plugin's
-listeners, its cap on connections and its connect tasks, and `RelayMaker` lets a plugin's
-options be given more than once. Built only on tend's public API.
+decide where to connect), `UpstreamProtocol` the upstream's, and `RelayService` owns a
+plugin's listeners, its cap on connections and its connect tasks. Built only on tend's
+public API.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ from tend import (
     positive_seconds,
     quote,
 )
+from tend.builtins.relay import whole_number
 
 log = logging.getLogger(__name__)
 # One line per transfer or listing: client, command, path, bytes, duration, outcome.
@@ -122,13 +123,8 @@ def port_range(text: str) -> tuple[int, int]:
     )
 
 
-def positive_count(text: str) -> int:
-    """A whole number, at least 1, in ASCII digits."""
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1_000_000):
-        raise argparse.ArgumentTypeError(
-            f"invalid number {quote(text)}: expected a whole number from 1 to 1000000"
-        )
-    return int(text)
+# A whole number, at least 1, in ASCII digits.
+positive_count = whole_number(1, 1_000_000, "number")
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,6 +81,7 @@ from tend import (
     quote,
     walk,
 )
+from tend.builtins.relay import whole_number
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
@@ -201,13 +202,8 @@ def console_socket(text: str) -> str:
     return path
 
 
-def session_count(text: str) -> int:
-    """``--max-sessions``: a whole number from 1 to 1000."""
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1000):
-        raise argparse.ArgumentTypeError(
-            f"invalid session count {quote(text)}: expected a whole number from 1 to 1000"
-        )
-    return int(text)
+# ``--max-sessions``: a whole number from 1 to 1000.
+session_count = whole_number(1, 1000, "session count")
 
 
 class ManholeService(Service):

@@ -620,13 +620,23 @@ def given(options: Mapping[str, object], key: str, kind: type[T]) -> list[T]:
     return [value for value in values if isinstance(value, kind)]
 
 
-def connection_cap(text: str) -> int:
-    """A number of connections, at least 1."""
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 1_000_000):
-        raise argparse.ArgumentTypeError(
-            f"invalid count {quote(text)}: expected a whole number from 1 to 1000000"
-        )
-    return int(text)
+def whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An option type: a whole number from *low* to *high* in ASCII digits, a mistake
+    named as the *what* it is (``invalid count '0': expected ...``)."""
+
+    def convert(text: str) -> int:
+        if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+            raise argparse.ArgumentTypeError(
+                f"invalid {what} {quote(text)}: expected a whole number from {low} to {high}"
+            )
+        return int(text)
+
+    convert.__name__ = what.replace(" ", "_")
+    return convert
+
+
+# A number of connections, at least 1.
+connection_cap = whole_number(1, 1_000_000, "count")
 
 
 # The options socks and portforward share.

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from tend import (
     Flag,
@@ -27,6 +27,7 @@ from tend import (
     positive_seconds,
     quote,
 )
+from tend.builtins.relay import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +35,8 @@ DEFAULT_PORT = "8080"
 INSTALL_HINT = "tend web needs h11: pip install 'tend[web]'"
 
 
-def _whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
-    def convert(text: str) -> int:
-        if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
-            raise argparse.ArgumentTypeError(
-                f"invalid {what} {quote(text)}: expected a whole number from {low} to {high}"
-            )
-        return int(text)
-
-    convert.__name__ = what.replace(" ", "_")
-    return convert
-
-
-connections = _whole_number(1, 1_000_000, "connection count")
-header_bytes = _whole_number(1024, 1024 * 1024, "header size")
+connections = whole_number(1, 1_000_000, "connection count")
+header_bytes = whole_number(1024, 1024 * 1024, "header size")
 
 
 def index_name(text: str) -> str:

@@ -298,7 +298,9 @@ class Supervisor:
                 for server in listeners(application):
                     key = endpoint_key(server.endpoint)
                     kept = reusable.get(key)
-                    passed = self.handover.take(key) if self.handover is not None else None
+                    passed = None
+                    if not kept and self.handover is not None:
+                        passed = self.handover.take(key)
                     if kept:
                         listening = kept.pop(0)
                         server.adopt(listening)

@@ -34,6 +34,7 @@ from tend.builtins.relay import (
     IDLE_TIMEOUT,
     IFACE,
     MAX_CONNECTIONS,
+    RelayFactory,
     RelayProtocol,
     RelayService,
     UpstreamProtocol,
@@ -226,14 +227,10 @@ class PortForwardService(RelayService):
         self.proxy_protocol = proxy_protocol
 
 
-class PortForwardFactory:
+class PortForwardFactory(RelayFactory):
     """Makes a ForwardProtocol for each client, all sharing one PortForwardService."""
 
-    def __init__(self, service: PortForwardService) -> None:
-        self.service = service
-
-    def __call__(self) -> ForwardProtocol:
-        return ForwardProtocol(self.service)
+    protocol = ForwardProtocol
 
 
 class PortForwardMaker(ServiceMaker):

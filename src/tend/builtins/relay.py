@@ -595,6 +595,19 @@ class RelayService(MultiService):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class RelayFactory:
+    """Makes a *protocol* for each client, all sharing one service. A plugin subclasses it
+    under a name of its own, which the listener logs (``SocksFactory starting on 1080``)."""
+
+    protocol: type[RelayProtocol]
+
+    def __init__(self, service: RelayService) -> None:
+        self.service = service
+
+    def __call__(self) -> RelayProtocol:
+        return self.protocol(self.service)
+
+
 def _warn_if_exposed(server: StreamServer, exposure: str) -> None:
     listening = server.listening
     for sock in [] if listening is None else listening.sockets:

@@ -49,6 +49,7 @@ from tend.builtins.relay import (
     MAX_CONNECTIONS,
     OpenUpstream,
     Refusal,
+    RelayFactory,
     RelayProtocol,
     RelayService,
     UpstreamProtocol,
@@ -793,14 +794,10 @@ class SocksService(RelayService):
         return addresses
 
 
-class SocksFactory:
+class SocksFactory(RelayFactory):
     """Makes a SocksProtocol for each client, all sharing one SocksService."""
 
-    def __init__(self, service: SocksService) -> None:
-        self.service = service
-
-    def __call__(self) -> SocksProtocol:
-        return SocksProtocol(self.service)
+    protocol = SocksProtocol
 
 
 class SocksMaker(ServiceMaker):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import math
 import os
 import re
@@ -40,6 +41,7 @@ from typing import TypeVar
 import pytest
 
 TEND = [sys.executable, "-m", "tend"]
+TENDCTL = [sys.executable, "-m", "tend.ctl"]
 POEM = Path(__file__).resolve().parent.parent / "src" / "tend" / "poetry" / "poems" / "ecstasy.txt"
 
 
@@ -107,6 +109,25 @@ def fetch(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def workers_ready(folder: Path, count: int, timeout: float = 10.0) -> list[int]:
+    """Wait until ``tendctl status`` (run in *folder*, beside tend.pid) shows *count*
+    workers, every one ready; return their pids. A worker killed before it is ready fails
+    the whole start, so a test that kills one must wait for this first."""
+
+    def ready() -> list[int] | None:
+        status = subprocess.run(
+            [*TENDCTL, "status", "--json"], cwd=folder, capture_output=True, text=True, timeout=30
+        )
+        if status.returncode != 0:
+            return None
+        workers = json.loads(status.stdout).get("workers", [])
+        if len(workers) == count and all(worker["ready"] for worker in workers):
+            return [worker["pid"] for worker in workers]
+        return None
+
+    return wait_until(ready, timeout)
 
 
 def pid_alive(pid: int) -> bool:

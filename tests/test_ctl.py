@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import TEND, pid_alive, wait_until
+from conftest import TEND, TENDCTL, pid_alive, wait_until
 
 from tend.ctl import describe_duration, listening_addresses
 from tend.errors import quote
 
-TENDCTL = [sys.executable, "-m", "tend.ctl"]
 LOCAL = ["--port", "tcp:0:interface=127.0.0.1"]
 
 # An app whose stop_service takes an hour: a tend that does not stop on SIGTERM in time.

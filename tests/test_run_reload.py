@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -18,9 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Tend, fetch, pid_alive, wait_until
-
-TENDCTL = [sys.executable, "-m", "tend.ctl"]
+from conftest import TENDCTL, Tend, fetch, pid_alive, wait_until
 
 
 def tendctl(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -540,6 +537,44 @@ def test_reload_flag_reloads_when_a_module_changes_and_after_a_broken_one_is_fix
     (tmp_path / "helper.py").write_text('TEXT = "fourth, fixed\\n"\n')
     tend.wait_for_output(r"reloaded: generation 3")
     wait_until(lambda: fetch(port) == b"fourth, fixed\n")
+    assert tend.stop() == 0
+
+
+def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """--reload: helper.py changes again while the reload its first change began is still
+    starting its workers (held at a gate): once that reload is done, the second change
+    reloads too, and the newest text is served; the reload does not swallow it."""
+    port = free_port()
+    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
+    gated = DEV_APP.format(port=port) + textwrap.dedent(
+        """
+        import asyncio, os
+
+        class Gate(tend.Service):
+            async def start_service(self):
+                while os.path.exists("gate"):
+                    await asyncio.sleep(0.02)
+                await super().start_service()
+
+        Gate("gate").set_service_parent(application)
+        """
+    )
+    (tmp_path / "app.py").write_text(gated)
+    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    tend = run_tend("--nodaemon", "--pidfile", "", "--reload", "-y", "app.py", env=environment)
+    tend.wait_for_output(r"Watching \d+ file\(s\)")
+    wait_until(lambda: fetch(port) == b"first\n")
+    (tmp_path / "gate").touch()
+    (tmp_path / "helper.py").write_text('TEXT = "second, longer\\n"\n')
+    tend.wait_for_output(r"Changed: '.*helper\.py'")
+    wait_until(lambda: tend.stdout.count("starting on") == 2)  # generation 2, at the gate
+    (tmp_path / "helper.py").write_text('TEXT = "third\\n"\n')
+    (tmp_path / "gate").unlink()
+    tend.wait_for_output(r"reloaded: generation 2")
+    tend.wait_for_output(r"reloaded: generation 3")
+    wait_until(lambda: fetch(port) == b"third\n")
     assert tend.stop() == 0
 
 

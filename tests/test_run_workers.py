@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, fetch, pid_alive, wait_until
+from conftest import POEM, TEND, fetch, pid_alive, wait_until, workers_ready
 
 LOCAL = ["--port", "0", "--iface", "127.0.0.1"]
 
@@ -34,8 +34,8 @@ def test_two_workers_serve_and_a_killed_one_is_replaced(run_tend, tmp_path):
     """Kill one of two workers: fetches still succeed, and a new worker takes its place."""
     tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL)
     port = tend.wait_for_port()
-    wait_until(lambda: tend.stdout.count("starting on") == 2)
-    first, second = children(tend.pid)
+    first, second = workers_ready(tmp_path, 2)
+    assert set(children(tend.pid)) == {first, second}
     assert (tmp_path / "tend.pid").read_text().strip() == str(tend.pid)
     for _ in range(20):
         assert fetch(port) == POEM.read_bytes()
@@ -228,7 +228,7 @@ def test_a_worker_that_cannot_be_forked_later_is_tried_again(run_tend, tmp_path)
     tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL, wrapper=fork_fails(3))
     port = tend.wait_for_port()
     first = int(tend.wait_for_output(r"started worker 1 \(pid (\d+)\)").group(1))
-    tend.wait_for_output(r"started worker 2 \(pid \d+\)")
+    assert first in workers_ready(tmp_path, 2)
     supervisor = int(wait_until(lambda: (tmp_path / "tend.pid").read_text().strip()))
     os.kill(first, signal.SIGKILL)
     tend.wait_for_output(

@@ -428,6 +428,7 @@ def _describe_answer(answer: Mapping[str, object], out: Callable[[str], None]) -
                 f"up {describe_duration(_float(worker.get('uptime')))}, "
                 f"{worker.get('connections')} connection(s) open, "
                 f"{worker.get('served')} served"
+                + ("" if worker.get("ready", True) else "; starting, not ready yet")
             )
 
 

@@ -20,7 +20,7 @@ import os
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -231,7 +231,7 @@ class Supervisor:
         self.stop_signal: str | None = None
         self.stopped_before_failure = False
         self.started = time.time()
-        self.watched: dict[str, float] | None = None  # --reload: file -> mtime
+        self.watched: dict[str, tuple[int, int, int]] | None = None  # --reload: file -> stamp
         self.next_look = 0.0
 
     @property
@@ -642,6 +642,7 @@ class Supervisor:
                     "uptime": time.time() - worker.started,
                     "connections": worker.connections,
                     "served": worker.served,
+                    "ready": _is_ready(worker),
                 }
                 for worker in sorted(
                     self.workers.values(), key=lambda w: (w.generation.number, w.number)
@@ -943,7 +944,7 @@ class Supervisor:
     def watch_files(self) -> None:
         """``--reload``: look at the tree's files every second; reload when one changes."""
         assert self.source is not None
-        self.watched = _mtimes(self.source.watched_files())
+        self.watched = _stamps(self.source.watched_files())
         self.next_look = time.monotonic() + WATCH_INTERVAL
         log.info("Watching %d file(s) to reload when one changes.", len(self.watched))
 
@@ -953,8 +954,8 @@ class Supervisor:
         self.next_look = time.monotonic() + WATCH_INTERVAL
         if self.incoming is not None or self.trial is not None or self.stop_signal is not None:
             return
-        now = _mtimes(self.watched)
-        changed = [path for path, mtime in now.items() if mtime != self.watched[path]]
+        now = _stamps(self.watched)
+        changed = [path for path, stamp in now.items() if stamp != self.watched[path]]
         self.watched = now
         if changed:
             shown = ", ".join(quote(path) for path in changed[:3])
@@ -978,7 +979,9 @@ class Supervisor:
         if self.watched is not None and self.source is not None:
             # The files of the tree now, and those of before: a module that failed to
             # import is in neither sys.modules nor the new list, and its fix must count.
-            self.watched = {**self.watched, **_mtimes(self.source.watched_files())}
+            # A file already watched keeps the stamp it had when this reload began: a
+            # change made while the reload ran is still a change, seen at the next look.
+            self.watched = {**_stamps(self.source.watched_files()), **self.watched}
         if ok:
             log.info("%s", line)
         else:
@@ -1302,14 +1305,24 @@ class Supervisor:
 WATCH_INTERVAL = 1.0
 
 
-def _mtimes(paths: list[str] | dict[str, float]) -> dict[str, float]:
-    """Each path's modification time; a missing file counts as time 0 (gone is a change)."""
+def _is_ready(worker: _Worker) -> bool:
+    """Whether *worker* has said READY (a replacement or a reload's worker may not yet)."""
+    record = worker.generation.core.workers.get(worker.pid)
+    return record is not None and record.ready
+
+
+def _stamps(paths: Iterable[str]) -> dict[str, tuple[int, int, int]]:
+    """Each path's modification time, size and inode: a write within one tick of the
+    clock still changes the size, and a file replaced by rename changes its inode. A
+    missing file's stamp is all zeros (gone is a change)."""
     found = {}
     for path in paths:
         try:
-            found[path] = os.stat(path).st_mtime
+            status = os.stat(path)
         except OSError:
-            found[path] = 0.0
+            found[path] = (0, 0, 0)
+        else:
+            found[path] = (status.st_mtime_ns, status.st_size, status.st_ino)
     return found
 
 

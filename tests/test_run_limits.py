@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import POEM, fetch, wait_until
+from conftest import POEM, fetch, wait_until, workers_ready
 
 SLOW_APP = """
 import asyncio, os, time
@@ -64,14 +64,12 @@ def test_a_start_that_never_ends_fails_after_the_start_timeout(
 def test_a_stopped_worker_is_killed_and_replaced(run_tend, tmp_path: Path) -> None:
     """--worker-timeout: a SIGSTOPped worker answers nothing; it is killed, logged, replaced,
     and the port is served again."""
-    tend = run_tend("--nodaemon", "--pidfile=", "--workers", "2", "--worker-timeout", "2",
+    tend = run_tend("--nodaemon", "--workers", "2", "--worker-timeout", "2",
                     "poetry", "--port", "0", "--iface", "127.0.0.1")  # fmt: skip
     port = tend.wait_for_port()
     children = Path(f"/proc/{tend.pid}/task/{tend.pid}/children")
-    wait_until(lambda: len(children.read_text().split()) == 2)
     # Both ready (a worker stopped before it is ready is the start timeout's business).
-    wait_until(lambda: tend.stdout.count("PoetryFactory starting on") == 2)
-    stopped = int(children.read_text().split()[0])
+    stopped = workers_ready(tmp_path, 2)[0]
     os.kill(stopped, signal.SIGSTOP)
     tend.wait_for_output(
         rf"worker \d \(pid {stopped}\) has not answered for 2 s; killing it", timeout=30

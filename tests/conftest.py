@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from importlib.metadata import entry_points
@@ -369,8 +370,59 @@ class Tend(Spawned):
         env: dict[str, str] | None,
         wrapper: Sequence[str] = (),
     ) -> None:
+        # tend tells systemd READY=1 once every worker serves: it tells this socket the
+        # same, unless the test set NOTIFY_SOCKET itself. stop() waits for it. A thread
+        # reads it all along, as systemd does: a full queue would hold tend's sends.
+        environment = dict(os.environ if env is None else env)
+        self._ready = threading.Event()
+        self._notify: socket.socket | None = None
+        if "NOTIFY_SOCKET" not in environment:
+            name = f"tend-test-{os.getpid()}-{id(self)}"
+            self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._notify.bind(f"\0{name}")
+            self._notify.settimeout(0.1)
+            environment["NOTIFY_SOCKET"] = f"@{name}"
+            threading.Thread(target=self._listen, args=(self._notify,), daemon=True).start()
         # A wrapper (setpriv, strace) that execs tend keeps its pid.
-        super().__init__([*wrapper, *TEND, *args], cwd, env)
+        super().__init__([*wrapper, *TEND, *args], cwd, environment)
+
+    def _listen(self, notify: socket.socket) -> None:
+        while notify.fileno() >= 0:
+            try:
+                message = notify.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # closed by kill()
+                return
+            if b"READY=1" in message.split(b"\n"):
+                self._ready.set()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until tend has said READY=1 (True) or has exited without saying it (False)."""
+        assert self._notify is not None, "this tend was given its own NOTIFY_SOCKET"
+
+        def look() -> str | None:
+            if self._ready.is_set():
+                return "ready"
+            return "exited" if self.exited and not self._ready.wait(0.2) else None
+
+        return wait_until(look, timeout) == "ready"
+
+    def stop(
+        self, signal_number: int = signal.SIGTERM, timeout: float = 15.0, *, when_ready: bool = True
+    ) -> int:
+        """Signal tend once it is ready (a stop before it is ready fails the start, by
+        design: pass *when_ready* False to test that) and wait for its exit status."""
+        if when_ready and self._notify is not None and not self.exited:
+            self.wait_ready(timeout)
+        return super().stop(signal_number, timeout)
+
+    def kill(self) -> None:
+        try:
+            super().kill()
+        finally:
+            if self._notify is not None:
+                self._notify.close()
 
     def wait_for_port(self, timeout: float = 10.0, source: str = "stdout") -> int:
         """Wait for the listener's start line and return the port it bound."""

@@ -407,7 +407,7 @@ def test_sigterm_during_a_slow_start_stops_cleanly(run_tend, tmp_path):
     )
     tend = run_tend("--nodaemon", "-y", str(app))
     tend.wait_for_output("starting slowly")
-    assert tend.stop(signal.SIGTERM) == 1
+    assert tend.stop(signal.SIGTERM, when_ready=False) == 1
     assert tend.stderr.strip() == "tend: stopped by SIGTERM before the services were ready"
     assert not (tmp_path / "tend.pid").exists()
 
@@ -423,7 +423,7 @@ def test_sigterm_while_the_app_file_loads_stops_cleanly(run_tend, tmp_path):
     )
     tend = run_tend("--nodaemon", "-y", str(app))
     tend.wait_for_output("loading")
-    assert tend.stop(signal.SIGTERM) == 1
+    assert tend.stop(signal.SIGTERM, when_ready=False) == 1
     assert tend.stderr.strip() == "tend: stopped by SIGTERM before the services were ready"
     assert "Traceback" not in tend.stderr
 

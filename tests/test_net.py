@@ -498,6 +498,21 @@ async def test_unix_server_serves_and_removes_its_socket_on_stop(
     assert messages == [f"Greeter starting on {path}", f"(UNIX Port {path} Closed)"]
 
 
+async def test_a_unix_path_with_a_control_character_is_logged_escaped(
+    serve: Serve, short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An escape character in a socket's path is shown as \\x1b in the log: one line, no
+    terminal control sequence."""
+    caplog.set_level(logging.INFO, logger="tend")
+    folder = short_dir / "a\x1b[2Jb"
+    folder.mkdir()
+    server = await serve(UNIXServer(str(folder / "g.sock"), Greeter))
+    await server.stop_service()
+    shown = f"{short_dir}/a\\x1b[2Jb/g.sock"
+    messages = [r.getMessage() for r in caplog.records if r.name == "tend"]
+    assert messages == [f"Greeter starting on {shown}", f"(UNIX Port {shown} Closed)"]
+
+
 async def test_unix_server_applies_its_mode(serve: Serve, short_dir: Path) -> None:
     """UNIXServer(path, factory, mode=) gives the socket file that mode."""
     path = short_dir / "greeter.sock"

@@ -236,14 +236,19 @@ class Listening:
         """Where it listens, as twistd's start line says it: the port, else the path."""
         if self.port is not None:
             return str(self.port)
-        return ", ".join(self.addresses)
+        return self._shown_paths
 
     @property
     def label(self) -> str:
         """twistd's name for the port: ``TCP Port 10000`` or ``UNIX Port /run/x.sock``."""
         if self.port is not None:
             return f"TCP Port {self.port}"
-        return f"UNIX Port {', '.join(self.addresses)}"
+        return f"UNIX Port {self._shown_paths}"
+
+    @property
+    def _shown_paths(self) -> str:
+        """The socket paths, control characters escaped: a log line is one line."""
+        return ", ".join(quote(address, 1024, bare=True) for address in self.addresses)
 
     def choose(self, index: int) -> None:
         """In a worker: accept on copy *index* (modulo the copies) only; close the others.

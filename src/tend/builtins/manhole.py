@@ -468,7 +468,10 @@ def _clear(path: str, name: str, folder: int) -> None:
         raise StartupError(
             f"cannot remove the socket at {quote(path, 60)}: {error.strerror}"
         ) from None
-    log.info("replaced the socket at %s (a stopped tend's, or a generation being replaced)", path)
+    log.info(
+        "replaced the socket at %s (a stopped tend's, or a generation being replaced)",
+        quote(path, 120),
+    )
 
 
 def _listener_of(path: str) -> int | None:

@@ -29,9 +29,6 @@ LISTEN_FDS_START = 3
 
 # What systemd calls a socket whose unit gave it no FileDescriptorName=.
 UNNAMED = "unknown"
-# How long one notification may wait for room in a receiver's full queue. systemd reads
-# its socket promptly; a receiver that does not must not freeze the supervisor's loop.
-NOTIFY_SEND_TIMEOUT = 2.0
 
 _LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
@@ -48,8 +45,7 @@ class Notifier:
 
     Each call sends one datagram of newline-separated ``KEY=VALUE`` lines, as
     ``systemd-notify`` does. A failed send is logged once, as a warning, and otherwise
-    ignored: a server keeps serving when its supervisor cannot hear it. A send into a
-    full queue waits at most ``NOTIFY_SEND_TIMEOUT`` seconds, then counts as failed.
+    ignored: a server keeps serving when its supervisor cannot hear it.
 
     The socket is opened and connected when the notifier is made, so notifications
     still reach a path such as ``/run/systemd/notify`` after a chroot or a drop of
@@ -96,7 +92,6 @@ class Notifier:
     def _connect(self) -> socket.socket:
         name = "\0" + self.address[1:] if self.address.startswith("@") else self.address
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(NOTIFY_SEND_TIMEOUT)
         try:
             sock.connect(name)
         except BaseException:

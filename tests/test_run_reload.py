@@ -499,13 +499,16 @@ def test_the_control_socket_answers_no_other_user(
     shutil.rmtree(folder)
 
 
+# The poem file is named for the process that builds the tree: a reload's trial build
+# (in a child) writes its own, so what is served is what the supervisor's build wrote.
 DEV_APP = """
+import os
 import pathlib
 import tend
 import helper
 from tend.poetry.server import PoetryFactory, PoetryService
 
-poem = pathlib.Path(__file__).with_name("poem.txt")
+poem = pathlib.Path(__file__).with_name(f"poem-{{os.getpid()}}.txt")
 poem.write_text(helper.TEXT)
 application = tend.Application("dev")
 poetry = PoetryService(str(poem))
@@ -540,6 +543,34 @@ def test_reload_flag_reloads_when_a_module_changes_and_after_a_broken_one_is_fix
     assert tend.stop() == 0
 
 
+# Held at start while a file named "gate" exists: a generation that starts slowly.
+GATE = """
+import asyncio
+
+class Gate(tend.Service):
+    async def start_service(self):
+        while os.path.exists("gate"):
+            await asyncio.sleep(0.02)
+        await super().start_service()
+
+Gate("gate").set_service_parent(application)
+"""
+
+
+def start_gated(
+    run_tend: Callable[..., Tend], tmp_path: Path, port: int, *, gate: bool = False
+) -> Tend:
+    """tend --reload on DEV_APP behind GATE (the gate shut from the start if *gate*)."""
+    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
+    (tmp_path / "app.py").write_text(DEV_APP.format(port=port) + GATE)
+    if gate:
+        (tmp_path / "gate").touch()
+    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    tend = run_tend("--nodaemon", "--pidfile", "", "--reload", "-y", "app.py", env=environment)
+    tend.wait_for_output(r"Watching \d+ file\(s\)")
+    return tend
+
+
 def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
     run_tend: Callable[..., Tend], tmp_path: Path
 ) -> None:
@@ -547,24 +578,7 @@ def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
     starting its workers (held at a gate): once that reload is done, the second change
     reloads too, and the newest text is served; the reload does not swallow it."""
     port = free_port()
-    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
-    gated = DEV_APP.format(port=port) + textwrap.dedent(
-        """
-        import asyncio, os
-
-        class Gate(tend.Service):
-            async def start_service(self):
-                while os.path.exists("gate"):
-                    await asyncio.sleep(0.02)
-                await super().start_service()
-
-        Gate("gate").set_service_parent(application)
-        """
-    )
-    (tmp_path / "app.py").write_text(gated)
-    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    tend = run_tend("--nodaemon", "--pidfile", "", "--reload", "-y", "app.py", env=environment)
-    tend.wait_for_output(r"Watching \d+ file\(s\)")
+    tend = start_gated(run_tend, tmp_path, port)
     wait_until(lambda: fetch(port) == b"first\n")
     (tmp_path / "gate").touch()
     (tmp_path / "helper.py").write_text('TEXT = "second, longer\\n"\n')
@@ -575,6 +589,48 @@ def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
     tend.wait_for_output(r"reloaded: generation 2")
     tend.wait_for_output(r"reloaded: generation 3")
     wait_until(lambda: fetch(port) == b"third\n")
+    assert tend.stop() == 0
+
+
+def test_reload_flag_sees_a_change_made_while_tend_was_starting(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """--reload: helper.py changes while tend's first workers are still starting (a reload
+    would be refused then): once tend is ready, the change reloads; it is not lost."""
+    port = free_port()
+    tend = start_gated(run_tend, tmp_path, port, gate=True)
+    (tmp_path / "helper.py").write_text('TEXT = "second, longer\\n"\n')
+    # Let the watcher look at least twice while the start is held (a look is due every
+    # second): the old code saw the change then, was refused, and forgot it.
+    edited = time.monotonic()
+    wait_until(lambda: time.monotonic() - edited > 2.5, timeout=5)
+    (tmp_path / "gate").unlink()
+    assert tend.wait_ready()
+    tend.wait_for_output(r"Changed: '.*helper\.py'")
+    tend.wait_for_output(r"reloaded: generation 2")
+    wait_until(lambda: fetch(port) == b"second, longer\n")
+    assert "cannot reload" not in tend.stdout
+    assert tend.stop() == 0
+
+
+def test_reload_flag_sees_a_change_to_a_new_module_made_while_its_workers_start(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """--reload: a reload brings in helper2, and helper2.py changes while that reload's
+    workers are still starting: once the reload is done, the change reloads again."""
+    port = free_port()
+    (tmp_path / "helper2.py").write_text('TEXT = "from helper2\\n"\n')
+    tend = start_gated(run_tend, tmp_path, port)
+    wait_until(lambda: fetch(port) == b"first\n")
+    (tmp_path / "gate").touch()
+    (tmp_path / "app.py").write_text(DEV_APP.format(port=port).replace("helper", "helper2") + GATE)
+    wait_until(lambda: tend.stdout.count("starting on") == 2)  # generation 2, at the gate
+    (tmp_path / "helper2.py").write_text('TEXT = "helper2, changed\\n"\n')
+    (tmp_path / "gate").unlink()
+    tend.wait_for_output(r"reloaded: generation 2")
+    tend.wait_for_output(r"Changed: '.*helper2\.py'")
+    tend.wait_for_output(r"reloaded: generation 3")
+    wait_until(lambda: fetch(port) == b"helper2, changed\n")
     assert tend.stop() == 0
 
 

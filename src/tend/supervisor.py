@@ -677,6 +677,9 @@ class Supervisor:
         if reply is not None:
             self.reload_replies.append(reply)
         log.info("%s, reloading %s.", why, self.source.description)
+        if self.watched is not None:
+            # What this reload reads is what the files hold now: seen, whatever asked.
+            self.watched = _stamps(self.watched)
         self.upstream.reloading()
         self.reopen_log()
         self._start_trial()
@@ -771,6 +774,7 @@ class Supervisor:
         assert self.source is not None
         try:
             application = self.source.rebuild()
+            self._watch_new_files()
             generation = self._make_generation(application)
         except TendError as error:
             self._reload_done(False, f"reload failed: {error}")
@@ -952,8 +956,9 @@ class Supervisor:
         assert self.source is not None
         assert self.watched is not None
         self.next_look = time.monotonic() + WATCH_INTERVAL
-        if self.incoming is not None or self.trial is not None or self.stop_signal is not None:
-            return
+        busy = self.incoming is not None or self.trial is not None or self.successor is not None
+        if busy or self.stop_signal is not None or not self.core.reported_ready:
+            return  # a change meanwhile is seen once tend can reload again
         now = _stamps(self.watched)
         changed = [path for path, stamp in now.items() if stamp != self.watched[path]]
         self.watched = now
@@ -975,13 +980,17 @@ class Supervisor:
         self._close_unused()
         self._reload_done(True, f"reloaded: generation {self.current.number} {self.status_line}")
 
-    def _reload_done(self, ok: bool, line: str) -> None:
+    def _watch_new_files(self) -> None:
+        """Watch the files of the tree as built now, besides those of before: a module that
+        failed to import is in neither sys.modules nor the new list, and its fix must count.
+        A file already watched keeps the stamp it had when this reload began, and a new
+        one is stamped as soon as the tree is built, before its workers start: a change
+        made while they start is still a change, seen at the next look."""
         if self.watched is not None and self.source is not None:
-            # The files of the tree now, and those of before: a module that failed to
-            # import is in neither sys.modules nor the new list, and its fix must count.
-            # A file already watched keeps the stamp it had when this reload began: a
-            # change made while the reload ran is still a change, seen at the next look.
             self.watched = {**_stamps(self.source.watched_files()), **self.watched}
+
+    def _reload_done(self, ok: bool, line: str) -> None:
+        self._watch_new_files()  # also the files of a tree that failed to build
         if ok:
             log.info("%s", line)
         else:

@@ -112,23 +112,21 @@ def fetch(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> bytes:
     return b"".join(chunks)
 
 
-def workers_ready(folder: Path, count: int, timeout: float = 10.0) -> list[int]:
-    """Wait until ``tendctl status`` (run in *folder*, beside tend.pid) shows *count*
-    workers, every one ready; return their pids. A worker killed before it is ready fails
-    the whole start, so a test that kills one must wait for this first."""
-
-    def ready() -> list[int] | None:
-        status = subprocess.run(
-            [*TENDCTL, "status", "--json"], cwd=folder, capture_output=True, text=True, timeout=30
-        )
-        if status.returncode != 0:
-            return None
-        workers = json.loads(status.stdout).get("workers", [])
-        if len(workers) == count and all(worker["ready"] for worker in workers):
-            return [worker["pid"] for worker in workers]
-        return None
-
-    return wait_until(ready, timeout)
+def workers_ready(tend: Tend, count: int) -> list[int]:
+    """Wait until *tend* (with tend.pid in its folder) has said READY=1, and return the
+    pids of its *count* workers, by worker number, as ``tendctl status`` shows them, each
+    ready. A worker killed before it is ready fails the whole start: a test that kills
+    one must wait for this first."""
+    assert tend.wait_ready(), f"tend exited before it was ready\n{tend.output}"
+    status = subprocess.run(
+        [*TENDCTL, "status", "--json"], cwd=tend.cwd, capture_output=True, text=True, timeout=30
+    )
+    assert status.returncode == 0, status.stderr
+    workers = json.loads(status.stdout)["workers"]
+    assert [(worker["number"], worker["ready"]) for worker in workers] == [
+        (number, True) for number in range(1, count + 1)
+    ]
+    return [worker["pid"] for worker in workers]
 
 
 def pid_alive(pid: int) -> bool:
@@ -369,44 +367,58 @@ class Tend(Spawned):
         cwd: Path,
         env: dict[str, str] | None,
         wrapper: Sequence[str] = (),
+        notify: bool = True,
     ) -> None:
-        # tend tells systemd READY=1 once every worker serves: it tells this socket the
-        # same, unless the test set NOTIFY_SOCKET itself. stop() waits for it. A thread
-        # reads it all along, as systemd does: a full queue would hold tend's sends.
+        # tend tells systemd READY=1 once every worker serves: with *notify* it tells a
+        # socket of this test the same (unless the test set NOTIFY_SOCKET itself), and
+        # stop() waits for it. A thread reads it all along, as systemd does: sends into a
+        # full queue block, as sd_notify's do.
         environment = dict(os.environ if env is None else env)
         self._ready = threading.Event()
         self._notify: socket.socket | None = None
-        if "NOTIFY_SOCKET" not in environment:
+        self._reader: threading.Thread | None = None
+        if notify and "NOTIFY_SOCKET" not in environment:
             name = f"tend-test-{os.getpid()}-{id(self)}"
             self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self._notify.bind(f"\0{name}")
-            self._notify.settimeout(0.1)
             environment["NOTIFY_SOCKET"] = f"@{name}"
-            threading.Thread(target=self._listen, args=(self._notify,), daemon=True).start()
-        # A wrapper (setpriv, strace) that execs tend keeps its pid.
-        super().__init__([*wrapper, *TEND, *args], cwd, environment)
+            self._reader = threading.Thread(target=self._read_notifications, daemon=True)
+            self._reader.start()
+        try:
+            # A wrapper (setpriv, strace) that execs tend keeps its pid.
+            super().__init__([*wrapper, *TEND, *args], cwd, environment)
+        except BaseException:
+            self._close_notify()
+            raise
 
-    def _listen(self, notify: socket.socket) -> None:
-        while notify.fileno() >= 0:
-            try:
-                message = notify.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:  # closed by kill()
-                return
+    def _read_notifications(self) -> None:
+        assert self._notify is not None
+        while message := self._notify.recv(65536):  # b"" once _close_notify shuts it
             if b"READY=1" in message.split(b"\n"):
                 self._ready.set()
 
+    def _close_notify(self) -> None:
+        """Shut the socket (waking the reader), wait for the reader, then close it: its
+        descriptor is not reused while the reader could still read it."""
+        if self._notify is None:
+            return
+        with contextlib.suppress(OSError):
+            self._notify.shutdown(socket.SHUT_RDWR)
+        if self._reader is not None:
+            self._reader.join(5)
+        self._notify.close()
+        self._notify = None
+
     def wait_ready(self, timeout: float = 10.0) -> bool:
         """Wait until tend has said READY=1 (True) or has exited without saying it (False)."""
-        assert self._notify is not None, "this tend was given its own NOTIFY_SOCKET"
+        assert self._notify is not None, "this tend has no notify socket of the test's"
 
-        def look() -> str | None:
+        def said_ready_or_exited() -> str | None:
             if self._ready.is_set():
                 return "ready"
             return "exited" if self.exited and not self._ready.wait(0.2) else None
 
-        return wait_until(look, timeout) == "ready"
+        return wait_until(said_ready_or_exited, timeout) == "ready"
 
     def stop(
         self, signal_number: int = signal.SIGTERM, timeout: float = 15.0, *, when_ready: bool = True
@@ -421,8 +433,7 @@ class Tend(Spawned):
         try:
             super().kill()
         finally:
-            if self._notify is not None:
-                self._notify.close()
+            self._close_notify()
 
     def wait_for_port(self, timeout: float = 10.0, source: str = "stdout") -> int:
         """Wait for the listener's start line and return the port it bound."""
@@ -470,10 +481,11 @@ def run_tend(tmp_path: Path) -> Iterator[Callable[..., Tend]]:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
         wrapper: Sequence[str] = (),
+        notify: bool = True,
     ) -> Tend:
         environment = dict(os.environ if env is None else env)
         environment.setdefault("PYTHONUNBUFFERED", "1")
-        handle = Tend(list(args), cwd or tmp_path, environment, wrapper)
+        handle = Tend(list(args), cwd or tmp_path, environment, wrapper, notify)
         started.append(handle)
         return handle
 

@@ -26,9 +26,11 @@ def run(
     )
 
 
-def test_serves_the_bundled_poem_and_stops_on_sigterm(run_tend, tmp_path):
-    """The poetry plugin serves its poem; SIGTERM gives the shutdown narrative and exit 0."""
-    tend = run_tend(*FOREGROUND, "poetry", *LOCAL)
+@pytest.mark.parametrize("notify", [False, True], ids=["alone", "under-a-notify-socket"])
+def test_serves_the_bundled_poem_and_stops_on_sigterm(run_tend, tmp_path, notify):
+    """The poetry plugin serves its poem; SIGTERM gives the shutdown narrative and exit 0,
+    whether or not something set NOTIFY_SOCKET (most tests here run with one)."""
+    tend = run_tend(*FOREGROUND, "poetry", *LOCAL, notify=notify)
     port = tend.wait_for_port()
     assert fetch(port) == POEM.read_bytes()
     tend.wait_for_output(r"sending \d+ bytes of poetry to 127\.0\.0\.1:\d+")

@@ -69,7 +69,7 @@ def test_a_stopped_worker_is_killed_and_replaced(run_tend, tmp_path: Path) -> No
     port = tend.wait_for_port()
     children = Path(f"/proc/{tend.pid}/task/{tend.pid}/children")
     # Both ready (a worker stopped before it is ready is the start timeout's business).
-    stopped = workers_ready(tmp_path, 2)[0]
+    stopped = workers_ready(tend, 2)[0]
     os.kill(stopped, signal.SIGSTOP)
     tend.wait_for_output(
         rf"worker \d \(pid {stopped}\) has not answered for 2 s; killing it", timeout=30

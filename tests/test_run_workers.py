@@ -34,7 +34,7 @@ def test_two_workers_serve_and_a_killed_one_is_replaced(run_tend, tmp_path):
     """Kill one of two workers: fetches still succeed, and a new worker takes its place."""
     tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL)
     port = tend.wait_for_port()
-    first, second = workers_ready(tmp_path, 2)
+    first, second = workers_ready(tend, 2)
     assert set(children(tend.pid)) == {first, second}
     assert (tmp_path / "tend.pid").read_text().strip() == str(tend.pid)
     for _ in range(20):
@@ -228,7 +228,7 @@ def test_a_worker_that_cannot_be_forked_later_is_tried_again(run_tend, tmp_path)
     tend = run_tend("--nodaemon", "--workers", "2", "poetry", *LOCAL, wrapper=fork_fails(3))
     port = tend.wait_for_port()
     first = int(tend.wait_for_output(r"started worker 1 \(pid (\d+)\)").group(1))
-    assert first in workers_ready(tmp_path, 2)
+    assert first in workers_ready(tend, 2)
     supervisor = int(wait_until(lambda: (tmp_path / "tend.pid").read_text().strip()))
     os.kill(first, signal.SIGKILL)
     tend.wait_for_output(

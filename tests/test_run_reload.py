@@ -571,6 +571,19 @@ def start_gated(
     return tend
 
 
+def change_at_the_gate(tend: Tend, port: int, module: Path, text: str) -> None:
+    """With generation 2 held at the gate, set *module*'s TEXT to *text*, open the gate:
+    generation 2 serves, then the change makes generation 3, which serves *text*."""
+    wait_until(lambda: tend.stdout.count("starting on") == 2)
+    module.write_text(f"TEXT = {text + chr(10)!r}\n")
+    (module.parent / "gate").unlink()
+    tend.wait_for_output(r"reloaded: generation 2")
+    tend.wait_for_output(rf"Changed: '.*{module.stem}\.py'", source="stdout")
+    tend.wait_for_output(r"reloaded: generation 3")
+    wait_until(lambda: fetch(port) == f"{text}\n".encode())
+    assert tend.stop() == 0
+
+
 def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
     run_tend: Callable[..., Tend], tmp_path: Path
 ) -> None:
@@ -583,13 +596,7 @@ def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
     (tmp_path / "gate").touch()
     (tmp_path / "helper.py").write_text('TEXT = "second, longer\\n"\n')
     tend.wait_for_output(r"Changed: '.*helper\.py'")
-    wait_until(lambda: tend.stdout.count("starting on") == 2)  # generation 2, at the gate
-    (tmp_path / "helper.py").write_text('TEXT = "third\\n"\n')
-    (tmp_path / "gate").unlink()
-    tend.wait_for_output(r"reloaded: generation 2")
-    tend.wait_for_output(r"reloaded: generation 3")
-    wait_until(lambda: fetch(port) == b"third\n")
-    assert tend.stop() == 0
+    change_at_the_gate(tend, port, tmp_path / "helper.py", "third")
 
 
 def test_reload_flag_sees_a_change_made_while_tend_was_starting(
@@ -624,14 +631,7 @@ def test_reload_flag_sees_a_change_to_a_new_module_made_while_its_workers_start(
     wait_until(lambda: fetch(port) == b"first\n")
     (tmp_path / "gate").touch()
     (tmp_path / "app.py").write_text(DEV_APP.format(port=port).replace("helper", "helper2") + GATE)
-    wait_until(lambda: tend.stdout.count("starting on") == 2)  # generation 2, at the gate
-    (tmp_path / "helper2.py").write_text('TEXT = "helper2, changed\\n"\n')
-    (tmp_path / "gate").unlink()
-    tend.wait_for_output(r"reloaded: generation 2")
-    tend.wait_for_output(r"Changed: '.*helper2\.py'")
-    tend.wait_for_output(r"reloaded: generation 3")
-    wait_until(lambda: fetch(port) == b"helper2, changed\n")
-    assert tend.stop() == 0
+    change_at_the_gate(tend, port, tmp_path / "helper2.py", "helper2, changed")
 
 
 def test_reload_flag_watches_a_module_the_reload_brought_in(

@@ -578,7 +578,7 @@ def change_at_the_gate(tend: Tend, port: int, module: Path, text: str) -> None:
     module.write_text(f"TEXT = {text + chr(10)!r}\n")
     (module.parent / "gate").unlink()
     tend.wait_for_output(r"reloaded: generation 2")
-    tend.wait_for_output(rf"Changed: '.*{module.stem}\.py'", source="stdout")
+    tend.wait_for_output(rf"Changed: '.*{module.stem}\.py'")
     tend.wait_for_output(r"reloaded: generation 3")
     wait_until(lambda: fetch(port) == f"{text}\n".encode())
     assert tend.stop() == 0

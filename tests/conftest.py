@@ -43,6 +43,16 @@ import pytest
 
 TEND = [sys.executable, "-m", "tend"]
 TENDCTL = [sys.executable, "-m", "tend.ctl"]
+# Run argv[2:] with the socket argv[1] as descriptor 3, passed as systemd passes it.
+PASS_SOCKET = """
+import os, sys
+passed = int(sys.argv[1])
+if passed != 3:
+    os.dup2(passed, 3)
+    os.close(passed)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 POEM = Path(__file__).resolve().parent.parent / "src" / "tend" / "poetry" / "poems" / "ecstasy.txt"
 
 

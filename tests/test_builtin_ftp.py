@@ -616,8 +616,11 @@ def test_warns_when_listening_beyond_loopback(tmp_path: Path, root: Path) -> Non
     process = Spawned(command, tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         process.wait_for_output(r"starting on \d+")
-        process.wait_for_output(r"tend ftp listens on 0\.0\.0\.0:\d+, beyond this machine")
-        assert len(re.findall("beyond this machine", process.stdout)) == 1
+        process.wait_for_output(
+            r"listening on 0\.0\.0\.0:\d+, which other hosts can reach: anyone who can reach "
+            r"it can read the folder, in clear text"
+        )
+        assert len(re.findall("other hosts can reach", process.stdout)) == 1
     finally:
         process.kill()
 

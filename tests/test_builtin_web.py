@@ -13,14 +13,14 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Tend, assert_usage_error, wait_until
+from conftest import PASS_SOCKET, TEND, Spawned, Tend, assert_usage_error, wait_until
 
 from tend.builtins.httpfiles import parse_ranges
-from tend.builtins.web import is_loopback
 
 CURL = shutil.which("curl")
 WGET = shutil.which("wget")
@@ -661,16 +661,16 @@ def test_listens_on_every_listen_given(
     tend.wait_for_output(r"starting on .*web\.sock")
     assert curl(f"http://127.0.0.1:{port}/hello.txt").stdout == HELLO
     assert curl("--unix-socket", str(socket_path), "http://localhost/hello.txt").stdout == HELLO
-    assert "not loopback" not in tend.stdout
+    assert "other hosts can reach" not in tend.stdout
 
 
 def test_a_listener_off_loopback_is_warned_of(run_tend: Callable[..., Tend], root: Path) -> None:
     """One warning line when a listener is not on loopback (all interfaces here)."""
     tend = run_tend(*FOREGROUND, "web", "--path", str(root), "--listen", "0", "--iface", "0.0.0.0")
     port = tend.wait_for_port()
-    warnings = re.findall(r"^.*not loopback.*$", tend.stdout, re.MULTILINE)
+    warnings = re.findall(r"^.*other hosts can reach.*$", tend.stdout, re.MULTILINE)
     assert len(warnings) == 1
-    assert f"tend web listens on 0.0.0.0:{port}, which is not loopback" in warnings[0]
+    assert f"listening on 0.0.0.0:{port}, which other hosts can reach: anyone" in warnings[0]
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     connection.request("GET", "/hello.txt")
     assert connection.getresponse().read() == HELLO
@@ -749,13 +749,22 @@ def test_without_h11_it_says_what_to_install(
     assert run_tend("web", "--help", env=env).wait() == 0
 
 
-def test_loopback_is_told_apart() -> None:
-    """The warning's test: 127.x, ::1 and localhost are loopback; all interfaces are not."""
-    assert is_loopback("127.0.0.1")
-    assert is_loopback("127.0.0.2")
-    assert is_loopback("::1")
-    assert is_loopback("localhost")
-    assert not is_loopback("")
-    assert not is_loopback("0.0.0.0")
-    assert not is_loopback("::")
-    assert not is_loopback("192.0.2.1")
+def test_a_systemd_socket_off_loopback_is_warned_of_once(root: Path, tmp_path: Path) -> None:
+    """A socket passed as systemd passes it (bound here on all interfaces) gets the same one
+    warning as a --listen off loopback: what is bound counts, not how it was described."""
+    with socket.socket() as passed:
+        passed.bind(("0.0.0.0", 0))
+        passed.listen()
+        port = passed.getsockname()[1]
+        web = [*TEND, *FOREGROUND, "web", "--path", str(root), "--listen", "systemd:index=0"]
+        command = [sys.executable, "-c", PASS_SOCKET, str(passed.fileno()), *web]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        server = Spawned(command, tmp_path, environment, pass_fds=(passed.fileno(),))
+    try:
+        server.wait_for_output("serving folder")
+        assert curl(f"http://127.0.0.1:{port}/hello.txt").stdout == HELLO
+        warnings = re.findall(r"^.*other hosts can reach.*$", server.stdout, re.MULTILINE)
+        assert len(warnings) == 1, server.output
+        assert f"listening on 0.0.0.0:{port}, which other hosts can reach: anyone" in warnings[0]
+    finally:
+        server.kill()

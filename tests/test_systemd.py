@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import POEM, TEND, Daemons, Spawned, pid_alive, wait_until
+from conftest import PASS_SOCKET, POEM, TEND, Daemons, Spawned, pid_alive, wait_until
 
 from tend.endpoints import SystemdEndpoint, parse_endpoint
 from tend.errors import StartupError
@@ -36,17 +36,6 @@ needs_socket_activate = pytest.mark.skipif(
     SOCKET_ACTIVATE is None, reason="needs systemd-socket-activate (Debian package systemd)"
 )
 FOREGROUND = ["--nodaemon", "--pidfile", ""]
-
-# Run argv[2:] with the socket argv[1] as descriptor 3, passed as systemd passes it.
-PASS_SOCKET = """
-import os, sys
-passed = int(sys.argv[1])
-if passed != 3:
-    os.dup2(passed, 3)
-    os.close(passed)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
-os.execv(sys.argv[2], sys.argv[2:])
-"""
 
 
 @pytest.fixture

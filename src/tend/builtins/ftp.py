@@ -53,7 +53,7 @@ from tend import (
     positive_seconds,
     quote,
 )
-from tend.builtins.relay import whole_number
+from tend.builtins.relay import warn_if_exposed, whole_number
 
 log = logging.getLogger(__name__)
 # One line per transfer or listing: client, command, path, bytes, duration, outcome.
@@ -1273,20 +1273,11 @@ class FTPFactory:
 
 
 class FTPListener(StreamServer):
-    """A StreamServer that warns, once bound, when it listens beyond loopback."""
+    """A StreamServer that warns, once bound, when other hosts can reach it."""
 
     def privileged_start_service(self) -> None:
         super().privileged_start_service()
-        listening = self.listening
-        for sock in [] if listening is None else listening.sockets:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                host = sock.getsockname()[0]
-                if not ipaddress.ip_address(normalize(host)).is_loopback:
-                    log.warning(
-                        "tend ftp listens on %s, beyond this machine: anyone who can reach it "
-                        "can read the folder, in clear text",
-                        format_address(sock.getsockname()),
-                    )
+        warn_if_exposed(self, "anyone who can reach it can read the folder, in clear text")
 
 
 # -- the plugin -----------------------------------------------------------------------------

@@ -584,7 +584,7 @@ class RelayService(MultiService):
         super().privileged_start_service()
         for server in self:
             if isinstance(server, StreamServer):
-                _warn_if_exposed(server, self.exposure)
+                warn_if_exposed(server, self.exposure)
 
     async def stop_service(self) -> None:
         """Stop the listeners (which drain their connections), then cancel what is left."""
@@ -608,13 +608,19 @@ class RelayFactory:
         return self.protocol(self.service)
 
 
-def _warn_if_exposed(server: StreamServer, exposure: str) -> None:
+def warn_if_exposed(server: StreamServer, exposure: str) -> None:
+    """Once bound, warn once for each of *server*'s sockets that other hosts can reach
+    (not loopback, IPv4-mapped loopback included), whatever the endpoint (``systemd:``
+    too): ``listening on ADDRESS, which other hosts can reach: EXPOSURE``."""
     listening = server.listening
     for sock in [] if listening is None else listening.sockets:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             continue
         address = sock.getsockname()
-        if not ipaddress.ip_address(address[0].split("%")[0]).is_loopback:
+        ip = ipaddress.ip_address(address[0].split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not ip.is_loopback:
             log.warning(
                 "listening on %s, which other hosts can reach: %s",
                 format_address(address),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -27,7 +26,7 @@ from tend import (
     positive_seconds,
     quote,
 )
-from tend.builtins.relay import whole_number
+from tend.builtins.relay import warn_if_exposed, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +45,6 @@ def index_name(text: str) -> str:
             f"invalid index file name {quote(text)}: expected a plain file name"
         )
     return text
-
-
-def is_loopback(interface: str) -> bool:
-    """Whether an interface name or address reaches only this machine."""
-    if interface == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(interface.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
 
 
 class WebService(MultiService):
@@ -90,23 +79,20 @@ class WebService(MultiService):
         for listener in self.listeners:
             listener.set_service_parent(self)
 
+    def privileged_start_service(self) -> None:
+        """Bind the listeners, then warn once for each that other hosts can reach."""
+        super().privileged_start_service()
+        for listener in self.listeners:
+            warn_if_exposed(listener, f"anyone who can reach it can read {self.site.root}")
+
     async def start_service(self) -> None:
-        """Check the folder can be served, warn of a non-loopback listener, then listen."""
+        """Check the folder can be served, then listen."""
         try:
             await asyncio.to_thread(self.site.check)
         except OSError as error:
             raise StartupError(
                 f"cannot serve folder {quote(self.site.root)}: {error.strerror or error}"
             ) from None
-        for listener in self.listeners:
-            interface = getattr(listener.endpoint, "interface", None)
-            if isinstance(interface, str) and not is_loopback(interface):
-                log.warning(
-                    "tend web listens on %s, which is not loopback: anyone who can reach it "
-                    "can read %s",
-                    ", ".join(listener.addresses) or listener.endpoint,
-                    self.site.root,
-                )
         log.info("serving folder %s", self.site.root)
         await super().start_service()
 

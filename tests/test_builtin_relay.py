@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,8 +26,10 @@ from tend.builtins.relay import (
     RelayProtocol,
     RelayService,
     open_tcp,
+    warn_if_exposed,
 )
 from tend.builtins.socks import SocksMaker
+from tend.endpoints import Listening
 
 # -- peers, shared with the socks and portforward tests ----------------------------------------
 
@@ -513,3 +516,30 @@ def test_a_repeated_option_adds_up() -> None:
         PortForwardMaker().parse_options(
             ["--listen", "1 2", "--connect", "localhost:80"], "tend portforward"
         )
+
+
+@pytest.mark.parametrize(
+    ("interface", "warned"),
+    [("127.0.0.1", False), ("::1", False), ("::ffff:127.0.0.1", False), ("0.0.0.0", True),
+     ("::", True)],
+)  # fmt: skip
+def test_warn_if_exposed_judges_the_bound_address(
+    interface: str, warned: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bound sockets on loopback (IPv4-mapped loopback too, as a dual-stack socket systemd
+    passes may be) get no warning; every interface gets one line, on the logger given."""
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    with socket.socket(family) as sock:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((interface, 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        server = tend.TCPServer(port, asyncio.Protocol, interface=interface)
+        server.adopt(Listening(server.endpoint, [[sock]]))  # as a passed socket is
+        with caplog.at_level("WARNING"):
+            warn_if_exposed(server, "anyone can", logging.getLogger("tend.builtins.web"))
+    records = [(r.name, r.getMessage()) for r in caplog.records]
+    shown = f"[{interface}]:{port}" if ":" in interface else f"{interface}:{port}"
+    expected = f"listening on {shown}, which other hosts can reach: anyone can"
+    assert records == ([("tend.builtins.web", expected)] if warned else [])

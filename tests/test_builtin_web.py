@@ -749,22 +749,28 @@ def test_without_h11_it_says_what_to_install(
     assert run_tend("web", "--help", env=env).wait() == 0
 
 
+@needs_curl
 def test_a_systemd_socket_off_loopback_is_warned_of_once(root: Path, tmp_path: Path) -> None:
     """A socket passed as systemd passes it (bound here on all interfaces) gets the same one
-    warning as a --listen off loopback: what is bound counts, not how it was described."""
+    warning as a --listen off loopback, from the supervisor, not once per worker: what is
+    bound counts, not how it was described."""
     with socket.socket() as passed:
         passed.bind(("0.0.0.0", 0))
         passed.listen()
         port = passed.getsockname()[1]
-        web = [*TEND, *FOREGROUND, "web", "--path", str(root), "--listen", "systemd:index=0"]
+        web = [*TEND, *FOREGROUND, "--workers", "2", "web", "--path", str(root),
+               "--listen", "systemd:index=0"]  # fmt: skip
         command = [sys.executable, "-c", PASS_SOCKET, str(passed.fileno()), *web]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         server = Spawned(command, tmp_path, environment, pass_fds=(passed.fileno(),))
     try:
-        server.wait_for_output("serving folder")
+        wait_until(lambda: server.stdout.count("serving folder") == 2)
         assert curl(f"http://127.0.0.1:{port}/hello.txt").stdout == HELLO
         warnings = re.findall(r"^.*other hosts can reach.*$", server.stdout, re.MULTILINE)
         assert len(warnings) == 1, server.output
-        assert f"listening on 0.0.0.0:{port}, which other hosts can reach: anyone" in warnings[0]
+        assert (
+            f"[tend.builtins.web] listening on 0.0.0.0:{port}, which other hosts can "
+            "reach: anyone who can reach it can read" in warnings[0]
+        )
     finally:
         server.kill()

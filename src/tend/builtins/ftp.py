@@ -1277,7 +1277,7 @@ class FTPListener(StreamServer):
 
     def privileged_start_service(self) -> None:
         super().privileged_start_service()
-        warn_if_exposed(self, "anyone who can reach it can read the folder, in clear text")
+        warn_if_exposed(self, "anyone who can reach it can read the folder, in clear text", log)
 
 
 # -- the plugin -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -608,24 +609,31 @@ class RelayFactory:
         return self.protocol(self.service)
 
 
-def warn_if_exposed(server: StreamServer, exposure: str) -> None:
+def warn_if_exposed(
+    server: StreamServer, exposure: str, logger: logging.Logger | None = None
+) -> None:
     """Once bound, warn once for each of *server*'s sockets that other hosts can reach
     (not loopback, IPv4-mapped loopback included), whatever the endpoint (``systemd:``
-    too): ``listening on ADDRESS, which other hosts can reach: EXPOSURE``."""
+    too): ``listening on ADDRESS, which other hosts can reach: EXPOSURE``, on the plugin's
+    *logger* (this module's by default)."""
     listening = server.listening
-    for sock in [] if listening is None else listening.sockets:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            continue
-        address = sock.getsockname()
-        ip = ipaddress.ip_address(address[0].split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if not ip.is_loopback:
-            log.warning(
-                "listening on %s, which other hosts can reach: %s",
-                format_address(address),
-                exposure,
-            )
+    if listening is None or listening.closed:
+        return
+    # Any copy shows the addresses; one a dead worker's restart waits for may be empty.
+    for sock in next((copy for copy in listening.copies if copy), []):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # never fail a start
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address = sock.getsockname()
+            ip = ipaddress.ip_address(address[0].split("%")[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if not ip.is_loopback:
+                (logger or log).warning(
+                    "listening on %s, which other hosts can reach: %s",
+                    format_address(address),
+                    exposure,
+                )
 
 
 # -- options ----------------------------------------------------------------------------

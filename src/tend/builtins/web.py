@@ -83,7 +83,7 @@ class WebService(MultiService):
         """Bind the listeners, then warn once for each that other hosts can reach."""
         super().privileged_start_service()
         for listener in self.listeners:
-            warn_if_exposed(listener, f"anyone who can reach it can read {self.site.root}")
+            warn_if_exposed(listener, f"anyone who can reach it can read {self.site.root}", log)
 
     async def start_service(self) -> None:
         """Check the folder can be served, then listen."""

@@ -584,6 +584,73 @@ def change_at_the_gate(tend: Tend, port: int, module: Path, text: str) -> None:
     assert tend.stop() == 0
 
 
+@pytest.mark.parametrize("how", ["SIGHUP", "tendctl reload", "SIGUSR2", "tendctl upgrade"])
+def test_a_reload_or_upgrade_asked_for_while_tend_starts_follows_the_start(
+    run_tend: Callable[..., Tend], tmp_path: Path, how: str
+) -> None:
+    """A reload or an upgrade asked for while the first workers are still starting is held,
+    not refused: once tend is ready it happens, and tendctl, which waited, says so."""
+    port = free_port()
+    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
+    (tmp_path / "app.py").write_text(DEV_APP.format(port=port) + GATE)
+    (tmp_path / "gate").touch()
+    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", "app.py", env=environment)
+    tend.wait_for_output(r"starting on \d+")  # the worker, at the gate
+    wait_until((tmp_path / "tend.ctl").exists)
+    upgrade = "upgrade" in how or how == "SIGUSR2"
+    asked = None
+    if how.startswith("SIG"):
+        os.kill(tend.pid, signal.Signals[how])
+    else:
+        asked = subprocess.Popen(
+            [*TENDCTL, how.split()[1]], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+        )
+    (tmp_path / "helper.py").write_text('TEXT = "second\\n"\n')
+    tend.wait_for_output(f"while tend is starting: it {'upgrades' if upgrade else 'reloads'}")
+    assert asked is None or asked.poll() is None  # waiting for the outcome
+    (tmp_path / "gate").unlink()
+    if asked is not None:
+        said, _ = asked.communicate(timeout=60)
+        assert asked.returncode == 0
+        assert said.startswith("upgraded: pid" if upgrade else "reloaded:"), said
+    if upgrade:
+        assert tend.wait() == 0  # the old supervisor drains and exits; its successor serves
+        successor = int((tmp_path / "tend.pid").read_text())
+        assert successor != tend.pid
+        assert fetch(port) == b"second\n"
+        os.kill(successor, signal.SIGTERM)
+        wait_until(lambda: not pid_alive(successor))
+    else:
+        tend.wait_for_output(r"reloaded: generation 2")
+        assert fetch(port) == b"second\n"
+        assert "cannot reload" not in tend.stdout
+        assert tend.stop() == 0
+
+
+def test_a_stop_while_tend_starts_answers_a_held_reload(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """tendctl reload waits while tend starts; a stop then ends the start, and tendctl is
+    told in one line that the reload will not happen (exit 1), not left waiting."""
+    port = free_port()
+    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
+    (tmp_path / "app.py").write_text(DEV_APP.format(port=port) + GATE)
+    (tmp_path / "gate").touch()
+    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", "app.py", env=environment)
+    tend.wait_for_output(r"starting on \d+")
+    wait_until((tmp_path / "tend.ctl").exists)
+    with subprocess.Popen(
+        [*TENDCTL, "reload"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    ) as asked:
+        tend.wait_for_output("while tend is starting: it reloads once ready")
+        assert tend.stop(when_ready=False) == 1
+        _, said = asked.communicate(timeout=60)
+    assert asked.returncode == 1
+    assert said == "tendctl: tend stopped before the reload was done\n"
+
+
 def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
     run_tend: Callable[..., Tend], tmp_path: Path
 ) -> None:

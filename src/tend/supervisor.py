@@ -149,6 +149,28 @@ class _Worker:
 
 
 @dataclass(slots=True)
+class _Asked:
+    """A reload or an upgrade asked for before it could begin: the latest reason, and
+    everyone waiting for its outcome."""
+
+    why: str
+    replies: list[Reply] = field(default_factory=list)
+
+    @classmethod
+    def again(cls, held: _Asked | None, why: str, reply: Reply | None) -> _Asked:
+        """*held*, or a new one, asked once more for *why*; *reply* waits for it too."""
+        asked = cls(why) if held is None else held
+        asked.why = why
+        if reply is not None:
+            asked.replies.append(reply)
+        return asked
+
+    def reply_to_all(self, ok: bool, line: str) -> None:
+        for reply in self.replies:
+            reply(ok, line)
+
+
+@dataclass(slots=True)
 class _Trial:
     """A reload's trial build: the new tree built in a forked child first, where an app
     file that blocks at import, or takes longer than --start-timeout, holds nothing but
@@ -222,10 +244,11 @@ class Supervisor:
         self.retiring: list[Generation] = []  # draining after a reload, or failed
         self.generations_made = 0
         self.reload_replies: list[Reply] = []
-        # Asked to reload during a reload: one more follows it, so that what changed
-        # meanwhile is read too (why, and who waits for its answer).
-        self.reload_again: str | None = None
-        self.reload_again_replies: list[Reply] = []
+        # Asked to reload while tend starts or during a reload, or to upgrade while it
+        # starts: held, and begun once it can be (after a reload, one more follows it, so
+        # that what changed meanwhile is read too).
+        self.reload_held: _Asked | None = None
+        self.upgrade_held: _Asked | None = None
         self.trial: _Trial | None = None  # a reload's trial build, in a child, under way
         self.selector: selectors.BaseSelector | None = None
         self.stop_signal: str | None = None
@@ -239,6 +262,11 @@ class Supervisor:
         """The decisions about the generation serving now."""
         assert self.current is not None
         return self.current.core
+
+    @property
+    def ready(self) -> bool:
+        """Whether tend has started: every worker of the serving generation said READY."""
+        return self.current is not None and self.current.core.reported_ready
 
     @property
     def status_line(self) -> str:
@@ -353,8 +381,10 @@ class Supervisor:
         finally:
             self.selector.close()
             self.selector = None
-            for reply in (*self.reload_replies, *self.reload_again_replies):
+            for reply in [*self.reload_replies, *(self.reload_held or _Asked("")).replies]:
                 reply(False, "tend stopped before the reload was done")
+            for reply in (self.upgrade_held or _Asked("")).replies:
+                reply(False, "tend stopped before the upgrade was done")
         failed = self.core.failure is not None and not self.core.reported_ready
         if failed and not self.stopped_before_failure:
             assert self.core.failure is not None
@@ -468,6 +498,7 @@ class Supervisor:
                 self._reload_done(False, f"reload failed: {failed.core.failure}")
         if self.core.watchdog_due():
             self.upstream.watchdog()
+        self._begin_held()
         self.retiring = [g for g in self.retiring if g.workers]
         if self.watched is not None and time.monotonic() >= self.next_look:
             self._look_at_files()
@@ -664,12 +695,15 @@ class Supervisor:
 
         *reply(ok, line)* is called once the reload has succeeded or failed.
         """
-        if (self.incoming is not None or self.trial is not None) and self.stop_signal is None:
-            log.info("%s during a reload: another reload follows this one.", why)
-            self.reload_again = why
-            if reply is not None:
-                self.reload_again_replies.append(reply)
-            return
+        if self.stop_signal is None and self.source is not None:
+            if self.incoming is not None or self.trial is not None:
+                log.info("%s during a reload: another reload follows this one.", why)
+                self.reload_held = _Asked.again(self.reload_held, why, reply)
+                return
+            if self.successor is None and self.core.failure is None and not self.ready:
+                log.info("%s while tend is starting: it reloads once ready.", why)
+                self.reload_held = _Asked.again(self.reload_held, why, reply)
+                return
         unable = None if self.source is not None else "this tree cannot be built again"
         if self._refused("reload", why, reply, unable):
             return
@@ -809,6 +843,11 @@ class Supervisor:
         *reply(ok, line)* is called once the successor serves, or has failed.
         """
         unable = "the tend program is outside the --chroot jail" if self.chrooted else None
+        starting = not self.ready and self.core.failure is None and self.stop_signal is None
+        if starting and unable is None:
+            log.info("%s while tend is starting: it upgrades once ready.", why)
+            self.upgrade_held = _Asked.again(self.upgrade_held, why, reply)
+            return
         if self._refused("upgrade", why, reply, unable):
             return
         assert self.current is not None
@@ -999,10 +1038,18 @@ class Supervisor:
         replies, self.reload_replies = self.reload_replies, []
         for reply in replies:
             reply(ok, line)
-        if self.reload_again is not None:
-            why, self.reload_again = self.reload_again, None
-            self.reload_replies, self.reload_again_replies = self.reload_again_replies, []
-            self.reload(why)
+
+    def _begin_held(self) -> None:
+        """Begin the reload or upgrade held until tend could: ready, nothing under way."""
+        busy = self.incoming is not None or self.trial is not None or self.successor is not None
+        if busy or self.stop_signal is not None or not self.ready:
+            return
+        if self.reload_held is not None:
+            held, self.reload_held = self.reload_held, None
+            self.reload(held.why, held.reply_to_all)
+        elif self.upgrade_held is not None:
+            held, self.upgrade_held = self.upgrade_held, None
+            self.upgrade(held.why, held.reply_to_all)
 
     def _close_unused(self) -> None:
         """Close the sockets no live generation listens on (its workers keep their own)."""

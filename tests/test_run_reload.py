@@ -551,6 +551,8 @@ class Gate(tend.Service):
     async def start_service(self):
         while os.path.exists("gate"):
             await asyncio.sleep(0.02)
+        if os.path.exists("fail"):
+            raise RuntimeError("refuses to start")
         await super().start_service()
 
 Gate("gate").set_service_parent(application)
@@ -558,17 +560,23 @@ Gate("gate").set_service_parent(application)
 
 
 def start_gated(
-    run_tend: Callable[..., Tend], tmp_path: Path, port: int, *, gate: bool = False
-) -> Tend:
-    """tend --reload on DEV_APP behind GATE (the gate shut from the start if *gate*)."""
+    run_tend: Callable[..., Tend], tmp_path: Path, *runner: str, shut: bool
+) -> tuple[Tend, int]:
+    """tend (with *runner*'s options) on DEV_APP behind GATE, and its port. If *shut*, the
+    gate is shut from the start, so its first worker stays starting (until the test
+    removes "gate"); if not, tend is ready, and the gate can be shut for a reload's."""
+    port = free_port()
     (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
     (tmp_path / "app.py").write_text(DEV_APP.format(port=port) + GATE)
-    if gate:
+    if shut:
         (tmp_path / "gate").touch()
     environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    tend = run_tend("--nodaemon", "--pidfile", "", "--reload", "-y", "app.py", env=environment)
-    tend.wait_for_output(r"Watching \d+ file\(s\)")
-    return tend
+    tend = run_tend("--nodaemon", *runner, "-y", "app.py", env=environment)
+    if shut:
+        tend.wait_for_output(r"starting on \d+")
+    else:  # a worker serves before its Gate starts: a gate shut then would hold it
+        assert tend.wait_ready()
+    return tend, port
 
 
 def change_at_the_gate(tend: Tend, port: int, module: Path, text: str) -> None:
@@ -590,13 +598,7 @@ def test_a_reload_or_upgrade_asked_for_while_tend_starts_follows_the_start(
 ) -> None:
     """A reload or an upgrade asked for while the first workers are still starting is held,
     not refused: once tend is ready it happens, and tendctl, which waited, says so."""
-    port = free_port()
-    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
-    (tmp_path / "app.py").write_text(DEV_APP.format(port=port) + GATE)
-    (tmp_path / "gate").touch()
-    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", "app.py", env=environment)
-    tend.wait_for_output(r"starting on \d+")  # the worker, at the gate
+    tend, port = start_gated(run_tend, tmp_path, "--pidfile", "tend.pid", shut=True)
     wait_until((tmp_path / "tend.ctl").exists)
     upgrade = "upgrade" in how or how == "SIGUSR2"
     asked = None
@@ -628,27 +630,33 @@ def test_a_reload_or_upgrade_asked_for_while_tend_starts_follows_the_start(
         assert tend.stop() == 0
 
 
-def test_a_stop_while_tend_starts_answers_a_held_reload(
-    run_tend: Callable[..., Tend], tmp_path: Path
+@pytest.mark.parametrize("end", ["a stop", "a failed start"])
+def test_the_end_of_a_start_answers_a_held_reload(
+    run_tend: Callable[..., Tend], tmp_path: Path, end: str
 ) -> None:
-    """tendctl reload waits while tend starts; a stop then ends the start, and tendctl is
-    told in one line that the reload will not happen (exit 1), not left waiting."""
-    port = free_port()
-    (tmp_path / "helper.py").write_text('TEXT = "first\\n"\n')
-    (tmp_path / "app.py").write_text(DEV_APP.format(port=port) + GATE)
-    (tmp_path / "gate").touch()
-    environment = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    tend = run_tend("--nodaemon", "--pidfile", "tend.pid", "-y", "app.py", env=environment)
-    tend.wait_for_output(r"starting on \d+")
+    """tendctl reload waits while tend starts; a stop, or a failure, then ends the start,
+    and tendctl is told in one line why the reload will not happen (exit 1), not left
+    waiting."""
+    tend, _ = start_gated(run_tend, tmp_path, "--pidfile", "tend.pid", shut=True)
     wait_until((tmp_path / "tend.ctl").exists)
     with subprocess.Popen(
         [*TENDCTL, "reload"], cwd=tmp_path, stderr=subprocess.PIPE, text=True
     ) as asked:
         tend.wait_for_output("while tend is starting: it reloads once ready")
-        assert tend.stop(when_ready=False) == 1
+        if end == "a stop":
+            assert tend.stop(when_ready=False) == 1
+        else:
+            (tmp_path / "fail").touch()
+            (tmp_path / "gate").unlink()
+            assert tend.wait() == 1
         _, said = asked.communicate(timeout=60)
     assert asked.returncode == 1
-    assert said == "tendctl: tend stopped before the reload was done\n"
+    assert said == (
+        "tendctl: tend stopped before the reload was done\n"
+        if end == "a stop"
+        else "tendctl: tend failed to start: a service failed to start: RuntimeError: "
+        "refuses to start (the traceback is in the log)\n"
+    )
 
 
 def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
@@ -657,9 +665,8 @@ def test_reload_flag_sees_a_change_made_while_a_reload_was_under_way(
     """--reload: helper.py changes again while the reload its first change began is still
     starting its workers (held at a gate): once that reload is done, the second change
     reloads too, and the newest text is served; the reload does not swallow it."""
-    port = free_port()
-    tend = start_gated(run_tend, tmp_path, port)
-    wait_until(lambda: fetch(port) == b"first\n")
+    tend, port = start_gated(run_tend, tmp_path, "--pidfile", "", "--reload", shut=False)
+    assert fetch(port) == b"first\n"
     (tmp_path / "gate").touch()
     (tmp_path / "helper.py").write_text('TEXT = "second, longer\\n"\n')
     tend.wait_for_output(r"Changed: '.*helper\.py'")
@@ -671,8 +678,7 @@ def test_reload_flag_sees_a_change_made_while_tend_was_starting(
 ) -> None:
     """--reload: helper.py changes while tend's first workers are still starting (a reload
     would be refused then): once tend is ready, the change reloads; it is not lost."""
-    port = free_port()
-    tend = start_gated(run_tend, tmp_path, port, gate=True)
+    tend, port = start_gated(run_tend, tmp_path, "--pidfile", "", "--reload", shut=True)
     (tmp_path / "helper.py").write_text('TEXT = "second, longer\\n"\n')
     # Let the watcher look at least twice while the start is held (a look is due every
     # second): the old code saw the change then, was refused, and forgot it.
@@ -692,10 +698,9 @@ def test_reload_flag_sees_a_change_to_a_new_module_made_while_its_workers_start(
 ) -> None:
     """--reload: a reload brings in helper2, and helper2.py changes while that reload's
     workers are still starting: once the reload is done, the change reloads again."""
-    port = free_port()
     (tmp_path / "helper2.py").write_text('TEXT = "from helper2\\n"\n')
-    tend = start_gated(run_tend, tmp_path, port)
-    wait_until(lambda: fetch(port) == b"first\n")
+    tend, port = start_gated(run_tend, tmp_path, "--pidfile", "", "--reload", shut=False)
+    assert fetch(port) == b"first\n"
     (tmp_path / "gate").touch()
     (tmp_path / "app.py").write_text(DEV_APP.format(port=port).replace("helper", "helper2") + GATE)
     change_at_the_gate(tend, port, tmp_path / "helper2.py", "helper2, changed")
@@ -991,6 +996,7 @@ def test_a_reload_asked_for_during_a_reload_follows_it(
 BLOCKING_IMPORT = (
     "import os, time\n"
     "if os.path.exists('blocked'):\n"
+    "    open('blocking', 'w').close()\n"
     "    time.sleep(3600)  # a database that does not answer, say\n"
 )
 
@@ -1001,6 +1007,61 @@ def start_with_blocking_import(
     """tend on an app file that, from now on, blocks for an hour when it is imported."""
     blocking = BLOCKING_IMPORT + APP.format(how="", poem="{poem}", port="{port}")
     return start_then_change(run_tend, tmp_path, blocking, "blocked", "the old poem\n", runner)
+
+
+def test_a_reload_held_behind_one_that_timed_out_begins_at_once(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """Two tendctl reloads; the first one's import blocks and is killed at --start-timeout;
+    the second, held behind it, begins then and there (nothing else need wake the loop:
+    no worker pings with --worker-timeout 0) and succeeds, the block being gone."""
+    tend, port = start_with_blocking_import(
+        run_tend, tmp_path, "--start-timeout", "2", "--worker-timeout", "0"
+    )
+
+    def ask() -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*TENDCTL, "reload"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    with ask() as first:
+        wait_until((tmp_path / "blocking").exists)  # its trial is stuck
+        with ask() as second:
+            tend.wait_for_output(r"another reload follows this one")
+            (tmp_path / "blocked").unlink()
+            _, said = first.communicate(timeout=30)
+            assert first.returncode == 1
+            assert "did not finish building within 2 s" in said
+            said, _ = second.communicate(timeout=15)
+            assert second.returncode == 0
+            assert said.startswith("reloaded: generation 2")
+    assert fetch(port) == b"the old poem\n"
+    assert tend.stop() == 0
+
+
+def test_many_waiting_tendctl_requests_are_bounded(
+    run_tend: Callable[..., Tend], tmp_path: Path
+) -> None:
+    """While a reload is under way, each tendctl reload waits holding a descriptor of the
+    supervisor's; past 64 waiting, more are refused at once in one line."""
+    tend, _ = start_with_blocking_import(run_tend, tmp_path, "--start-timeout", "60")
+    waiting = [
+        subprocess.Popen(
+            [*TENDCTL, "reload"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for _ in range(64)
+    ]
+    try:
+        wait_until(lambda: tend.stdout.count("Asked by tendctl") == 64, timeout=60)
+        refused = tendctl("reload", cwd=tmp_path, timeout=30)
+        assert refused.returncode == 1
+        assert refused.stderr == "tendctl: cannot reload: 64 requests wait already\n"
+    finally:
+        for process in waiting:
+            process.kill()
+            process.wait()
+    assert tend.stop() == 0
 
 
 def test_a_reload_whose_import_blocks_fails_at_the_start_timeout(

@@ -54,6 +54,8 @@ log = logging.getLogger("tend")
 COPY_KEPT_FOR = 1.0
 # The longest log record relayed from a worker, in bytes; past it the rest is dropped.
 LONGEST_RELAYED_RECORD = 256 * 1024
+# tendctl reload/upgrade requests that may wait for their outcome at once; more are refused.
+MAX_WAITING = 64
 
 
 class WorkerFailedError(StartupError):
@@ -381,10 +383,10 @@ class Supervisor:
         finally:
             self.selector.close()
             self.selector = None
-            for reply in [*self.reload_replies, *(self.reload_held or _Asked("")).replies]:
+            start_failure = self.core.failure if not self.core.reported_ready else None
+            self._drop_held(f"tend failed to start: {start_failure}" if start_failure else None)
+            for reply in self.reload_replies:
                 reply(False, "tend stopped before the reload was done")
-            for reply in (self.upgrade_held or _Asked("")).replies:
-                reply(False, "tend stopped before the upgrade was done")
         failed = self.core.failure is not None and not self.core.reported_ready
         if failed and not self.stopped_before_failure:
             assert self.core.failure is not None
@@ -498,7 +500,6 @@ class Supervisor:
                 self._reload_done(False, f"reload failed: {failed.core.failure}")
         if self.core.watchdog_due():
             self.upstream.watchdog()
-        self._begin_held()
         self.retiring = [g for g in self.retiring if g.workers]
         if self.watched is not None and time.monotonic() >= self.next_look:
             self._look_at_files()
@@ -519,6 +520,7 @@ class Supervisor:
                 f"the new tend program was not ready within "
                 f"{self.limits.start_timeout + START_GRACE:g} s"
             )
+        self._begin_held()  # last: what ended above may have freed the way
         if self.control is not None:
             now = time.monotonic()
             for connection in list(self.control.connections.values()):
@@ -565,6 +567,7 @@ class Supervisor:
             # Which came first decides what the start is said to have died of.
             self.stopped_before_failure = self.core.failure is None
             log.info("%s, stopping %d worker(s).", why, len(self.workers))
+            self._drop_held(None)  # what was held will not happen: say so now
             if self.successor is not None:  # an upgrade under way: the stop is for both
                 self._upgrade_failed("tend is stopping")
             if self.trial is not None:  # a reload's trial build: it is called off
@@ -614,6 +617,8 @@ class Supervisor:
         if command is None:
             return
         self._unregister(connection.fileno())
+        assert self.control is not None
+        waiting = sum(other.waiting for other in self.control.connections.values())
         connection.waiting = True
 
         def answer(reply: dict[str, object]) -> None:
@@ -621,7 +626,10 @@ class Supervisor:
             self.control.connections.pop(connection.fileno(), None)
             connection.answer(reply)
 
-        if command == "status":
+        if command in ("reload", "upgrade") and waiting >= MAX_WAITING:
+            # Each waits, holding a descriptor, for as long as the start or reload takes.
+            answer({"ok": False, "message": f"cannot {command}: {waiting} requests wait already"})
+        elif command == "status":
             answer({"ok": True, **self.describe()})
         elif command == "reload":
             self.reload(
@@ -843,11 +851,15 @@ class Supervisor:
         *reply(ok, line)* is called once the successor serves, or has failed.
         """
         unable = "the tend program is outside the --chroot jail" if self.chrooted else None
-        starting = not self.ready and self.core.failure is None and self.stop_signal is None
-        if starting and unable is None:
-            log.info("%s while tend is starting: it upgrades once ready.", why)
-            self.upgrade_held = _Asked.again(self.upgrade_held, why, reply)
-            return
+        if self.stop_signal is None and self.core.failure is None and unable is None:
+            if self.incoming is not None or self.trial is not None:
+                log.info("%s during a reload: the upgrade follows it.", why)
+                self.upgrade_held = _Asked.again(self.upgrade_held, why, reply)
+                return
+            if not self.ready:
+                log.info("%s while tend is starting: it upgrades once ready.", why)
+                self.upgrade_held = _Asked.again(self.upgrade_held, why, reply)
+                return
         if self._refused("upgrade", why, reply, unable):
             return
         assert self.current is not None
@@ -1038,6 +1050,16 @@ class Supervisor:
         replies, self.reload_replies = self.reload_replies, []
         for reply in replies:
             reply(ok, line)
+
+    def _drop_held(self, why: str | None) -> None:
+        """Answer everyone waiting for a held reload or upgrade: it will not happen, *why*
+        (by default: tend stopped first)."""
+        reload_held, upgrade_held = self.reload_held, self.upgrade_held
+        self.reload_held = self.upgrade_held = None
+        if reload_held is not None:
+            reload_held.reply_to_all(False, why or "tend stopped before the reload was done")
+        if upgrade_held is not None:
+            upgrade_held.reply_to_all(False, why or "tend stopped before the upgrade was done")
 
     def _begin_held(self) -> None:
         """Begin the reload or upgrade held until tend could: ready, nothing under way."""

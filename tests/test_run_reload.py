@@ -634,7 +634,7 @@ def test_a_reload_or_upgrade_asked_for_while_tend_starts_follows_the_start(
         wait_until(lambda: not pid_alive(successor))
     else:
         tend.wait_for_output(r"reloaded: generation 2")
-        assert fetch(port) == b"second\n"
+        wait_until(lambda: fetch(port) == b"second\n")
         assert "cannot reload" not in tend.stdout
         assert tend.stop() == 0
 
@@ -915,7 +915,7 @@ def test_a_reload_reads_relative_paths_from_where_tend_was_started(
     (tmp_path / "poem.txt").write_text("the poem beside, changed\n")
     os.kill(tend.pid, signal.SIGHUP)
     tend.wait_for_output(r"reloaded: generation 2")
-    assert fetch(port) == b"the poem beside, changed\n"
+    wait_until(lambda: fetch(port) == b"the poem beside, changed\n")
     assert tend.stop() == 0
 
 
@@ -936,7 +936,7 @@ def test_a_reload_reads_a_relative_app_file_from_where_tend_was_started(
     poem.write_text("the second poem\n")
     os.kill(tend.pid, signal.SIGHUP)
     tend.wait_for_output(r"reloaded: generation 2")
-    assert fetch(port) == b"the second poem\n"
+    wait_until(lambda: fetch(port) == b"the second poem\n")
     assert "reload failed" not in tend.stdout
     assert tend.stop() == 0
 

@@ -246,9 +246,9 @@ class Supervisor:
         self.retiring: list[Generation] = []  # draining after a reload, or failed
         self.generations_made = 0
         self.reload_replies: list[Reply] = []
-        # Asked to reload while tend starts or during a reload, or to upgrade while it
-        # starts: held, and begun once it can be (after a reload, one more follows it, so
-        # that what changed meanwhile is read too).
+        # Asked to reload or upgrade while tend starts or during a reload: held, and begun
+        # once it can be, a reload first (after a reload, one more follows it, so that
+        # what changed meanwhile is read too).
         self.reload_held: _Asked | None = None
         self.upgrade_held: _Asked | None = None
         self.trial: _Trial | None = None  # a reload's trial build, in a child, under way

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -30,6 +31,18 @@ def fork() -> int:
 
 # Taken now: while an app file is loaded, os._exit is briefly not itself (see appfile.py).
 _exit_now = os._exit
+
+
+def watch_child(pid: int) -> int:
+    """A pidfd for *pid*, a child just forked and not yet reaped. If none can be had (out
+    of descriptors), the child is killed and reaped, as nothing could watch it, and the
+    OSError is raised; the caller closes its own ends."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its
+        os.waitpid(pid, 0)
+        raise
 
 
 def exit_now(status: int) -> NoReturn:

@@ -758,10 +758,8 @@ class Supervisor:
                 daemon.exit_now(status)
         theirs.close()
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = daemon.watch_child(pid)
         except OSError as error:
-            os.kill(pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its
-            os.waitpid(pid, 0)
             ours.close()
             self._reload_done(False, f"reload failed: cannot try the new tree: {error.strerror}")
             return
@@ -1181,10 +1179,8 @@ class Supervisor:
         if log_write is not None:
             os.close(log_write)
         try:
-            pidfd = os.pidfd_open(pid)
-        except OSError as error:  # out of descriptors: a worker it cannot watch must go
-            os.kill(pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its
-            os.waitpid(pid, 0)
+            pidfd = daemon.watch_child(pid)
+        except OSError as error:  # out of descriptors: a worker it cannot watch is gone
             if log_read is not None:
                 os.close(log_read)
             ours.close()

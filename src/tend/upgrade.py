@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import stat
 import sys
@@ -180,10 +179,8 @@ def start_successor(
             daemon.exit_now(status)
     theirs.close()
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:  # out of descriptors: a successor it cannot watch must not go on
-        os.kill(pid, signal.SIGKILL)  # our child, not yet reaped: the pid is still its
-        os.waitpid(pid, 0)
+        pidfd = daemon.watch_child(pid)  # a successor it cannot watch must not go on
+    except OSError:
         ours.close()
         raise
     return Successor(pid, pidfd, ours)

@@ -271,6 +271,22 @@ class Supervisor:
         return self.current is not None and self.current.core.reported_ready
 
     @property
+    def reloading(self) -> bool:
+        """A reload is under way: its trial build, or its new generation starting."""
+        return self.incoming is not None or self.trial is not None
+
+    @property
+    def can_begin(self) -> bool:
+        """Whether a reload or an upgrade could begin now: tend has started, none is under
+        way, and it is not stopping."""
+        return (
+            self.ready
+            and not self.reloading
+            and self.successor is None
+            and self.stop_signal is None
+        )
+
+    @property
     def status_line(self) -> str:
         return self.current.status_line if self.current is not None else "running"
 
@@ -704,7 +720,7 @@ class Supervisor:
         *reply(ok, line)* is called once the reload has succeeded or failed.
         """
         if self.stop_signal is None and self.source is not None:
-            if self.incoming is not None or self.trial is not None:
+            if self.reloading:
                 log.info("%s during a reload: another reload follows this one.", why)
                 self.reload_held = _Asked.again(self.reload_held, why, reply)
                 return
@@ -832,7 +848,7 @@ class Supervisor:
         reason = unable
         if self.stop_signal is not None:
             reason = "tend is stopping"
-        elif self.incoming is not None or self.trial is not None or self.successor is not None:
+        elif self.reloading or self.successor is not None:
             reason = "a reload or an upgrade is already under way"
         elif not self.core.reported_ready:
             reason = "tend is still starting"
@@ -850,7 +866,7 @@ class Supervisor:
         """
         unable = "the tend program is outside the --chroot jail" if self.chrooted else None
         if self.stop_signal is None and self.core.failure is None and unable is None:
-            if self.incoming is not None or self.trial is not None:
+            if self.reloading:
                 log.info("%s during a reload: the upgrade follows it.", why)
                 self.upgrade_held = _Asked.again(self.upgrade_held, why, reply)
                 return
@@ -1005,8 +1021,7 @@ class Supervisor:
         assert self.source is not None
         assert self.watched is not None
         self.next_look = time.monotonic() + WATCH_INTERVAL
-        busy = self.incoming is not None or self.trial is not None or self.successor is not None
-        if busy or self.stop_signal is not None or not self.core.reported_ready:
+        if not self.can_begin:
             return  # a change meanwhile is seen once tend can reload again
         now = _stamps(self.watched)
         changed = [path for path, stamp in now.items() if stamp != self.watched[path]]
@@ -1061,8 +1076,7 @@ class Supervisor:
 
     def _begin_held(self) -> None:
         """Begin the reload or upgrade held until tend could: ready, nothing under way."""
-        busy = self.incoming is not None or self.trial is not None or self.successor is not None
-        if busy or self.stop_signal is not None or not self.ready:
+        if not self.can_begin:
             return
         if self.reload_held is not None:
             held, self.reload_held = self.reload_held, None

@@ -21,12 +21,12 @@ import pytest
 from conftest import wait_until_async
 
 import tend
+from tend.builtins.common import warn_if_exposed
 from tend.builtins.portforward import PortForwardMaker
 from tend.builtins.relay import (
     RelayProtocol,
     RelayService,
     open_tcp,
-    warn_if_exposed,
 )
 from tend.builtins.socks import SocksMaker
 from tend.endpoints import Listening

@@ -81,7 +81,7 @@ from tend import (
     quote,
     walk,
 )
-from tend.builtins.relay import whole_number
+from tend.builtins.common import whole_number
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",

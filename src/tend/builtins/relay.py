@@ -23,10 +23,7 @@ public API.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import os
 import socket
@@ -40,10 +37,10 @@ from tend import (
     Option,
     StreamServer,
     format_address,
-    quote,
     reset,
     seconds,
 )
+from tend.builtins.common import warn_if_exposed, whole_number
 
 log = logging.getLogger(__name__)
 
@@ -585,7 +582,7 @@ class RelayService(MultiService):
         super().privileged_start_service()
         for server in self:
             if isinstance(server, StreamServer):
-                warn_if_exposed(server, self.exposure)
+                warn_if_exposed(server, self.exposure, log)
 
     async def stop_service(self) -> None:
         """Stop the listeners (which drain their connections), then cancel what is left."""
@@ -609,33 +606,6 @@ class RelayFactory:
         return self.protocol(self.service)
 
 
-def warn_if_exposed(
-    server: StreamServer, exposure: str, logger: logging.Logger | None = None
-) -> None:
-    """Once bound, warn once for each of *server*'s sockets that other hosts can reach
-    (not loopback, IPv4-mapped loopback included), whatever the endpoint (``systemd:``
-    too): ``listening on ADDRESS, which other hosts can reach: EXPOSURE``, on the plugin's
-    *logger* (this module's by default)."""
-    listening = server.listening
-    if listening is None or listening.closed:
-        return
-    # Any copy shows the addresses; one a dead worker's restart waits for may be empty.
-    for sock in next((copy for copy in listening.copies if copy), []):
-        with contextlib.suppress(OSError, ValueError, IndexError):  # never fail a start
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                continue
-            address = sock.getsockname()
-            ip = ipaddress.ip_address(address[0].split("%")[0])
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if not ip.is_loopback:
-                (logger or log).warning(
-                    "listening on %s, which other hosts can reach: %s",
-                    format_address(address),
-                    exposure,
-                )
-
-
 # -- options ----------------------------------------------------------------------------
 
 
@@ -645,21 +615,6 @@ def given(options: Mapping[str, object], key: str, kind: type[T]) -> list[T]:
     if not isinstance(values, list):
         raise TypeError(f"{key}: expected a list of values, not {values!r}")
     return [value for value in values if isinstance(value, kind)]
-
-
-def whole_number(low: int, high: int, what: str) -> Callable[[str], int]:
-    """An option type: a whole number from *low* to *high* in ASCII digits, a mistake
-    named as the *what* it is (``invalid count '0': expected ...``)."""
-
-    def convert(text: str) -> int:
-        if not (text.isascii() and text.isdigit() and low <= int(text) <= high):
-            raise argparse.ArgumentTypeError(
-                f"invalid {what} {quote(text)}: expected a whole number from {low} to {high}"
-            )
-        return int(text)
-
-    convert.__name__ = what.replace(" ", "_")
-    return convert
 
 
 # A number of connections, at least 1.

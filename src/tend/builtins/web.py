@@ -26,7 +26,7 @@ from tend import (
     positive_seconds,
     quote,
 )
-from tend.builtins.relay import warn_if_exposed, whole_number
+from tend.builtins.common import warn_if_exposed, whole_number
 
 log = logging.getLogger(__name__)
 
